@@ -1,0 +1,151 @@
+"""Checkpoints: a folder with config.json + model.safetensors (+ optimizer.pt for resuming).
+
+A checkpoint folder is written whole into a temporary sibling and then renamed into place, so a
+crash mid-write never leaves a half-written checkpoint: the previous one survives (as NAME.old
+for the instant between the two renames, which `load_checkpoint` also accepts).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .config import ModelConfig, config_from_dict
+from .errors import CheckpointError, ConfigError
+from .model import SelfAblatingTransformer
+
+FORMAT = "selfablate-checkpoint"
+VERSION = 1
+CONFIG, WEIGHTS, OPTIMIZER = "config.json", "model.safetensors", "optimizer.pt"
+
+
+def save_checkpoint(model: SelfAblatingTransformer, path: str | os.PathLike, *,
+                    meta: dict[str, Any] | None = None, optimizer: torch.optim.Optimizer | None = None,
+                    train_state: dict[str, Any] | None = None) -> Path:
+    """Write model (and optionally optimiser and trainer state) atomically to folder `path`.
+
+    meta: JSON-able extras stored in config.json (training config, step, metrics).
+    train_state: anything torch.save can store (RNG states, data sampler state), kept beside
+    the optimiser state in optimizer.pt.
+    """
+    weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    header = {"format": FORMAT, "version": VERSION, "model": dataclasses.asdict(model.cfg), "meta": meta or {}}
+
+    def write(tmp: Path) -> None:
+        (tmp / CONFIG).write_text(json.dumps(header, indent=2) + "\n")
+        save_file(weights, str(tmp / WEIGHTS))
+        if optimizer is not None:
+            torch.save({"optimizer": optimizer.state_dict(), "train_state": train_state or {}}, tmp / OPTIMIZER)
+
+    return _write_dir_atomically(Path(path), write)
+
+
+def _write_dir_atomically(target: Path, write: Callable[[Path], None]) -> Path:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        write(tmp)
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = target.with_name(target.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        os.rename(target, old)
+    os.rename(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def resolve(path: str | os.PathLike) -> Path:
+    """The checkpoint folder to read: `path`, or its .old twin if a swap was interrupted."""
+    path = Path(path)
+    if (path / CONFIG).exists():
+        return path
+    old = path.with_name(path.name + ".old")
+    if (old / CONFIG).exists():
+        return old
+    raise CheckpointError(f"no checkpoint at {path} ({CONFIG} not found)")
+
+
+def read_header(path: str | os.PathLike) -> dict[str, Any]:
+    """config.json of a checkpoint, checked for format."""
+    folder = resolve(path)
+    try:
+        header = json.loads((folder / CONFIG).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"corrupt checkpoint {folder}: {CONFIG} is not valid JSON ({e.msg if hasattr(e, 'msg') else e})") from None
+    if not isinstance(header, dict) or header.get("format") != FORMAT or "model" not in header:
+        raise CheckpointError(f"{folder} is not a selfablate checkpoint ({CONFIG} lacks format={FORMAT!r})")
+    return header
+
+
+def load_config(path: str | os.PathLike) -> ModelConfig:
+    try:
+        return config_from_dict(ModelConfig, read_header(path)["model"])
+    except ConfigError as e:
+        raise CheckpointError(f"checkpoint {path} has an invalid model config: {e}") from None
+
+
+def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
+                    expect: ModelConfig | None = None) -> SelfAblatingTransformer:
+    """Load a model from a checkpoint folder. With `expect`, the checkpoint's architecture must
+    equal it (else a one-line CheckpointError naming the first difference)."""
+    folder = resolve(path)
+    cfg = load_config(folder)
+    if expect is not None and expect != cfg:
+        diff = next(f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != getattr(expect, f.name))
+        raise CheckpointError(f"checkpoint {folder} has another architecture: {diff}="
+                              f"{getattr(cfg, diff)!r}, expected {getattr(expect, diff)!r}")
+    try:
+        weights = load_file(str(folder / WEIGHTS), device=str(device))
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {folder} has no {WEIGHTS}") from None
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"corrupt checkpoint {folder}: {WEIGHTS} is unreadable ({_first_line(e)})") from None
+    model = SelfAblatingTransformer(cfg).to(device)
+    _load_weights(model, weights, folder)
+    return model
+
+
+def _load_weights(model: SelfAblatingTransformer, weights: dict[str, torch.Tensor], folder: Path) -> None:
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    if missing or unexpected:
+        what = f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}"
+        raise CheckpointError(f"checkpoint {folder} does not fit its config ({what}; "
+                              f"{len(missing)} missing, {len(unexpected)} unexpected tensors)")
+    for name, t in weights.items():
+        if t.shape != expected[name].shape:
+            raise CheckpointError(f"checkpoint {folder} does not fit its config: {name} has shape "
+                                  f"{tuple(t.shape)}, expected {tuple(expected[name].shape)}")
+    model.load_state_dict(weights)
+
+
+def load_training_state(path: str | os.PathLike) -> dict[str, Any]:
+    """The optimiser and trainer state saved beside the weights ({} if there is none)."""
+    file = resolve(path) / OPTIMIZER
+    if not file.exists():
+        return {}
+    try:
+        return torch.load(file, map_location="cpu", weights_only=False)
+    except Exception as e:  # torch raises many types for a damaged pickle/zip
+        raise CheckpointError(f"corrupt checkpoint {file.parent}: {OPTIMIZER} is unreadable ({_first_line(e)})") from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__

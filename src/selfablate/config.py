@@ -1,0 +1,238 @@
+"""Typed, frozen configuration for the model and for training, and the named presets.
+
+Every field carries a docstring (the string literal under it); the CLI builds its flags and help
+text from these dataclasses (see `selfablate.cli`), so there is no second, hand-kept flag list.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import functools
+import inspect
+import textwrap
+from dataclasses import dataclass
+from typing import Any, Callable, Literal
+
+from .errors import ConfigError
+
+Ablation = Literal["none", "local", "global", "both"]
+MaskFn = Literal["hard", "soft"]
+
+
+def _require(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of a GPT-Neo-style self-ablating transformer (defaults: the paper's model)."""
+
+    vocab_size: int = 50257
+    """Vocabulary size (GPT-2 BPE: 50257)."""
+    n_ctx: int = 256
+    """Context length: the number of learned position embeddings."""
+    d_model: int = 128
+    """Width of the residual stream; also the number of attention units per layer."""
+    n_layers: int = 8
+    """Number of transformer blocks."""
+    n_heads: int = 16
+    """Attention heads per block; d_head = d_model / n_heads."""
+    d_mlp: int = 512
+    """MLP hidden width: the number of neurons per layer."""
+    ln_eps: float = 1e-5
+    """LayerNorm epsilon."""
+    init_std: float = 0.02
+    """Standard deviation of the normal initialisation of weights and embeddings (GPT-Neo)."""
+    ablation: Ablation = "local"
+    """Mask head: none (baseline), local (per block, from the block input), global (from the final
+    clean residual), or both (the two scores added)."""
+    k_attn: int = 32
+    """Attention units kept per layer and token (1..d_model)."""
+    k_mlp: int = 32
+    """MLP neurons kept per layer and token (1..d_mlp)."""
+    mask_fn: MaskFn = "hard"
+    """hard: exact k-winners-take-all forward with the soft top-k's gradient (straight-through);
+    soft: the soft top-k in the forward pass too."""
+    temperature_attn: float = 0.1
+    """Soft top-k temperature for attention units, relative to the gap between the k-th and
+    (k+1)-th scores."""
+    temperature_mlp: float = 0.1
+    """Soft top-k temperature for MLP neurons."""
+    topk_eps: float = 1e-12
+    """Added to the soft top-k's denominator so that ties do not divide by zero."""
+    coef_clean: float = 1.0
+    """Loss weight a of the clean stream's cross-entropy."""
+    coef_ablated: float = 0.1
+    """Loss weight b of the ablated stream's cross-entropy."""
+    coef_recon: float = 0.1
+    """Loss weight c of the reconstruction loss (clean vs ablated residuals)."""
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "n_ctx", "d_model", "n_layers", "n_heads", "d_mlp"):
+            _require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        _require(self.d_model % self.n_heads == 0,
+                 f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+        _check_choice(self, "ablation")
+        _check_choice(self, "mask_fn")
+        _require(1 <= self.k_attn <= self.d_model,
+                 f"k_attn must be in 1..d_model={self.d_model}, got {self.k_attn}")
+        _require(1 <= self.k_mlp <= self.d_mlp,
+                 f"k_mlp must be in 1..d_mlp={self.d_mlp}, got {self.k_mlp}")
+        for name in ("temperature_attn", "temperature_mlp", "ln_eps", "init_std"):
+            _require(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("coef_clean", "coef_ablated", "coef_recon", "topk_eps"):
+            _require(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
+
+    @property
+    def d_head(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def self_ablating(self) -> bool:
+        return self.ablation != "none"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation, data and bookkeeping of a training run."""
+
+    out: str = "runs/model"
+    """Output folder: checkpoint, metrics.jsonl and the final model."""
+    data: str = ""
+    """Training data: a folder with train.txt/valid.txt (or TinyStories-train.txt/-valid.txt),
+    a .jsonl/.parquet file, or hf:roneneldan/TinyStories. Empty: $SELFABLATE_DATA, else
+    ../shared/data/tinystories when it exists, else the hub."""
+    batch_size: int = 24
+    """Sequences per optimiser step."""
+    seq_len: int = 0
+    """Tokens per sequence; 0 means the model's n_ctx."""
+    max_steps: int = 400_000
+    """Optimiser steps."""
+    lr: float = 1.4e-3
+    """Peak learning rate (AdamW)."""
+    min_lr_ratio: float = 0.1
+    """The cosine schedule decays to lr * min_lr_ratio."""
+    warmup_steps: int = 1000
+    """Linear warm-up steps."""
+    weight_decay: float = 0.0
+    """AdamW weight decay (applied to matrices only, not to biases, LayerNorms or embeddings)."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.95
+    """AdamW beta2."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value (0 disables)."""
+    seed: int = 0
+    """Seed for initialisation and data order."""
+    eval_interval: int = 1000
+    """Evaluate on the held-out split every this many steps (and at the end)."""
+    eval_batches: int = 20
+    """Batches of held-out windows per periodic evaluation."""
+    log_interval: int = 10
+    """Write a metrics line every this many steps."""
+    checkpoint_interval: int = 1000
+    """Save a resumable checkpoint every this many steps (and at the end)."""
+    resume: bool = False
+    """Continue from the checkpoint in `out` if there is one."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """auto: CUDA when available, else CPU."""
+    precision: Literal["auto", "float32", "bfloat16"] = "auto"
+    """auto: bf16 autocast on CUDA, float32 on CPU."""
+    logger: Literal["none", "wandb", "tensorboard"] = "none"
+    """Extra metrics sink besides metrics.jsonl (optional extras)."""
+    progress: bool = True
+    """Show a progress bar with the live loss."""
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "max_steps", "eval_interval", "eval_batches",
+                     "log_interval", "checkpoint_interval"):
+            _require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        _require(self.seq_len >= 0, f"seq_len must be >= 0, got {self.seq_len}")
+        _require(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        _require(0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        _require(self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        _require(self.grad_clip >= 0, f"grad_clip must be >= 0, got {self.grad_clip}")
+        for name in ("device", "precision", "logger"):
+            _check_choice(self, name)
+
+
+def _check_choice(cfg: Any, name: str) -> None:
+    choices = literal_choices(type(cfg), name)
+    value = getattr(cfg, name)
+    _require(value in choices, f"{name} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def literal_choices(cls: type, name: str) -> tuple[str, ...]:
+    """The allowed values of a `Literal[...]` field."""
+    hint = _type_hints(cls)[name]
+    return tuple(getattr(hint, "__args__", ()))
+
+
+@functools.cache
+def _type_hints(cls: type) -> dict[str, Any]:
+    import typing
+    return typing.get_type_hints(cls)
+
+
+def field_type(cls: type, name: str) -> Any:
+    return _type_hints(cls)[name]
+
+
+@functools.cache
+def field_docs(cls: type) -> dict[str, str]:
+    """Attribute docstrings of a dataclass: {field name: the string literal under it}."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for node, nxt in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)):
+            docs[node.target.id] = " ".join(str(nxt.value.value).split())
+    return docs
+
+
+def config_from_dict(cls: type, values: dict[str, Any]) -> Any:
+    """Build a config dataclass from a dict, naming unknown keys in a one-line error."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    _require(not unknown, f"unknown {cls.__name__} field(s): {', '.join(unknown)}")
+    return cls(**values)
+
+
+# ---------------------------------------------------------------------------------------------
+# Presets: small named functions returning (ModelConfig, TrainConfig).
+
+Preset = Callable[[], tuple[ModelConfig, TrainConfig]]
+
+
+def paper() -> tuple[ModelConfig, TrainConfig]:
+    """The paper's architecture and optimiser (8x128, 16 heads, batch 24, lr 1.4e-3, 400k steps).
+    Meant for a GPU: about 2.5 B tokens."""
+    return ModelConfig(), TrainConfig(batch_size=24, lr=1.4e-3, max_steps=400_000, warmup_steps=2000)
+
+
+def cpu_small() -> tuple[ModelConfig, TrainConfig]:
+    """A few-minute CPU run per model: 4 layers x 64 wide, context 128, the full GPT-2 vocabulary.
+    Sized so that `make demo` (three models) finishes in about 15 minutes on 2 cores."""
+    model = ModelConfig(n_ctx=128, d_model=64, n_layers=4, n_heads=8, d_mlp=256, k_attn=16, k_mlp=32)
+    train = TrainConfig(batch_size=16, lr=3e-3, max_steps=600, warmup_steps=50, eval_interval=200,
+                        eval_batches=8, checkpoint_interval=200, log_interval=10)
+    return model, train
+
+
+def tiny() -> tuple[ModelConfig, TrainConfig]:
+    """A seconds-long run for tests and smoke checks."""
+    model = ModelConfig(n_ctx=32, d_model=32, n_layers=2, n_heads=4, d_mlp=64, k_attn=8, k_mlp=16)
+    train = TrainConfig(batch_size=8, lr=3e-3, max_steps=20, warmup_steps=2, eval_interval=10,
+                        eval_batches=2, checkpoint_interval=10, log_interval=5)
+    return model, train
+
+
+PRESETS: dict[str, Preset] = {"paper": paper, "cpu-small": cpu_small, "tiny": tiny}
+
+
+def get_preset(name: str) -> tuple[ModelConfig, TrainConfig]:
+    _require(name in PRESETS, f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return PRESETS[name]()

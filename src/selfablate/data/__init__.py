@@ -1,0 +1,1 @@
+"""Tokenizer, data sources and token datasets."""

@@ -1,0 +1,157 @@
+"""Building blocks of the GPT-Neo-style decoder: attention, MLP, mask head, block.
+
+Each module serves both streams. The stream is passed in (it picks the hook points), and the
+ablated stream additionally gets its unit masks and the clean keys/values of the same layer.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import ModelConfig
+from .hooks import HookPoint, Stream, add_hook_points, hook
+
+
+class KV(NamedTuple):
+    """Keys and values of one layer, each (batch, n_heads, pos, d_head)."""
+
+    k: Tensor
+    v: Tensor
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None, pattern: HookPoint) -> Tensor:
+    """Softmax attention with unscaled scores (GPT-Neo does not divide by sqrt(d_head)).
+
+    q: (B, H, Tq, Dh); k, v: (B, H, Tk, Dh); allowed: bool (Tq, Tk), or None for causal.
+    The fused kernel is used unless someone hooks the pattern, which it never materialises.
+    """
+    if not pattern.active:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, is_causal=allowed is None, scale=1.0)
+    if allowed is None:
+        allowed = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+    scores = (q @ k.transpose(-1, -2)).masked_fill(~allowed, float("-inf"))  # (B, H, Tq, Tk)
+    return pattern(scores.softmax(dim=-1)) @ v
+
+
+def self_ablated_allowed(pos: int, device: torch.device) -> Tensor:
+    """Which keys an ablated query may see, over [clean keys | ablated keys]: (pos, 2 * pos).
+
+    Query t sees the clean keys j < t and its own ablated key t, so that the ablation of one
+    token never leaks into another token's computation.
+    """
+    eye = torch.eye(pos, dtype=torch.bool, device=device)
+    strictly_past = torch.ones(pos, pos, dtype=torch.bool, device=device).tril(diagonal=-1)
+    return torch.cat([strictly_past, eye], dim=1)
+
+
+class Attention(nn.Module):
+    """Multi-head causal self-attention; its d_model context dimensions are the ablatable units."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.d_head = cfg.n_heads, cfg.d_head
+        self.q_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.k_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.v_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.out_proj = nn.Linear(cfg.d_model, cfg.d_model)
+        add_hook_points(self, "hook_q", "hook_k", "hook_v", "hook_pattern", "hook_z")
+
+    def _split_heads(self, x: Tensor) -> Tensor:
+        B, T, _ = x.shape
+        return x.view(B, T, self.n_heads, self.d_head).transpose(1, 2)  # (B, H, T, Dh)
+
+    def forward(self, x: Tensor, stream: Stream, unit_mask: Tensor | None = None,
+                clean_kv: KV | None = None) -> tuple[Tensor, KV]:
+        """x: (B, T, d_model) normalised residual. unit_mask: (B, T, d_model) or None.
+        clean_kv: the clean stream's keys/values of this layer; given, the two-stream rule applies.
+        Returns the attention output (B, T, d_model) and this stream's own keys/values."""
+        B, T, D = x.shape
+        q = hook(self, "hook_q", stream)(self._split_heads(self.q_proj(x)))
+        k = hook(self, "hook_k", stream)(self._split_heads(self.k_proj(x)))
+        v = hook(self, "hook_v", stream)(self._split_heads(self.v_proj(x)))
+        pattern = hook(self, "hook_pattern", stream)
+        if clean_kv is None:
+            z = attend(q, k, v, None, pattern)
+        else:
+            keys = torch.cat([clean_kv.k, k], dim=2)  # (B, H, 2T, Dh)
+            values = torch.cat([clean_kv.v, v], dim=2)  # (B, H, 2T, Dh)
+            z = attend(q, keys, values, self_ablated_allowed(T, x.device), pattern)
+        z = z.transpose(1, 2)  # (B, T, H, Dh)
+        if unit_mask is not None:
+            z = z * unit_mask.view(B, T, self.n_heads, self.d_head)  # (B, T, H, Dh)
+        z = hook(self, "hook_z", stream)(z)
+        return self.out_proj(z.reshape(B, T, D)), KV(k, v)  # (B, T, d_model)
+
+
+class MLP(nn.Module):
+    """Two-layer MLP with gelu_new; its d_mlp post-activation neurons are the ablatable units."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.fc_in = nn.Linear(cfg.d_model, cfg.d_mlp)
+        self.fc_out = nn.Linear(cfg.d_mlp, cfg.d_model)
+        add_hook_points(self, "hook_pre", "hook_post")
+
+    def forward(self, x: Tensor, stream: Stream, unit_mask: Tensor | None = None) -> Tensor:
+        pre = hook(self, "hook_pre", stream)(self.fc_in(x))
+        post = F.gelu(pre, approximate="tanh")  # gelu_new, as in GPT-Neo
+        if unit_mask is not None:
+            post = post * unit_mask
+        return self.fc_out(hook(self, "hook_post", stream)(post))
+
+
+class MaskHead(nn.Module):
+    """Linear relevance scores for n_layers layers of attention units and neurons.
+
+    A local head (one per block) scores its own layer; the global head scores all layers at once.
+    """
+
+    def __init__(self, d_model: int, d_attn: int, d_mlp: int, n_layers: int = 1):
+        super().__init__()
+        self.n_layers = n_layers
+        self.attn = nn.Linear(d_model, n_layers * d_attn)
+        self.mlp = nn.Linear(d_model, n_layers * d_mlp)
+
+    def forward(self, resid: Tensor) -> tuple[Tensor, Tensor]:
+        """resid (B, T, d_model) -> scores (B, T, n_layers, d_model) and (B, T, n_layers, d_mlp)."""
+        B, T, _ = resid.shape
+        attn = self.attn(resid).view(B, T, self.n_layers, -1)  # (B, T, L, d_model)
+        mlp = self.mlp(resid).view(B, T, self.n_layers, -1)  # (B, T, L, d_mlp)
+        return attn, mlp
+
+
+class BlockMasks(NamedTuple):
+    """One layer's unit masks: attn (B, T, d_model) and mlp (B, T, d_mlp)."""
+
+    attn: Tensor
+    mlp: Tensor
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block, with an optional local mask head on its input residual."""
+
+    def __init__(self, cfg: ModelConfig, local_head: bool):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.d_model, eps=cfg.ln_eps)
+        self.attn = Attention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.d_model, eps=cfg.ln_eps)
+        self.mlp = MLP(cfg)
+        self.mask_head = MaskHead(cfg.d_model, cfg.d_model, cfg.d_mlp) if local_head else None
+        add_hook_points(self, "hook_resid_pre", "hook_attn_out", "hook_resid_mid",
+                        "hook_mlp_out", "hook_resid_post")
+        # Scores and masks exist once per layer (they are read off the clean stream).
+        for name in ("hook_attn_scores", "hook_mlp_scores", "hook_attn_mask", "hook_mlp_mask"):
+            self.add_module(name, HookPoint())
+
+    def forward(self, x: Tensor, stream: Stream, masks: BlockMasks | None = None,
+                clean_kv: KV | None = None) -> tuple[Tensor, KV]:
+        x = hook(self, "hook_resid_pre", stream)(x)
+        attn_out, kv = self.attn(self.ln_1(x), stream, masks and masks.attn, clean_kv)
+        x = hook(self, "hook_resid_mid", stream)(x + hook(self, "hook_attn_out", stream)(attn_out))
+        mlp_out = self.mlp(self.ln_2(x), stream, masks and masks.mlp)
+        x = hook(self, "hook_resid_post", stream)(x + hook(self, "hook_mlp_out", stream)(mlp_out))
+        return x, kv

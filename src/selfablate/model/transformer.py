@@ -1,0 +1,191 @@
+"""The self-ablating transformer: a clean stream, a mask from it, and an ablated stream."""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from ..config import ModelConfig
+from ..errors import SelfAblateError
+from .hooks import HookedModule, HookPoint, Stream, add_hook_points, hook
+from .layers import KV, Block, BlockMasks, MaskHead
+from .losses import combined_loss, cross_entropy, reconstruction_loss
+from .masks import MASK_FUNCTIONS
+
+
+class ForwardOutput(NamedTuple):
+    """What `SelfAblatingTransformer.forward` returns."""
+
+    logits_clean: Tensor
+    """(batch, pos, vocab) logits of the clean stream."""
+    logits_ablated: Tensor | None
+    """(batch, pos, vocab) logits of the ablated stream; None for a baseline (ablation='none')."""
+    attn_mask: Tensor | None
+    """(batch, pos, n_layers, d_model) attention-unit mask (exactly k_attn ones per row if hard)."""
+    mlp_mask: Tensor | None
+    """(batch, pos, n_layers, d_mlp) neuron mask."""
+    loss: Tensor | None
+    """a * loss_clean + b * loss_ablated + c * loss_recon (just loss_clean for a baseline)."""
+    loss_clean: Tensor | None
+    """Cross-entropy of the clean stream (nats/token)."""
+    loss_ablated: Tensor | None
+    """Cross-entropy of the ablated stream (nats/token)."""
+    loss_recon: Tensor | None
+    """Reconstruction loss between the normalised clean and ablated residuals."""
+
+
+class StreamRun(NamedTuple):
+    """The residuals and keys/values of one pass of one stream."""
+
+    resid_pre: list[Tensor]
+    """Each block's input (batch, pos, d_model)."""
+    resid_post: list[Tensor]
+    """Each block's output (batch, pos, d_model)."""
+    kv: list[KV]
+    """Each block's keys and values."""
+    final: Tensor
+    """The final LayerNorm's output (batch, pos, d_model)."""
+
+
+class FinalNorm(nn.LayerNorm):
+    """ln_final, with the hook point `ln_final.hook_normalized` (and `_ablated`)."""
+
+    def __init__(self, d_model: int, eps: float):
+        super().__init__(d_model, eps=eps)
+        add_hook_points(self, "hook_normalized")
+
+    def forward(self, x: Tensor, stream: Stream = Stream.CLEAN) -> Tensor:  # type: ignore[override]
+        return hook(self, "hook_normalized", stream)(super().forward(x))
+
+
+def _local_scores(model: "SelfAblatingTransformer", clean: StreamRun) -> tuple[Tensor, Tensor]:
+    """Each block's head reads the clean residual at that block's input."""
+    per_layer = [block.mask_head(x) for block, x in zip(model.blocks, clean.resid_pre)]
+    return torch.cat([a for a, _ in per_layer], dim=2), torch.cat([m for _, m in per_layer], dim=2)
+
+
+def _global_scores(model: "SelfAblatingTransformer", clean: StreamRun) -> tuple[Tensor, Tensor]:
+    """One head reads the final (normalised) clean residual and scores every layer at once."""
+    return model.global_mask_head(clean.final)
+
+
+ScoreSource = Callable[["SelfAblatingTransformer", StreamRun], tuple[Tensor, Tensor]]
+SCORE_SOURCES: dict[str, tuple[ScoreSource, ...]] = {
+    "none": (),
+    "local": (_local_scores,),
+    "global": (_global_scores,),
+    "both": (_local_scores, _global_scores),  # scores added before the top-k
+}
+
+
+class SelfAblatingTransformer(HookedModule):
+    """GPT-Neo-style decoder with a clean and a self-ablated residual stream.
+
+    Tied embeddings, learned positions, pre-LayerNorm, gelu_new, unscaled attention scores.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.wpe = nn.Embedding(cfg.n_ctx, cfg.d_model)
+        local = cfg.ablation in ("local", "both")
+        self.blocks = nn.ModuleList(Block(cfg, local_head=local) for _ in range(cfg.n_layers))
+        self.ln_final = FinalNorm(cfg.d_model, cfg.ln_eps)
+        self.global_mask_head = (MaskHead(cfg.d_model, cfg.d_model, cfg.d_mlp, cfg.n_layers)
+                                 if cfg.ablation in ("global", "both") else None)
+        self.hook_embed, self.hook_pos_embed = HookPoint(), HookPoint()
+        self.apply(self._init_weights)
+        self.setup_hooks()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=self.cfg.init_std)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    # -- the pieces -------------------------------------------------------------------------
+
+    def embed(self, tokens: Tensor) -> Tensor:
+        """tokens (batch, pos) -> token + position embeddings (batch, pos, d_model)."""
+        if tokens.dim() != 2:
+            raise SelfAblateError(f"tokens must be (batch, pos), got shape {tuple(tokens.shape)}")
+        T = tokens.shape[1]
+        if T > self.cfg.n_ctx:
+            raise SelfAblateError(f"sequence of {T} tokens exceeds the context length n_ctx={self.cfg.n_ctx}")
+        if tokens.numel() and not 0 <= int(tokens.min()) <= int(tokens.max()) < self.cfg.vocab_size:
+            raise SelfAblateError(f"token ids must be in 0..{self.cfg.vocab_size - 1}")
+        pos = torch.arange(T, device=tokens.device)
+        return self.hook_embed(self.wte(tokens)) + self.hook_pos_embed(self.wpe(pos))
+
+    def run_stream(self, x: Tensor, stream: Stream, attn_mask: Tensor | None = None,
+                   mlp_mask: Tensor | None = None, clean_kv: list[KV] | None = None) -> StreamRun:
+        """Run the blocks on embeddings x. Masks are (batch, pos, n_layers, width) or None;
+        with clean_kv, attention follows the two-stream rule (see `layers.self_ablated_allowed`)."""
+        pre, post, kvs = [], [], []
+        for layer, block in enumerate(self.blocks):
+            masks = None if attn_mask is None else BlockMasks(attn_mask[:, :, layer], mlp_mask[:, :, layer])
+            pre.append(x)
+            x, kv = block(x, stream, masks, None if clean_kv is None else clean_kv[layer])
+            post.append(x)
+            kvs.append(kv)
+        return StreamRun(pre, post, kvs, self.ln_final(x, stream))
+
+    def unembed(self, final: Tensor) -> Tensor:
+        """Tied LM head: final residual (batch, pos, d_model) -> logits (batch, pos, vocab)."""
+        return final @ self.wte.weight.T
+
+    def compute_masks(self, clean: StreamRun) -> tuple[Tensor, Tensor]:
+        """Relevance scores from the clean stream -> k-winners-take-all masks, both
+        (batch, pos, n_layers, width). Scores and masks pass through each block's hook points."""
+        sources = SCORE_SOURCES[self.cfg.ablation]
+        scores = [src(self, clean) for src in sources]
+        attn_scores = sum(s[0] for s in scores)
+        mlp_scores = sum(s[1] for s in scores)
+        mask_fn, cfg = MASK_FUNCTIONS[self.cfg.mask_fn], self.cfg
+        attn_masks, mlp_masks = [], []
+        for layer, block in enumerate(self.blocks):
+            a = block.hook_attn_scores(attn_scores[:, :, layer])
+            m = block.hook_mlp_scores(mlp_scores[:, :, layer])
+            attn_masks.append(block.hook_attn_mask(mask_fn(a, cfg.k_attn, cfg.temperature_attn, cfg.topk_eps)))
+            mlp_masks.append(block.hook_mlp_mask(mask_fn(m, cfg.k_mlp, cfg.temperature_mlp, cfg.topk_eps)))
+        return torch.stack(attn_masks, dim=2), torch.stack(mlp_masks, dim=2)
+
+    # -- entry points -----------------------------------------------------------------------
+
+    def forward(self, tokens: Tensor, targets: Tensor | None = None) -> ForwardOutput:
+        """tokens (batch, pos); targets (batch, pos) next tokens, or None for no loss."""
+        x = self.embed(tokens)
+        # The clean stream never depends on the ablated one, so it runs first and once; its
+        # residuals feed the mask heads (local and global alike) and its keys/values the ablated stream.
+        clean = self.run_stream(x, Stream.CLEAN)
+        logits_clean = self.unembed(clean.final)
+        if not self.cfg.self_ablating:
+            loss = None if targets is None else cross_entropy(logits_clean, targets)
+            return ForwardOutput(logits_clean, None, None, None, loss, loss, None, None)
+        attn_mask, mlp_mask = self.compute_masks(clean)
+        ablated = self.run_stream(x, Stream.ABLATED, attn_mask, mlp_mask, clean_kv=clean.kv)
+        logits_ablated = self.unembed(ablated.final)
+        if targets is None:
+            return ForwardOutput(logits_clean, logits_ablated, attn_mask, mlp_mask, None, None, None, None)
+        ce_clean = cross_entropy(logits_clean, targets)
+        ce_ablated = cross_entropy(logits_ablated, targets)
+        recon = reconstruction_loss(clean.resid_post + [clean.final], ablated.resid_post + [ablated.final])
+        loss = combined_loss(ce_clean, ce_ablated, recon, self.cfg.coef_clean, self.cfg.coef_ablated,
+                             self.cfg.coef_recon)
+        return ForwardOutput(logits_clean, logits_ablated, attn_mask, mlp_mask, loss, ce_clean, ce_ablated, recon)
+
+    def run_with_masks(self, tokens: Tensor, attn_mask: Tensor, mlp_mask: Tensor) -> Tensor:
+        """One ordinary causal pass with the given unit masks applied at every position.
+
+        masks: (batch, pos, n_layers, width), e.g. all ones but at one position, or random
+        masks for a control. Returns logits (batch, pos, vocab).
+        """
+        run = self.run_stream(self.embed(tokens), Stream.CLEAN, attn_mask, mlp_mask)
+        return self.unembed(run.final)
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        return n - (self.wte.weight.numel() + self.wpe.weight.numel() if non_embedding else 0)

@@ -1,0 +1,219 @@
+"""The self-ablating transformer: masks, the two-stream rule, hooks."""
+
+import pytest
+import torch
+
+from selfablate import ModelConfig, SelfAblatingTransformer
+from selfablate.errors import ConfigError
+from selfablate.model.masks import hard_topk, hard_topk_soft_grad, soft_topk
+
+SMALL = dict(vocab_size=97, n_ctx=12, d_model=16, n_layers=3, n_heads=4, d_mlp=32, k_attn=5, k_mlp=7)
+
+
+def make(ablation="local", dtype=torch.float64, seed=0, **kw):
+    torch.manual_seed(seed)
+    cfg = ModelConfig(**{**SMALL, "ablation": ablation, **kw})
+    model = SelfAblatingTransformer(cfg).to(dtype).eval()
+    # Perturb the mask heads and LayerNorms away from their init so that tests see real masks.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "mask_head" in name or "ln" in name:
+                p.add_(torch.randn_like(p) * 0.5)
+    return model
+
+
+def tokens(B=2, T=10, seed=1):
+    return torch.randint(0, SMALL["vocab_size"], (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+# -- masks ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("k", [1, 3, 8, 9])
+def test_hard_mask_has_exactly_k_ones_per_row(k):
+    scores = torch.randn(4, 6, 9)
+    scores[0, 0] = 0.0  # all tied: still exactly k
+    scores[1, 1, :4] = 2.0  # ties across the boundary
+    for mask in (hard_topk(scores, k), hard_topk_soft_grad(scores.requires_grad_(), k, 0.1, 1e-12)):
+        assert set(mask.detach().unique().tolist()) <= {0.0, 1.0}
+        assert (mask.detach().sum(-1) == k).all()
+    # The ones sit on the k largest scores.
+    m = hard_topk(scores.detach(), k)
+    kth = scores.detach().topk(k, dim=-1).values[..., -1:]
+    assert (scores.detach()[m.bool()].view(4, 6, k) >= kth).all()
+
+
+def test_straight_through_gradient_equals_soft_topk_gradient():
+    torch.manual_seed(0)
+    scores = torch.randn(5, 20, dtype=torch.float64)
+    w = torch.randn(5, 20, dtype=torch.float64)
+    s1 = scores.clone().requires_grad_()
+    (hard_topk_soft_grad(s1, 6, 0.3, 1e-12) * w).sum().backward()
+    s2 = scores.clone().requires_grad_()
+    (soft_topk(s2, 6, 0.3, 1e-12) * w).sum().backward()
+    assert s1.grad.abs().sum() > 0
+    torch.testing.assert_close(s1.grad, s2.grad, rtol=0, atol=0)
+
+
+def test_soft_topk_matches_formula_and_finite_differences():
+    torch.manual_seed(0)
+    s = torch.randn(3, 10, dtype=torch.float64, requires_grad=True)
+    k, T, eps = 4, 0.5, 1e-12
+    # Naive reference written out from the formula, with a full sort.
+    srt = s.sort(dim=-1, descending=True).values
+    m = (srt[:, k - 1] + srt[:, k]) / 2
+    w = torch.sigmoid((s - m[:, None]) / (T * (srt[:, k - 1] - srt[:, k])[:, None] + eps))
+    ref = w * k / w.sum(-1, keepdim=True)
+    torch.testing.assert_close(soft_topk(s, k, T, eps), ref)
+    torch.testing.assert_close(soft_topk(s, k, T, eps).sum(-1), torch.full((3,), float(k), dtype=torch.float64))
+    assert torch.autograd.gradcheck(lambda x: soft_topk(x, k, T, eps), (s,))
+
+
+def test_soft_topk_approaches_hard_mask_at_low_temperature():
+    s = torch.randn(8, 30)
+    torch.testing.assert_close(soft_topk(s, 5, 1e-4), hard_topk(s, 5), atol=1e-4, rtol=0)
+
+
+# -- the two-stream rule ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("ablation", ["local", "global", "both"])
+def test_ablated_logits_equal_a_naive_rerun_with_the_mask_at_one_position(ablation):
+    model = make(ablation)
+    toks = tokens()
+    out = model(toks)
+    B, T = toks.shape
+    assert not torch.allclose(out.logits_ablated, out.logits_clean)
+    for t in range(T):
+        attn = torch.ones_like(out.attn_mask)
+        mlp = torch.ones_like(out.mlp_mask)
+        attn[:, t], mlp[:, t] = out.attn_mask[:, t], out.mlp_mask[:, t]
+        naive = model.run_with_masks(toks, attn, mlp)
+        torch.testing.assert_close(out.logits_ablated[:, t], naive[:, t], rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("ablation", ["local", "global"])
+def test_full_width_k_makes_the_ablated_stream_equal_the_clean_one(ablation):
+    model = make(ablation, k_attn=SMALL["d_model"], k_mlp=SMALL["d_mlp"])
+    toks = tokens()
+    out = model(toks, toks)
+    assert (out.attn_mask == 1).all() and (out.mlp_mask == 1).all()
+    torch.testing.assert_close(out.logits_ablated, out.logits_clean, rtol=1e-10, atol=1e-10)
+    assert out.loss_recon.item() == pytest.approx(0.0, abs=1e-20)
+
+
+def test_masks_have_documented_shapes_and_k_ones():
+    model = make("both")
+    out = model(tokens(B=3, T=7))
+    assert out.attn_mask.shape == (3, 7, SMALL["n_layers"], SMALL["d_model"])
+    assert out.mlp_mask.shape == (3, 7, SMALL["n_layers"], SMALL["d_mlp"])
+    assert (out.attn_mask.sum(-1) == SMALL["k_attn"]).all()
+    assert (out.mlp_mask.sum(-1) == SMALL["k_mlp"]).all()
+    assert out.logits_ablated.shape == (3, 7, SMALL["vocab_size"])
+
+
+def test_mask_depends_only_on_the_past():
+    model = make("global")
+    toks = tokens(B=1, T=10)
+    other = toks.clone()
+    other[:, 6:] = (other[:, 6:] + 1) % SMALL["vocab_size"]
+    a, b = model(toks), model(other)
+    torch.testing.assert_close(a.attn_mask[:, :6], b.attn_mask[:, :6])
+    torch.testing.assert_close(a.logits_ablated[:, :6], b.logits_ablated[:, :6])
+
+
+def test_loss_is_the_weighted_sum_of_its_terms():
+    model = make("local", coef_clean=0.7, coef_ablated=0.2, coef_recon=3.0)
+    toks = tokens()
+    out = model(toks, toks)
+    expected = 0.7 * out.loss_clean + 0.2 * out.loss_ablated + 3.0 * out.loss_recon
+    torch.testing.assert_close(out.loss, expected)
+    ce = torch.nn.functional.cross_entropy(out.logits_ablated.reshape(-1, SMALL["vocab_size"]), toks.reshape(-1))
+    torch.testing.assert_close(out.loss_ablated, ce)
+
+
+def test_mask_heads_receive_gradient_through_the_hard_mask():
+    model = make("local", dtype=torch.float32)
+    out = model(tokens(), tokens(seed=2))
+    out.loss.backward()
+    g = model.blocks[1].mask_head.attn.weight.grad
+    assert g is not None and g.abs().sum() > 0
+
+
+def test_global_mode_runs_the_clean_stream_once():
+    model = make("global")
+    calls = []
+    with model.hooks([("blocks.0.hook_resid_pre", lambda x, hp: calls.append("clean")),
+                      ("blocks.0.hook_resid_pre_ablated", lambda x, hp: calls.append("ablated"))]):
+        model(tokens())
+    assert calls == ["clean", "ablated"]
+
+
+def test_baseline_has_no_ablated_stream():
+    model = make("none")
+    out = model(tokens(), tokens())
+    assert out.logits_ablated is None and out.attn_mask is None
+    torch.testing.assert_close(out.loss, out.loss_clean)
+    assert not any("mask_head" in n for n, _ in model.named_parameters())
+
+
+# -- hooks ------------------------------------------------------------------------------------
+
+def test_pattern_hook_path_matches_the_fused_kernel():
+    model = make("local")
+    toks = tokens()
+    fused = model(toks)
+    patterns = {}
+    with model.hooks([(lambda n: "hook_pattern" in n, lambda x, hp: patterns.__setitem__(hp.name, x))]):
+        manual = model(toks)
+    torch.testing.assert_close(manual.logits_ablated, fused.logits_ablated)
+    torch.testing.assert_close(manual.logits_clean, fused.logits_clean)
+    clean = patterns["blocks.0.attn.hook_pattern"]  # (B, H, T, T), causal, rows sum to 1
+    assert clean.shape == (2, 4, 10, 10) and clean.triu(1).abs().max() == 0
+    ablated = patterns["blocks.0.attn.hook_pattern_ablated"]  # (B, H, T, 2T): [clean | own]
+    assert ablated.shape == (2, 4, 10, 20)
+    torch.testing.assert_close(ablated.sum(-1), torch.ones(2, 4, 10, dtype=torch.float64))
+    own = ablated[..., 10:]
+    assert (own - torch.diag_embed(own.diagonal(dim1=-2, dim2=-1))).abs().max() == 0
+
+
+def test_hooks_can_replace_masks_and_cache_activations():
+    model = make("local")
+    toks = tokens()
+    ones = lambda x, hp: torch.ones_like(x)  # noqa: E731
+    with model.hooks([(lambda n: n.endswith("_mask"), ones)]):
+        out = model(toks)
+    torch.testing.assert_close(out.logits_ablated, out.logits_clean)
+    _, cache = model.run_with_cache(toks, names=["blocks.2.mlp.hook_post", "blocks.2.hook_mlp_mask"])
+    assert cache["blocks.2.mlp.hook_post"].shape == (2, 10, SMALL["d_mlp"])
+    assert (cache["blocks.2.hook_mlp_mask"].sum(-1) == SMALL["k_mlp"]).all()
+    with pytest.raises(KeyError):
+        with model.hooks([("blocks.9.nope", ones)]):
+            pass
+
+
+def test_unscaled_attention_scores():
+    """GPT-Neo does not divide q.k by sqrt(d_head); check one head by hand."""
+    model = make("none")
+    toks = tokens(B=1, T=4)
+    _, cache = model.run_with_cache(toks, names=lambda n: n.startswith("blocks.0.attn."))
+    q, k = cache["blocks.0.attn.hook_q"], cache["blocks.0.attn.hook_k"]
+    scores = (q @ k.transpose(-1, -2)).masked_fill(~torch.ones(4, 4, dtype=torch.bool).tril(), float("-inf"))
+    # The pattern hook is not in the cache of a fused run; recompute through it.
+    pat = {}
+    with model.hooks([("blocks.0.attn.hook_pattern", lambda x, hp: pat.setdefault("p", x))]):
+        model(toks)
+    torch.testing.assert_close(pat["p"], scores.softmax(-1))
+
+
+# -- config -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(k_attn=0), "k_attn must be in 1..d_model=16"),
+    (dict(k_attn=17), "k_attn must be in 1..d_model=16"),
+    (dict(k_mlp=33), "k_mlp must be in 1..d_mlp=32"),
+    (dict(n_heads=5), "divisible by n_heads"),
+    (dict(ablation="sideways"), "ablation must be one of none, local, global, both"),
+])
+def test_bad_model_config_gives_one_line_error(kw, msg):
+    with pytest.raises(ConfigError, match=msg) as e:
+        ModelConfig(**{**SMALL, **kw})
+    assert "\n" not in str(e.value)
