@@ -52,11 +52,15 @@ def save_checkpoint(model: SelfAblatingTransformer, path: str | os.PathLike, *,
 def _write_dir_atomically(target: Path, write: Callable[[Path], None]) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    umask = os.umask(0)
+    os.umask(umask)
     try:
         write(tmp)
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
+            os.chmod(f, 0o666 & ~umask)  # mkstemp-style private modes are not wanted here
+        os.chmod(tmp, 0o777 & ~umask)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -70,8 +74,11 @@ def _write_dir_atomically(target: Path, write: Callable[[Path], None]) -> Path:
 
 
 def resolve(path: str | os.PathLike) -> Path:
-    """The checkpoint folder to read: `path`, or its .old twin if a swap was interrupted."""
+    """The checkpoint folder to read: `path` (or a run folder's `checkpoint/`), or its .old
+    twin if a swap was interrupted."""
     path = Path(path)
+    if not (path / CONFIG).exists() and (path / "checkpoint").is_dir():
+        path = path / "checkpoint"
     if (path / CONFIG).exists():
         return path
     old = path.with_name(path.name + ".old")

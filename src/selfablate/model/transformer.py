@@ -11,6 +11,7 @@ from ..config import ModelConfig
 from ..errors import SelfAblateError
 from .hooks import HookedModule, HookPoint, Stream, add_hook_points, hook
 from .layers import KV, Block, BlockMasks, MaskHead
+from .fused import linear_cross_entropy
 from .losses import combined_loss, cross_entropy, reconstruction_loss
 from .masks import MASK_FUNCTIONS
 
@@ -155,27 +156,36 @@ class SelfAblatingTransformer(HookedModule):
 
     # -- entry points -----------------------------------------------------------------------
 
-    def forward(self, tokens: Tensor, targets: Tensor | None = None) -> ForwardOutput:
-        """tokens (batch, pos); targets (batch, pos) next tokens, or None for no loss."""
+    def forward(self, tokens: Tensor, targets: Tensor | None = None, return_logits: bool = True) -> ForwardOutput:
+        """tokens (batch, pos); targets (batch, pos) next tokens, or None for no loss.
+
+        return_logits=False (training) skips the (batch, pos, vocab) logits: the losses then come
+        from the chunked LM head + cross-entropy, which never holds them (logits_* are None).
+        """
         x = self.embed(tokens)
         # The clean stream never depends on the ablated one, so it runs first and once; its
         # residuals feed the mask heads (local and global alike) and its keys/values the ablated stream.
         clean = self.run_stream(x, Stream.CLEAN)
-        logits_clean = self.unembed(clean.final)
+        logits_clean = self.unembed(clean.final) if return_logits else None
+        ce_clean = None if targets is None else self._lm_loss(clean.final, logits_clean, targets)
         if not self.cfg.self_ablating:
-            loss = None if targets is None else cross_entropy(logits_clean, targets)
-            return ForwardOutput(logits_clean, None, None, None, loss, loss, None, None)
+            return ForwardOutput(logits_clean, None, None, None, ce_clean, ce_clean, None, None)
         attn_mask, mlp_mask = self.compute_masks(clean)
         ablated = self.run_stream(x, Stream.ABLATED, attn_mask, mlp_mask, clean_kv=clean.kv)
-        logits_ablated = self.unembed(ablated.final)
+        logits_ablated = self.unembed(ablated.final) if return_logits else None
         if targets is None:
             return ForwardOutput(logits_clean, logits_ablated, attn_mask, mlp_mask, None, None, None, None)
-        ce_clean = cross_entropy(logits_clean, targets)
-        ce_ablated = cross_entropy(logits_ablated, targets)
+        ce_ablated = self._lm_loss(ablated.final, logits_ablated, targets)
         recon = reconstruction_loss(clean.resid_post + [clean.final], ablated.resid_post + [ablated.final])
         loss = combined_loss(ce_clean, ce_ablated, recon, self.cfg.coef_clean, self.cfg.coef_ablated,
                              self.cfg.coef_recon)
         return ForwardOutput(logits_clean, logits_ablated, attn_mask, mlp_mask, loss, ce_clean, ce_ablated, recon)
+
+    def _lm_loss(self, final: Tensor, logits: Tensor | None, targets: Tensor) -> Tensor:
+        """CE from materialised logits, or from the fused chunked head when there are none."""
+        if logits is not None:
+            return cross_entropy(logits, targets)
+        return linear_cross_entropy(final, self.wte.weight, targets)
 
     def run_with_masks(self, tokens: Tensor, attn_mask: Tensor, mlp_mask: Tensor) -> Tensor:
         """One ordinary causal pass with the given unit masks applied at every position.

@@ -1,0 +1,223 @@
+"""`selfablate <command>`: flags are generated from the config dataclasses (types, choices and
+help text come from the fields and their docstrings), so there is no hand-kept flag list."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable, Literal, Sequence
+
+from .config import PRESETS, ModelConfig, TrainConfig, field_docs, field_type, get_preset, literal_choices
+from .errors import SelfAblateError
+
+# -- flags from dataclasses -------------------------------------------------------------------
+
+
+def add_fields(parser: argparse.ArgumentParser, cls: type, title: str) -> None:
+    """One --flag per field of dataclass `cls`. Defaults are left unset (SUPPRESS) so that only
+    what the user typed overrides the preset."""
+    group = parser.add_argument_group(title)
+    docs = field_docs(cls)
+    for f in dataclasses.fields(cls):
+        kind = field_type(cls, f.name)
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f"{docs.get(f.name, '')} (default: {f.default})"
+        if kind is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
+        elif getattr(kind, "__origin__", None) is Literal:
+            group.add_argument(flag, choices=literal_choices(cls, f.name), default=argparse.SUPPRESS, help=help_text)
+        else:
+            group.add_argument(flag, type=kind, default=argparse.SUPPRESS, metavar=f.name.upper(), help=help_text)
+
+
+def overrides(ns: argparse.Namespace, cls: type) -> dict[str, Any]:
+    return {f.name: getattr(ns, f.name) for f in dataclasses.fields(cls) if hasattr(ns, f.name)}
+
+
+def build(cls: type, ns: argparse.Namespace, base: Any = None) -> Any:
+    """The dataclass from `base` (or its defaults) with the user's flags applied."""
+    return dataclasses.replace(base, **overrides(ns, cls)) if base is not None else cls(**overrides(ns, cls))
+
+
+# -- options of the smaller commands ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EvalLossOptions:
+    """Options of `selfablate eval-loss`."""
+
+    data: str = ""
+    """Data source (as for train); empty: the default."""
+    split: Literal["valid", "train"] = "valid"
+    """Which split to evaluate."""
+    batch_size: int = 32
+    """Sequences per batch."""
+    max_batches: int = 0
+    """Stop after this many batches; 0 evaluates the whole split."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Device to run on."""
+    json: bool = False
+    """Print the result as JSON."""
+
+
+@dataclass(frozen=True)
+class GenerateOptions:
+    """Options of `selfablate generate`."""
+
+    prompt: str = "Once upon a time"
+    """Text to continue."""
+    max_new_tokens: int = 60
+    """Tokens to sample."""
+    stream: Literal["clean", "ablated"] = "clean"
+    """Which stream's logits to sample from."""
+    temperature: float = 0.8
+    """Sampling temperature (0: greedy)."""
+    top_k: int = 40
+    """Sample among the top-k tokens only (0: all)."""
+    seed: int = 0
+    """Sampling seed."""
+    show_units: bool = False
+    """Print, for each new token, the units its prediction kept in every layer."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Device to run on."""
+
+
+# -- commands ---------------------------------------------------------------------------------
+
+
+def cmd_train(ns: argparse.Namespace) -> None:
+    from .train import train
+
+    model_base, train_base = get_preset(ns.preset)
+    model_cfg, train_cfg = build(ModelConfig, ns, model_base), build(TrainConfig, ns, train_base)
+    result = train(model_cfg, train_cfg)
+    ablated = "" if result.final_eval.ablated is None else f", ablated {result.final_eval.ablated:.4f}"
+    print(f"trained {result.steps} steps -> {result.checkpoint}; held-out loss: clean {result.final_eval.clean:.4f}{ablated}")
+
+
+def cmd_eval_loss(ns: argparse.Namespace) -> None:
+    from .checkpoint import load_checkpoint
+    from .data.dataset import TokenWindows, tokenize_split
+    from .data.sources import resolve_source
+    from .eval.lm import evaluate_loss
+    from .train import resolve_device
+
+    opts = build(EvalLossOptions, ns)
+    device = resolve_device(opts.device)
+    model = load_checkpoint(ns.checkpoint, device=device)
+    windows = TokenWindows(tokenize_split(resolve_source(opts.data), opts.split), model.cfg.n_ctx)
+    n_batches = -(-windows.num_sequential() // opts.batch_size)
+    limit = opts.max_batches * opts.batch_size if opts.max_batches else None
+    total = min(n_batches, opts.max_batches) if opts.max_batches else n_batches
+    result = evaluate_loss(model, windows.sequential_batches(opts.batch_size, limit), device, progress=True, total=total)
+    if opts.json:
+        print(json.dumps({**result._asdict(), "ppl_clean": result.ppl_clean, "ppl_ablated": result.ppl_ablated}))
+        return
+    print(f"{opts.split}: {result.tokens} tokens; clean CE {result.clean:.4f} (ppl {result.ppl_clean:.2f})")
+    if result.ablated is not None:
+        print(f"{opts.split}: ablated CE {result.ablated:.4f} (ppl {result.ppl_ablated:.2f})")
+
+
+def cmd_generate(ns: argparse.Namespace) -> None:
+    from .checkpoint import load_checkpoint
+    from .data.tokenizer import gpt2_tokenizer
+    from .generate import generate
+    from .train import resolve_device
+
+    opts = build(GenerateOptions, ns)
+    model = load_checkpoint(ns.checkpoint, device=resolve_device(opts.device))
+    if opts.stream == "ablated" and not model.cfg.self_ablating:
+        raise SelfAblateError("this checkpoint is a baseline (ablation=none): it has no ablated stream")
+    enc = gpt2_tokenizer()
+    out = generate(model, enc.encode(opts.prompt), opts.max_new_tokens, opts.stream, opts.temperature,
+                   opts.top_k or None, opts.seed)
+    print(opts.prompt + enc.decode(out.new_tokens))
+    if opts.show_units and out.attn_units is not None:
+        print(format_units(enc, out))
+
+
+def format_units(enc, out) -> str:
+    """One line per generated token: per layer the kept attention units (a) and neurons (m)."""
+    lines = []
+    for tok, attn, mlp in zip(out.new_tokens, out.attn_units, out.mlp_units):
+        layers = "  ".join(f"L{i} a{_short(a)} m{_short(m)}" for i, (a, m) in enumerate(zip(attn, mlp)))
+        lines.append(f"{enc.decode([tok])!r:>14}  {layers}")
+    return "\n".join(lines)
+
+
+def _short(units: list[int], shown: int = 6) -> str:
+    more = f",+{len(units) - shown}" if len(units) > shown else ""
+    return "[" + ",".join(map(str, units[:shown])) + more + "]"
+
+
+def cmd_info(ns: argparse.Namespace) -> None:
+    from .checkpoint import load_checkpoint, read_header, resolve
+
+    folder = resolve(ns.checkpoint)
+    header = read_header(folder)
+    model = load_checkpoint(folder)
+    meta = header.get("meta", {})
+    print(f"checkpoint: {folder}")
+    print(f"parameters: {model.num_params(False):,} ({model.num_params():,} non-embedding)")
+    print(f"step: {meta.get('step', '?')}; held-out: {json.dumps(meta.get('val'))}")
+    print("model: " + ", ".join(f"{k}={v}" for k, v in header["model"].items()))
+
+
+def cmd_demo(ns: argparse.Namespace) -> None:
+    from .demo import DemoConfig, format_demo, run_demo
+
+    cfg = build(DemoConfig, ns)
+    rows, entropy = run_demo(cfg)
+    print(format_demo(rows, entropy, cfg.preset))
+
+
+def _demo_config_cls() -> type:
+    from .demo import DemoConfig
+
+    return DemoConfig
+
+
+# -- parser -----------------------------------------------------------------------------------
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="selfablate", description="Train self-ablating transformers and evaluate their interpretability.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands: list[tuple[str, str, Callable, list[tuple[type, str]], bool]] = [
+        ("train", "train (or resume) a model", cmd_train, [(ModelConfig, "model"), (TrainConfig, "training")], False),
+        ("eval-loss", "clean/ablated cross-entropy over a whole split", cmd_eval_loss, [(EvalLossOptions, "options")], True),
+        ("generate", "sample text from the clean or ablated stream", cmd_generate, [(GenerateOptions, "options")], True),
+        ("info", "describe a checkpoint", cmd_info, [], True),
+        ("demo", "train and compare a baseline, a local and a global model", cmd_demo,
+         [(_demo_config_cls(), "demo")], False),
+    ]
+    for name, help_text, fn, classes, takes_checkpoint in commands:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if takes_checkpoint:
+            p.add_argument("checkpoint", help="checkpoint folder (or a run folder holding checkpoint/)")
+        if name == "train":
+            p.add_argument("--preset", default="cpu-small", help=f"one of {', '.join(PRESETS)} (default: cpu-small)")
+        for cls, title in classes:
+            add_fields(p, cls, title)
+        p.set_defaults(func=fn)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ns = make_parser().parse_args(argv)
+    try:
+        ns.func(ns)
+    except SelfAblateError as e:
+        print(f"selfablate: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("selfablate: interrupted (the last checkpoint is intact; continue with --resume)", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""Token datasets: a split tokenised once into a cached uint16 memmap, read as windows."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import os
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from ..errors import DataError
+from .sources import Source, Split
+from .tokenizer import EOT, gpt2_tokenizer
+
+CACHE_FORMAT = "uint16-eot-after-v1"  # bump when the layout of cached tokens changes
+CHUNK = 2048  # stories tokenised per batch
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("SELFABLATE_CACHE", Path.home() / ".cache" / "selfablate" / "tokens"))
+
+
+def cache_key(source: Source, split: Split) -> str:
+    """Keyed by the split's content, the tokenizer and the cache layout."""
+    enc = gpt2_tokenizer()
+    parts = [source.fingerprint(split), enc.name, str(enc.n_vocab), CACHE_FORMAT]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:20]
+
+
+def tokenize_split(source: Source, split: Split, cache_dir: Path | None = None, progress: bool = True) -> np.ndarray:
+    """The split's tokens (uint16 memmap): each story followed by <|endoftext|>.
+
+    Tokenised once, streamed to disk, and renamed into place when complete, so an interrupted
+    run never leaves a truncated cache behind.
+    """
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    path = cache_dir / f"{split}-{cache_key(source, split)}.bin"
+    if not path.exists():
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        try:
+            n = _write_tokens(source, split, tmp, progress)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        if n == 0:
+            tmp.unlink(missing_ok=True)
+            raise DataError(f"the {split} split of {source.name} holds no stories")
+        os.replace(tmp, path)
+    return np.memmap(path, dtype=np.uint16, mode="r")
+
+
+def _write_tokens(source: Source, split: Split, out: Path, progress: bool) -> int:
+    enc = gpt2_tokenizer()
+    stories = iter(source.stories(split))
+    total = 0
+    with open(out, "wb") as f, tqdm(desc=f"tokenising {split}", unit=" stories", disable=not progress) as bar:
+        while batch := list(itertools.islice(stories, CHUNK)):
+            for ids in enc.encode_ordinary_batch(batch):
+                ids.append(EOT)
+                f.write(np.asarray(ids, dtype=np.uint16).tobytes())
+                total += len(ids)
+            bar.update(len(batch))
+    return total
+
+
+class TokenWindows:
+    """Windows of seq_len + 1 tokens from a token array: inputs and next-token targets."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int):
+        if len(tokens) < seq_len + 1:
+            raise DataError(f"split has {len(tokens)} tokens, fewer than one window of {seq_len + 1}")
+        self.tokens, self.seq_len = tokens, seq_len
+
+    def _stack(self, starts: Tensor | list[int]) -> tuple[Tensor, Tensor]:
+        rows = np.stack([self.tokens[s : s + self.seq_len + 1] for s in starts]).astype(np.int64)
+        t = torch.from_numpy(rows)  # (batch, seq_len + 1)
+        return t[:, :-1], t[:, 1:]
+
+    def random_batch(self, batch_size: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """Uniformly random windows; deterministic for the generator's state."""
+        high = len(self.tokens) - self.seq_len
+        return self._stack(torch.randint(0, high, (batch_size,), generator=generator).tolist())
+
+    def num_sequential(self) -> int:
+        return (len(self.tokens) - 1) // self.seq_len
+
+    def sequential_batches(self, batch_size: int, limit: int | None = None) -> Iterator[tuple[Tensor, Tensor]]:
+        """Non-overlapping windows covering the split from the start (for evaluation):
+        every token but the last of the final partial window is predicted exactly once."""
+        n = self.num_sequential() if limit is None else min(limit, self.num_sequential())
+        for first in range(0, n, batch_size):
+            yield self._stack([i * self.seq_len for i in range(first, min(first + batch_size, n))])
+
+    def spread_batches(self, batch_size: int, n_batches: int) -> list[tuple[Tensor, Tensor]]:
+        """A fixed set of windows spread evenly over the split (for quick periodic evaluation)."""
+        n = batch_size * n_batches
+        starts = np.linspace(0, len(self.tokens) - self.seq_len - 1, n).astype(np.int64).tolist()
+        return [self._stack(starts[i : i + batch_size]) for i in range(0, n, batch_size)]

@@ -1,0 +1,63 @@
+"""Language-modelling evaluation: token-weighted cross-entropy of both streams."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Iterable, NamedTuple
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from ..model import SelfAblatingTransformer
+
+
+class LossEval(NamedTuple):
+    """Mean next-token cross-entropy (nats/token) over `tokens` predicted tokens."""
+
+    clean: float
+    ablated: float | None
+    """None for a baseline model."""
+    tokens: int
+
+    @property
+    def ppl_clean(self) -> float:
+        return math.exp(self.clean)
+
+    @property
+    def ppl_ablated(self) -> float | None:
+        return None if self.ablated is None else math.exp(self.ablated)
+
+
+@torch.no_grad()
+def evaluate_loss(model: SelfAblatingTransformer, batches: Iterable[tuple[Tensor, Tensor]],
+                  device: torch.device | str = "cpu", autocast=contextlib.nullcontext,
+                  progress: bool = False, total: int | None = None) -> LossEval:
+    """Token-weighted mean CE of the clean and ablated streams over all given batches:
+    CE = sum over every predicted token of -log p(target) / number of predicted tokens.
+    (Each batch's mean is weighted by its token count; sums accumulate in float64.)"""
+    was_training = model.training
+    model.eval()
+    clean = ablated = 0.0
+    n = 0
+    for x, y in tqdm(batches, desc="evaluating", total=total, disable=not progress, leave=False):
+        x, y = x.to(device), y.to(device)
+        with autocast():
+            out = model(x, y, return_logits=False)
+        clean += out.loss_clean.item() * y.numel()
+        if out.loss_ablated is not None:
+            ablated += out.loss_ablated.item() * y.numel()
+        n += y.numel()
+    model.train(was_training)
+    return LossEval(clean / n, ablated / n if model.cfg.self_ablating else None, n)
+
+
+def unigram_entropy(tokens) -> float:
+    """Entropy of the empirical unigram distribution, in nats: H = -sum_v p_v log p_v with
+    p_v = count(v) / N. A model that ignores context can do no better on the same text."""
+    import numpy as np
+
+    counts = np.bincount(np.asarray(tokens, dtype=np.int64))
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())

@@ -1,0 +1,108 @@
+"""Tokenizer, data sources, token cache and windows."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from selfablate import gpt2_tokenizer
+from selfablate.data.dataset import TokenWindows, cache_key, tokenize_split
+from selfablate.data.sources import FileSource, FolderSource, HubSource, resolve_source
+from selfablate.data.tokenizer import EOT
+from selfablate.errors import DataError
+
+from .conftest import shared_data, write_txt
+
+
+def test_gpt2_tokenizer_ids_offline():
+    enc = gpt2_tokenizer()
+    assert enc.encode("Once upon a time") == [7454, 2402, 257, 640]
+    assert enc.n_vocab == 50257
+    assert enc.encode("<|endoftext|>", allowed_special="all") == [EOT]
+    assert enc.encode(" Lily") == [20037]  # names with a leading space are single tokens
+    assert enc.decode(enc.encode("Hello, world! It's 3.14")) == "Hello, world! It's 3.14"
+
+
+def test_folder_source_reads_eot_separated_stories(tmp_path):
+    write_txt(tmp_path / "TinyStories-train.txt", ["A cat.\nIt sat.", "A dog."])
+    write_txt(tmp_path / "TinyStories-valid.txt", ["A bird."])
+    src = resolve_source(str(tmp_path))
+    assert isinstance(src, FolderSource)
+    assert list(src.stories("train")) == ["A cat.\nIt sat.", "A dog."]
+    assert list(src.stories("valid")) == ["A bird."]
+
+
+def test_jsonl_file_source_holds_out_every_50th_story(tmp_path):
+    path = tmp_path / "stories.jsonl"
+    path.write_text("".join(json.dumps({"text": f"Story {i}."}) + "\n" for i in range(100)))
+    src = resolve_source(str(path))
+    assert isinstance(src, FileSource)
+    assert list(src.stories("valid")) == ["Story 49.", "Story 99."]
+    assert len(list(src.stories("train"))) == 98
+
+
+def test_tokenized_cache_layout_and_key(stories_dir, tmp_path):
+    src = FolderSource(stories_dir)
+    tokens = tokenize_split(src, "valid", tmp_path, progress=False)
+    enc = gpt2_tokenizer()
+    first = next(iter(src.stories("valid")))
+    ids = enc.encode_ordinary(first)
+    assert tokens.dtype == np.uint16
+    assert tokens[: len(ids)].tolist() == ids and tokens[len(ids)] == EOT  # EOT after each story
+    assert int((np.asarray(tokens) == EOT).sum()) == len(list(src.stories("valid")))
+    # Cached: the second call reads the same file; a content change gives a new key.
+    assert len(list(tmp_path.glob("valid-*.bin"))) == 1
+    again = tokenize_split(src, "valid", tmp_path, progress=False)
+    assert np.array_equal(again, tokens)
+    key = cache_key(src, "valid")
+    with open(stories_dir / "valid.txt", "a") as f:
+        f.write("One more story.\n<|endoftext|>\n")
+    try:
+        assert cache_key(src, "valid") != key
+    finally:
+        text = (stories_dir / "valid.txt").read_text()
+        (stories_dir / "valid.txt").write_text(text.removesuffix("One more story.\n<|endoftext|>\n"))
+
+
+def test_random_windows_are_deterministic_and_shifted():
+    tokens = np.arange(1000, dtype=np.uint16)
+    w = TokenWindows(tokens, 16)
+    x1, y1 = w.random_batch(4, torch.Generator().manual_seed(3))
+    x2, y2 = w.random_batch(4, torch.Generator().manual_seed(3))
+    assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    assert torch.equal(y1[:, :-1], x1[:, 1:]) and torch.equal(y1, x1 + 1)
+
+
+def test_sequential_windows_cover_the_split_once():
+    tokens = np.arange(101, dtype=np.uint16)
+    w = TokenWindows(tokens, 10)
+    ys = torch.cat([y.flatten() for _, y in w.sequential_batches(3)])
+    assert ys.tolist() == list(range(1, 101))
+
+
+@pytest.mark.parametrize("spec,msg", [
+    ("/no/such/folder", "data folder or file /no/such/folder does not exist"),
+])
+def test_missing_data_is_a_one_line_error(spec, msg):
+    with pytest.raises(DataError, match=msg):
+        resolve_source(spec)
+
+
+def test_folder_without_splits_is_a_one_line_error(tmp_path):
+    with pytest.raises(DataError, match="no train split in"):
+        list(resolve_source(str(tmp_path)).stories("train"))
+
+
+def test_hub_without_datasets_or_network_is_a_one_line_error():
+    with pytest.raises(DataError) as e:
+        list(HubSource().stories("valid"))
+    assert "\n" not in str(e.value) and ("hub" in str(e.value))
+
+
+def test_env_var_and_default_data(monkeypatch, tmp_path):
+    monkeypatch.setenv("SELFABLATE_DATA", str(tmp_path))
+    assert resolve_source("") == FolderSource(tmp_path.resolve())
+    monkeypatch.delenv("SELFABLATE_DATA")
+    if shared_data() is not None:
+        assert resolve_source("") == FolderSource(shared_data())

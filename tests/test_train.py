@@ -1,0 +1,142 @@
+"""Training: schedule, resume equivalence, loss on real text, checkpoints and their errors."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from selfablate import load_checkpoint, save_checkpoint
+from selfablate.checkpoint import WEIGHTS
+from selfablate.config import TrainConfig, get_preset
+from selfablate.errors import CheckpointError
+from selfablate.metrics_log import read_metrics
+from selfablate.train import lr_at, train
+
+
+def tiny(tmp_path, stories_dir, **kw):
+    model, tr = get_preset("tiny")
+    tr = dataclasses.replace(tr, data=str(stories_dir), out=str(tmp_path / "run"), progress=False, **kw)
+    return model, tr
+
+
+def test_lr_schedule_warms_up_then_decays_by_cosine():
+    cfg = TrainConfig(lr=1.0, warmup_steps=10, max_steps=110, min_lr_ratio=0.1)
+    assert lr_at(0, cfg) == pytest.approx(0.1)
+    assert lr_at(9, cfg) == pytest.approx(1.0)
+    assert lr_at(60, cfg) == pytest.approx(0.1 + 0.9 * 0.5)  # half-way through the cosine
+    assert lr_at(110, cfg) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("ablation", ["local", "global"])
+def test_resume_after_an_interruption_equals_training_straight(tmp_path, stories_dir, monkeypatch, ablation):
+    model_cfg, tr = tiny(tmp_path, stories_dir, max_steps=8, checkpoint_interval=4, eval_interval=4,
+                         log_interval=1)
+    model_cfg = dataclasses.replace(model_cfg, ablation=ablation)
+    straight = train(model_cfg, dataclasses.replace(tr, out=str(tmp_path / "straight")))
+
+    import selfablate.train as tr_mod
+
+    real_step = tr_mod.train_step
+
+    def dies_at_step_7(model, opt, batch, step, *args):
+        if step == 6:  # after the checkpoint at step 4 and two more logged steps
+            raise KeyboardInterrupt
+        return real_step(model, opt, batch, step, *args)
+
+    monkeypatch.setattr(tr_mod, "train_step", dies_at_step_7)
+    with pytest.raises(KeyboardInterrupt):
+        train(model_cfg, dataclasses.replace(tr, out=str(tmp_path / "split")))
+    monkeypatch.setattr(tr_mod, "train_step", real_step)
+    resumed = train(model_cfg, dataclasses.replace(tr, out=str(tmp_path / "split"), resume=True))
+
+    a, b = load_checkpoint(straight.checkpoint), load_checkpoint(resumed.checkpoint)
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(p, q), name
+    assert resumed.final_eval == straight.final_eval
+    # The log holds each step once: the interrupted run's steps 5-6 were replaced.
+    steps = [m["step"] for m in read_metrics(tmp_path / "split") if "loss" in m]
+    assert steps == list(range(1, 9))
+    losses = lambda run: [(m["step"], m["loss"]) for m in read_metrics(tmp_path / run) if "loss" in m]  # noqa: E731
+    assert losses("split") == losses("straight")
+
+
+def test_existing_run_is_never_overwritten(tmp_path, stories_dir):
+    model_cfg, tr = tiny(tmp_path, stories_dir, max_steps=2)
+    train(model_cfg, tr)
+    with pytest.raises(CheckpointError, match="already holds a checkpoint: pass --resume"):
+        train(model_cfg, tr)
+    other = dataclasses.replace(model_cfg, d_model=48, n_heads=4)
+    with pytest.raises(CheckpointError, match="another architecture: d_model=32, expected 48"):
+        train(other, dataclasses.replace(tr, resume=True))
+
+
+def test_loss_falls_on_real_tinystories(tmp_path, stories_dir):
+    model_cfg, tr = tiny(tmp_path, stories_dir, max_steps=60, eval_interval=60, log_interval=10,
+                         checkpoint_interval=60)
+    result = train(dataclasses.replace(model_cfg, ablation="local"), tr)
+    logged = [m for m in read_metrics(tmp_path / "run") if "loss_clean" in m]
+    assert logged[0]["loss_clean"] > 9.5  # ~ln(50257) = 10.8 at initialisation
+    assert logged[-1]["loss_clean"] < logged[0]["loss_clean"] - 3.0
+    assert logged[-1]["loss_ablated"] < logged[0]["loss_ablated"] - 3.0
+    assert result.final_eval.clean < 7.0 and result.final_eval.ablated < 7.0
+
+
+def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    model_cfg, _ = get_preset("tiny")
+    from selfablate import SelfAblatingTransformer
+    import selfablate.checkpoint as ck
+
+    model = SelfAblatingTransformer(model_cfg)
+    save_checkpoint(model, tmp_path / "ckpt", meta={"step": 1})
+    before = load_checkpoint(tmp_path / "ckpt").state_dict()
+
+    def crash(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ck, "save_file", crash)
+    with torch.no_grad():
+        model.wte.weight.add_(1.0)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(model, tmp_path / "ckpt", meta={"step": 2})
+    after = load_checkpoint(tmp_path / "ckpt")
+    assert all(torch.equal(before[n], p) for n, p in after.state_dict().items())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no temporary left behind
+
+
+def test_checkpoint_round_trip_and_errors(tmp_path):
+    model_cfg, _ = get_preset("tiny")
+    from selfablate import SelfAblatingTransformer
+
+    model = SelfAblatingTransformer(model_cfg)
+    folder = save_checkpoint(model, tmp_path / "c")
+    loaded = load_checkpoint(folder)
+    assert loaded.cfg == model_cfg
+    x = torch.randint(0, model_cfg.vocab_size, (1, 8))
+    torch.testing.assert_close(loaded(x).logits_ablated, model(x).logits_ablated, rtol=0, atol=0)
+
+    with pytest.raises(CheckpointError, match="no checkpoint at"):
+        load_checkpoint(tmp_path / "missing")
+    with pytest.raises(CheckpointError, match="another architecture: ablation='local', expected 'none'"):
+        load_checkpoint(folder, expect=dataclasses.replace(model_cfg, ablation="none"))
+
+    weights = (folder / WEIGHTS).read_bytes()
+    (folder / WEIGHTS).write_bytes(weights[: len(weights) // 2])
+    with pytest.raises(CheckpointError, match="corrupt checkpoint .*model.safetensors is unreadable"):
+        load_checkpoint(folder)
+
+    (folder / WEIGHTS).write_bytes(weights)
+    header = json.loads((folder / "config.json").read_text())
+    header["model"]["d_mlp"] = 128  # weights of another architecture than the config says
+    (folder / "config.json").write_text(json.dumps(header))
+    with pytest.raises(CheckpointError, match="does not fit its config: blocks.0.* has shape"):
+        load_checkpoint(folder)
+
+    header["model"]["k_mlp"] = 999
+    (folder / "config.json").write_text(json.dumps(header))
+    with pytest.raises(CheckpointError, match="invalid model config: k_mlp must be in 1..d_mlp=128"):
+        load_checkpoint(folder)
+
+    (folder / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="config.json is not valid JSON"):
+        load_checkpoint(folder)
