@@ -49,3 +49,16 @@ def test_model_training_path_matches_the_logits_path():
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, ref_grads[n], rtol=1e-9, atol=1e-12, msg=n)
+
+
+def test_no_gradients_are_computed_under_no_grad(monkeypatch):
+    calls = []
+    real_addmm = torch.Tensor.addmm_
+    monkeypatch.setattr(torch.Tensor, "addmm_", lambda self, *a, **k: calls.append(1) or real_addmm(self, *a, **k))
+    h = torch.randn(6, 4, requires_grad=True)
+    w = torch.randn(9, 4, requires_grad=True)
+    y = torch.randint(0, 9, (6,))
+    with torch.no_grad():
+        loss = linear_cross_entropy(h, w, y, 2)
+    assert calls == []
+    torch.testing.assert_close(loss, F.cross_entropy(h @ w.T, y))

@@ -84,7 +84,8 @@ def resolve(path: str | os.PathLike) -> Path:
     old = path.with_name(path.name + ".old")
     if (old / CONFIG).exists():
         return old
-    raise CheckpointError(f"no checkpoint at {path} ({CONFIG} not found)")
+    why = f"{CONFIG} not found" if path.is_dir() else "no such folder"
+    raise CheckpointError(f"no checkpoint at {path} ({why})")
 
 
 def read_header(path: str | os.PathLike) -> dict[str, Any]:

@@ -108,7 +108,8 @@ def cmd_eval_loss(ns: argparse.Namespace) -> None:
     opts = build(EvalLossOptions, ns)
     device = resolve_device(opts.device)
     model = load_checkpoint(ns.checkpoint, device=device)
-    windows = TokenWindows(tokenize_split(resolve_source(opts.data), opts.split), model.cfg.n_ctx)
+    windows = TokenWindows(tokenize_split(resolve_source(opts.data), opts.split), model.cfg.n_ctx,
+                           model.token_lookup())
     n_batches = -(-windows.num_sequential() // opts.batch_size)
     limit = opts.max_batches * opts.batch_size if opts.max_batches else None
     total = min(n_batches, opts.max_batches) if opts.max_batches else n_batches

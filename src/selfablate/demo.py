@@ -66,7 +66,7 @@ def run_demo(cfg: DemoConfig) -> tuple[list[DemoRow], float]:
         result = train(model_cfg, train_cfg)
         seconds = time.perf_counter() - t0
         model = load_checkpoint(result.checkpoint, device=resolve_device(train_cfg.device))
-        windows = TokenWindows(valid, model_cfg.n_ctx)
+        windows = TokenWindows(valid, model_cfg.n_ctx, model.token_lookup())
         batches = windows.sequential_batches(cfg.eval_batch_size)
         total = -(-windows.num_sequential() // cfg.eval_batch_size)
         val = evaluate_loss(model, batches, next(model.parameters()).device,

@@ -18,6 +18,7 @@ from .checkpoint import CONFIG, load_checkpoint, load_training_state, save_check
 from .config import ModelConfig, TrainConfig
 from .data.dataset import TokenWindows, tokenize_split
 from .data.sources import resolve_source
+from .data.vocab import CompactVocab
 from .errors import CheckpointError, ConfigError
 from .eval.lm import LossEval, evaluate_loss
 from .metrics_log import MetricsLog
@@ -132,30 +133,56 @@ def save_run(run: RunState, step: int, cfg: TrainConfig, extra: dict[str, Any]) 
     return save_checkpoint(run.model, Path(cfg.out) / CHECKPOINT_DIR, meta=meta, optimizer=run.opt, train_state=state)
 
 
-def load_windows(cfg: TrainConfig, seq_len: int, cache_dir: Path | None = None) -> tuple[TokenWindows, TokenWindows]:
+class RunData(NamedTuple):
+    """The training data as the model sees it."""
+
+    model_cfg: ModelConfig
+    """The model config, with vocab_size set from the data for a compact vocabulary."""
+    vocab: CompactVocab | None
+    train: TokenWindows
+    valid: TokenWindows
+
+
+def load_data(model_cfg: ModelConfig, cfg: TrainConfig, cache_dir: Path | None = None) -> RunData:
+    seq_len = cfg.seq_len or model_cfg.n_ctx
+    if seq_len > model_cfg.n_ctx:
+        raise ConfigError(f"seq_len {seq_len} exceeds the model's n_ctx {model_cfg.n_ctx}")
     source = resolve_source(cfg.data)
-    train = TokenWindows(tokenize_split(source, "train", cache_dir, cfg.progress), seq_len)
-    valid = TokenWindows(tokenize_split(source, "valid", cache_dir, cfg.progress), seq_len)
-    return train, valid
+    train_tokens = tokenize_split(source, "train", cache_dir, cfg.progress)
+    valid_tokens = tokenize_split(source, "valid", cache_dir, cfg.progress)
+    vocab = CompactVocab.from_tokens(train_tokens) if model_cfg.compact_vocab else None
+    if vocab is not None:
+        model_cfg = dataclasses.replace(model_cfg, vocab_size=vocab.size)
+    lookup = None if vocab is None else vocab.lookup()
+    return RunData(model_cfg, vocab, TokenWindows(train_tokens, seq_len, lookup),
+                   TokenWindows(valid_tokens, seq_len, lookup))
+
+
+def attach_vocab(model: SelfAblatingTransformer, vocab: CompactVocab | None, resumed: bool) -> None:
+    """Give a new model its compact vocabulary; check a resumed one still fits the data."""
+    if vocab is None:
+        return
+    ids = torch.from_numpy(vocab.ids).to(model.vocab_ids.device)
+    if resumed and not torch.equal(model.vocab_ids, ids):
+        raise CheckpointError("the checkpoint's compact vocabulary differs from the training data's")
+    model.vocab_ids.copy_(ids)
 
 
 def train(model_cfg: ModelConfig, cfg: TrainConfig, cache_dir: Path | None = None) -> TrainResult:
     """Train (or resume) a model; returns the checkpoint folder and the final held-out losses."""
-    seq_len = cfg.seq_len or model_cfg.n_ctx
-    if seq_len > model_cfg.n_ctx:
-        raise ConfigError(f"seq_len {seq_len} exceeds the model's n_ctx {model_cfg.n_ctx}")
     device = resolve_device(cfg.device)
     autocast = autocast_for(device, cfg.precision)
-    train_windows, valid_windows = load_windows(cfg, seq_len, cache_dir)
-    eval_set = valid_windows.spread_batches(cfg.batch_size, cfg.eval_batches)
-    run = start_or_resume(model_cfg, cfg, device)
+    data = load_data(model_cfg, cfg, cache_dir)
+    eval_set = data.valid.spread_batches(cfg.batch_size, cfg.eval_batches)
+    run = start_or_resume(data.model_cfg, cfg, device)
+    attach_vocab(run.model, data.vocab, resumed=run.step > 0)
     log = MetricsLog(Path(cfg.out), cfg.logger, keep_until=run.step, config={
-        "model": dataclasses.asdict(model_cfg), "train": dataclasses.asdict(cfg)})
+        "model": dataclasses.asdict(data.model_cfg), "train": dataclasses.asdict(cfg)})
     evaluation = None
     bar = tqdm(total=cfg.max_steps, initial=run.step, desc="training", disable=not cfg.progress, dynamic_ncols=True)
     t0, tokens_seen = time.perf_counter(), 0
     for step in range(run.step, cfg.max_steps):
-        batch = train_windows.random_batch(cfg.batch_size, run.data_rng)
+        batch = data.train.random_batch(cfg.batch_size, run.data_rng)
         m = train_step(run.model, run.opt, batch, step, cfg, device, autocast)
         tokens_seen += batch[0].numel()
         bar.update(1)

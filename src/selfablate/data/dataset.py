@@ -72,13 +72,16 @@ def _write_tokens(source: Source, split: Split, out: Path, progress: bool) -> in
 class TokenWindows:
     """Windows of seq_len + 1 tokens from a token array: inputs and next-token targets."""
 
-    def __init__(self, tokens: np.ndarray, seq_len: int):
+    def __init__(self, tokens: np.ndarray, seq_len: int, lookup: np.ndarray | None = None):
+        """lookup: optional (50257,) GPT-2 id -> model id table (a compact vocabulary)."""
         if len(tokens) < seq_len + 1:
             raise DataError(f"split has {len(tokens)} tokens, fewer than one window of {seq_len + 1}")
-        self.tokens, self.seq_len = tokens, seq_len
+        self.tokens, self.seq_len, self.lookup = tokens, seq_len, lookup
 
     def _stack(self, starts: Tensor | list[int]) -> tuple[Tensor, Tensor]:
         rows = np.stack([self.tokens[s : s + self.seq_len + 1] for s in starts]).astype(np.int64)
+        if self.lookup is not None:
+            rows = self.lookup[rows]
         t = torch.from_numpy(rows)  # (batch, seq_len + 1)
         return t[:, :-1], t[:, 1:]
 

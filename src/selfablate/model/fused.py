@@ -17,8 +17,9 @@ CHUNK_ELEMENTS = 1 << 21  # logits per chunk (8 MB in float32)
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h: Tensor, weight: Tensor, targets: Tensor, chunk_rows: int) -> Tensor:  # type: ignore[override]
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    def forward(ctx, h: Tensor, weight: Tensor, targets: Tensor, chunk_rows: int, grads: bool) -> Tensor:  # type: ignore[override]
+        # needs_input_grad follows requires_grad, not grad mode: under no_grad skip the gradients.
+        need_h, need_w = grads and ctx.needs_input_grad[0], grads and ctx.needs_input_grad[1]
         acc = torch.promote_types(weight.dtype, torch.float32)  # float32, or float64 in tests
         n_valid = (targets != IGNORE_INDEX).sum().clamp(min=1)
         grad_h = torch.empty_like(h) if need_h else None
@@ -48,7 +49,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
         grad_h, grad_w = ctx.saved_tensors
         return (None if grad_h is None else grad_h * grad_out,
-                None if grad_w is None else grad_w * grad_out, None, None)
+                None if grad_w is None else grad_w * grad_out, None, None, None)
 
 
 def linear_cross_entropy(h: Tensor, weight: Tensor, targets: Tensor, chunk_rows: int | None = None) -> Tensor:
@@ -60,4 +61,4 @@ def linear_cross_entropy(h: Tensor, weight: Tensor, targets: Tensor, chunk_rows:
     """
     h2 = h.reshape(-1, h.shape[-1])
     rows = chunk_rows or max(1, CHUNK_ELEMENTS // weight.shape[0])
-    return _LinearCrossEntropy.apply(h2, weight, targets.reshape(-1), rows)
+    return _LinearCrossEntropy.apply(h2, weight, targets.reshape(-1), rows, torch.is_grad_enabled())

@@ -7,7 +7,11 @@ from typing import Callable, NamedTuple
 import torch
 from torch import Tensor, nn
 
+import numpy as np
+
 from ..config import ModelConfig
+from ..data.tokenizer import EOT
+from ..data.vocab import CompactVocab
 from ..errors import SelfAblateError
 from .hooks import HookedModule, HookPoint, Stream, add_hook_points, hook
 from .layers import KV, Block, BlockMasks, MaskHead
@@ -98,6 +102,8 @@ class SelfAblatingTransformer(HookedModule):
         self.global_mask_head = (MaskHead(cfg.d_model, cfg.d_model, cfg.d_mlp, cfg.n_layers)
                                  if cfg.ablation in ("global", "both") else None)
         self.hook_embed, self.hook_pos_embed = HookPoint(), HookPoint()
+        if cfg.compact_vocab:  # model id i <-> GPT-2 id vocab_ids[i]; the last id is <unk>
+            self.register_buffer("vocab_ids", torch.zeros(cfg.vocab_size - 1, dtype=torch.long))
         self.apply(self._init_weights)
         self.setup_hooks()
 
@@ -195,6 +201,30 @@ class SelfAblatingTransformer(HookedModule):
         """
         run = self.run_stream(self.embed(tokens), Stream.CLEAN, attn_mask, mlp_mask)
         return self.unembed(run.final)
+
+    # -- vocabulary ---------------------------------------------------------------------------
+
+    def token_lookup(self) -> "np.ndarray | None":
+        """(50257,) GPT-2 id -> model id for a compact vocabulary (<unk> for ids it lacks);
+        None when the model uses GPT-2's ids directly."""
+        if not self.cfg.compact_vocab:
+            return None
+        return CompactVocab(self.vocab_ids.cpu().numpy()).lookup()
+
+    def to_model_ids(self, gpt2_ids: Tensor) -> Tensor:
+        lookup = self.token_lookup()
+        return gpt2_ids if lookup is None else torch.from_numpy(lookup).to(gpt2_ids.device)[gpt2_ids]
+
+    def to_gpt2_ids(self, model_ids: Tensor) -> Tensor:
+        """Inverse of to_model_ids; <unk> maps to <|endoftext|>."""
+        if not self.cfg.compact_vocab:
+            return model_ids
+        table = torch.cat([self.vocab_ids, self.vocab_ids.new_tensor([EOT])])
+        return table[model_ids]
+
+    @property
+    def unk_id(self) -> int | None:
+        return self.cfg.vocab_size - 1 if self.cfg.compact_vocab else None
 
     def num_params(self, non_embedding: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())

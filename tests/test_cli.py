@@ -1,0 +1,90 @@
+"""The command line: generated flags, commands end to end, one-line errors."""
+
+import subprocess
+import sys
+
+import pytest
+
+from selfablate.cli import main, make_parser
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, stories_dir):
+    out = tmp_path_factory.mktemp("cli") / "run"
+    code = main(["train", "--preset", "tiny", "--data", str(stories_dir), "--out", str(out), "--max-steps", "4",
+                 "--no-progress", "--ablation", "global", "--k-attn", "6"])
+    assert code == 0
+    return out
+
+
+def test_flags_come_from_the_dataclasses():
+    p = make_parser()
+    ns = p.parse_args(["train", "--k-attn", "3", "--ablation", "both", "--no-progress", "--lr", "0.01"])
+    assert (ns.k_attn, ns.ablation, ns.progress, ns.lr) == (3, "both", False, 0.01)
+    assert not hasattr(ns, "d_model")  # unset flags leave the preset's value alone
+    help_text = p._subparsers._group_actions[0].choices["train"].format_help()
+    assert "Attention units kept per layer and token (1..d_model)" in help_text
+
+
+def test_train_applies_flags_over_the_preset(trained, capsys):
+    code, out, _ = run(capsys, "info", trained)
+    assert code == 0
+    assert "ablation=global" in out and "k_attn=6" in out and "d_model=32" in out and "step: 4" in out
+
+
+def test_eval_loss_over_a_whole_split(trained, stories_dir, capsys):
+    code, out, _ = run(capsys, "eval-loss", trained, "--data", stories_dir, "--json")
+    assert code == 0
+    import json
+
+    result = json.loads(out)
+    assert result["clean"] > 0 and result["ablated"] > 0
+    from selfablate.data.dataset import TokenWindows, tokenize_split
+    from selfablate.data.sources import resolve_source
+
+    windows = TokenWindows(tokenize_split(resolve_source(str(stories_dir)), "valid", progress=False), 32)
+    assert result["tokens"] == windows.num_sequential() * 32 > 1000  # every window of the split
+
+
+def test_generate_shows_units_of_each_token(trained, capsys):
+    code, out, _ = run(capsys, "generate", trained, "--max-new-tokens", "3", "--stream", "ablated",
+                       "--show-units", "--temperature", "0")
+    assert code == 0
+    lines = out.strip().splitlines()
+    assert lines[0].startswith("Once upon a time")
+    unit_lines = [l for l in lines if " L0 a[" in l]
+    assert len(unit_lines) == 3 and "L1 a[" in unit_lines[0] and ",+" in unit_lines[0]
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["train", "--preset", "huge"], "unknown preset 'huge'; choose one of paper, cpu-small, tiny"),
+    (["train", "--k-mlp", "0"], "k_mlp must be in 1..d_mlp=256, got 0"),
+    (["train", "--data", "/nowhere", "--max-steps", "1"], "data folder or file /nowhere does not exist"),
+    (["info", "/nowhere"], "no checkpoint at /nowhere (no such folder)"),
+])
+def test_bad_input_gets_a_one_line_error(capsys, argv, msg):
+    code, _, err = run(capsys, *argv)
+    assert code == 2
+    assert err.strip() == f"selfablate: error: {msg}"
+
+
+def test_corrupt_checkpoint_is_a_one_line_error(trained, tmp_path, capsys):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(trained / "checkpoint", broken)
+    (broken / "model.safetensors").write_bytes(b"\x00garbage")
+    code, _, err = run(capsys, "generate", broken)
+    assert code == 2 and err.count("\n") == 1
+    assert err.startswith("selfablate: error: corrupt checkpoint")
+
+
+def test_console_entry_point_runs():
+    proc = subprocess.run([sys.executable, "-m", "selfablate.cli", "train", "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0 and "--k-attn" in proc.stdout
