@@ -62,3 +62,12 @@ def test_no_gradients_are_computed_under_no_grad(monkeypatch):
         loss = linear_cross_entropy(h, w, y, 2)
     assert calls == []
     torch.testing.assert_close(loss, F.cross_entropy(h @ w.T, y))
+
+
+def test_per_token_cross_entropy_matches_plain():
+    from selfablate.model.fused import per_token_cross_entropy
+
+    torch.manual_seed(2)
+    h, w, y = torch.randn(2, 5, 4, dtype=torch.float64), torch.randn(11, 4, dtype=torch.float64), torch.randint(0, 11, (2, 5))
+    ref = F.cross_entropy((h @ w.T).reshape(-1, 11), y.reshape(-1), reduction="none").view(2, 5)
+    torch.testing.assert_close(per_token_cross_entropy(h, w, y, 3), ref)

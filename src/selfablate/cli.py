@@ -175,6 +175,21 @@ def cmd_demo(ns: argparse.Namespace) -> None:
     print(format_demo(rows, entropy, cfg.preset))
 
 
+def cmd_evaluate(ns: argparse.Namespace) -> None:
+    from .eval.evaluate import EvalConfig, evaluate_many, format_summary
+
+    cfg = build(EvalConfig, ns)
+    rows = evaluate_many(ns.checkpoints, cfg)
+    print(format_summary(rows))
+    print(f"wrote {len(rows)} model JSON file(s) and summary.csv to {cfg.out}")
+
+
+def _eval_config_cls() -> type:
+    from .eval.evaluate import EvalConfig
+
+    return EvalConfig
+
+
 def _demo_config_cls() -> type:
     from .demo import DemoConfig
 
@@ -192,6 +207,8 @@ def make_parser() -> argparse.ArgumentParser:
         ("eval-loss", "clean/ablated cross-entropy over a whole split", cmd_eval_loss, [(EvalLossOptions, "options")], True),
         ("generate", "sample text from the clean or ablated stream", cmd_generate, [(GenerateOptions, "options")], True),
         ("info", "describe a checkpoint", cmd_info, [], True),
+        ("evaluate", "every evaluation (LM, masks, sparsity, specialisation, localisation, leakage)",
+         cmd_evaluate, [(_eval_config_cls(), "evaluation")], False),
         ("demo", "train and compare a baseline, a local and a global model", cmd_demo,
          [(_demo_config_cls(), "demo")], False),
     ]
@@ -199,6 +216,8 @@ def make_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
         if takes_checkpoint:
             p.add_argument("checkpoint", help="checkpoint folder (or a run folder holding checkpoint/)")
+        if name == "evaluate":
+            p.add_argument("checkpoints", nargs="+", help="checkpoint or run folders")
         if name == "train":
             p.add_argument("--preset", default="cpu-small", help=f"one of {', '.join(PRESETS)} (default: cpu-small)")
         for cls, title in classes:

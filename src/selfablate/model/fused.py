@@ -62,3 +62,18 @@ def linear_cross_entropy(h: Tensor, weight: Tensor, targets: Tensor, chunk_rows:
     h2 = h.reshape(-1, h.shape[-1])
     rows = chunk_rows or max(1, CHUNK_ELEMENTS // weight.shape[0])
     return _LinearCrossEntropy.apply(h2, weight, targets.reshape(-1), rows, torch.is_grad_enabled())
+
+
+@torch.no_grad()
+def per_token_cross_entropy(h: Tensor, weight: Tensor, targets: Tensor, chunk_rows: int | None = None) -> Tensor:
+    """-log softmax(h_i @ weight.T)[targets_i] for every row, chunk by chunk (no gradients).
+    h (..., d_model), targets (...) -> losses (...) in float32 (float64 for float64 inputs)."""
+    h2, t2 = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
+    rows = chunk_rows or max(1, CHUNK_ELEMENTS // weight.shape[0])
+    acc = torch.promote_types(weight.dtype, torch.float32)
+    out = torch.empty(h2.shape[0], dtype=acc, device=h.device)
+    for start in range(0, h2.shape[0], rows):
+        logits = (h2[start : start + rows] @ weight.T).to(acc)  # (n, vocab)
+        tgt = t2[start : start + rows].unsqueeze(1)
+        out[start : start + rows] = logits.logsumexp(-1) - logits.gather(1, tgt).squeeze(1)
+    return out.view(targets.shape)

@@ -1,0 +1,120 @@
+"""`selfablate evaluate`: the pipeline end to end, the probe, localisation, consistency."""
+
+import csv
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+
+from selfablate import load_checkpoint
+from selfablate.config import get_preset
+from selfablate.data.dataset import TokenWindows, tokenize_split
+from selfablate.data.sources import resolve_source
+from selfablate.eval.collect import TOKEN_CLASSES, classify_token, run_batch
+from selfablate.eval.evaluate import EvalConfig, evaluate_many
+from selfablate.eval.lm import evaluate_loss
+from selfablate.eval.localisation import ce_with_units, localisation
+from selfablate.eval.probe import leakage_probe
+from selfablate.train import train
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory, stories_dir):
+    root = tmp_path_factory.mktemp("eval-runs")
+    model_cfg, tr = get_preset("tiny")
+    out = []
+    for mode in ("none", "local"):
+        cfg = dataclasses.replace(model_cfg, ablation=mode, compact_vocab=True)
+        t = dataclasses.replace(tr, data=str(stories_dir), out=str(root / mode), progress=False, max_steps=30)
+        out.append(train(cfg, t).checkpoint)
+    return out
+
+
+@pytest.fixture(scope="module")
+def evaluated(checkpoints, stories_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval-out")
+    cfg = EvalConfig(out=str(out), data=str(stories_dir), max_tokens=4096, bootstrap=200, probe_positions=2000,
+                     localisation_tokens=512, progress=False)
+    rows = evaluate_many([str(c) for c in checkpoints], cfg)
+    return out, rows, cfg
+
+
+def test_evaluate_writes_traceable_json_and_csv(evaluated, checkpoints):
+    out, rows, _ = evaluated
+    assert [r["model"] for r in rows] == ["none", "local"]
+    with open(out / "summary.csv") as f:
+        assert [r["model"] for r in csv.DictReader(f)] == ["none", "local"]
+    r = json.loads((out / "local.json").read_text())
+    assert r["config"]["ablation"] == "local" and r["checkpoint"] == str(checkpoints[1])
+    assert len(r["data"]["sha256"]) == 64 and r["data"]["tokens"] == 4096
+    base = json.loads((out / "none.json").read_text())
+    assert "masks" not in base and "ablated" not in base["lm"] and base["data"]["sha256"] == r["data"]["sha256"]
+
+
+def test_lm_numbers_agree_with_the_plain_loss_evaluation(evaluated, checkpoints, stories_dir):
+    out, _, cfg = evaluated
+    r = json.loads((out / "local.json").read_text())
+    model = load_checkpoint(checkpoints[1])
+    windows = TokenWindows(tokenize_split(resolve_source(str(stories_dir)), "valid"), 32, model.token_lookup())
+    plain = evaluate_loss(model, windows.sequential_batches(32, 4096 // 32))
+    assert r["lm"]["clean"]["ce"] == pytest.approx(plain.clean, rel=1e-5)
+    assert r["lm"]["ablated"]["ce"] == pytest.approx(plain.ablated, rel=1e-5)
+    lo, hi = r["lm"]["clean"]["ce_ci95"]
+    assert lo < r["lm"]["clean"]["ce"] < hi
+    assert r["lm"]["clean"]["ppl"] == pytest.approx(math.exp(plain.clean), rel=1e-5)
+
+
+def test_mask_statistics_are_consistent(evaluated):
+    out, _, _ = evaluated
+    m = json.loads((out / "local.json").read_text())["masks"]
+    for kind, k, width in (("attn", 8, 32), ("mlp", 16, 64)):
+        freq = torch.tensor(m[kind]["selection_frequency"])
+        assert torch.allclose(freq.sum(-1), torch.full((2,), float(k)))  # exactly k per token
+        assert all(math.log(k) - 1e-6 <= h <= math.log(width) + 1e-6 for h in m[kind]["entropy"])
+        # Random masks of k of width units persist with probability k / width.
+        assert m[kind]["persistence_random_mask"] == pytest.approx([k / width] * 2, abs=0.03)
+
+
+def test_random_mask_control_keeps_exactly_k(checkpoints):
+    model = load_checkpoint(checkpoints[1])
+    x = torch.randint(0, model.cfg.vocab_size, (2, 16))
+    v = run_batch(model, x, x, torch.Generator().manual_seed(0))
+    assert (v.random_attn_mask.sum(-1) == 8).all() and (v.random_mlp_mask.sum(-1) == 16).all()
+    assert not torch.equal(v.random_attn_mask, v.attn_mask)
+    assert v.ce_random.shape == x.shape
+
+
+def test_leakage_probe_catches_a_mask_that_encodes_the_next_token():
+    g = torch.Generator().manual_seed(0)
+    n, classes = 4000, 20
+    targets = torch.randint(0, classes, (n,), generator=g)
+    current = torch.randint(0, classes, (n,), generator=g)
+    random_bits = torch.rand(n, 40, generator=g) < 0.25
+    leaky = torch.cat([torch.nn.functional.one_hot(targets, classes).bool(), random_bits[:, :20]], dim=1)
+    r = leakage_probe(leaky, random_bits, current, targets, top_classes=classes, steps=200)
+    assert r["probes"]["mask"]["accuracy"] > 0.95
+    assert r["probes"]["random_mask"]["ce"] > math.log(classes) - 0.2  # nothing to read
+    assert r["mask_gain_over_random_nats"] > 2.0
+
+
+def test_localisation_finds_units_that_recover_the_target(checkpoints, stories_dir):
+    model = load_checkpoint(checkpoints[0])
+    windows = TokenWindows(tokenize_split(resolve_source(str(stories_dir)), "valid"), 32, model.token_lookup())
+    batches = list(windows.sequential_batches(8, 16))
+    loc = localisation(model, batches, target=0.9)
+    assert 0 < loc.units_needed <= loc.total_units == 2 * (32 + 64)
+    assert loc.ce_no_units > loc.ce_all_units
+    assert loc.ce_no_units - loc.ce_at_units_needed >= 0.9 * (loc.ce_no_units - loc.ce_all_units) - 1e-9
+    ones = (torch.ones(2, 32), torch.ones(2, 64))
+    assert ce_with_units(model, batches, *ones) == pytest.approx(loc.ce_all_units)
+
+
+def test_token_classes():
+    assert TOKEN_CLASSES[classify_token(" Lily")] == "capitalised"
+    assert TOKEN_CLASSES[classify_token(".")] == "punctuation"
+    assert TOKEN_CLASSES[classify_token(" 42")] == "number"
+    assert TOKEN_CLASSES[classify_token("\n")] == "newline"
+    assert TOKEN_CLASSES[classify_token(" the")] == "function_word"
+    assert TOKEN_CLASSES[classify_token(" dog")] == "other"
