@@ -185,8 +185,12 @@ def field_type(cls: type, name: str) -> Any:
 
 @functools.cache
 def field_docs(cls: type) -> dict[str, str]:
-    """Attribute docstrings of a dataclass: {field name: the string literal under it}."""
-    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    """Attribute docstrings of a dataclass: {field name: the string literal under it}
+    ({} when the source is unavailable, e.g. a frozen application: help text is then terse)."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError):
+        return {}
     body = tree.body[0].body  # type: ignore[attr-defined]
     docs: dict[str, str] = {}
     for node, nxt in zip(body, body[1:]):
