@@ -106,3 +106,17 @@ def test_env_var_and_default_data(monkeypatch, tmp_path):
     monkeypatch.delenv("SELFABLATE_DATA")
     if shared_data() is not None:
         assert resolve_source("") == FolderSource(shared_data())
+
+
+def test_parquet_folder_source(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": ["Once upon a time.", "  ", "The end."]}), tmp_path / "train.parquet")
+    pq.write_table(pa.table({"text": ["A valid story."], "id": [1]}), tmp_path / "validation.parquet")
+    src = resolve_source(str(tmp_path))
+    assert list(src.stories("train")) == ["Once upon a time.", "The end."]
+    assert list(src.stories("valid")) == ["A valid story."]
+    pq.write_table(pa.table({"story": ["x"]}), tmp_path / "bad.parquet")
+    with pytest.raises(DataError, match="has no 'text' column"):
+        list(resolve_source(str(tmp_path / "bad.parquet")).stories("train"))

@@ -93,7 +93,7 @@ def test_leakage_probe_catches_a_mask_that_encodes_the_next_token():
     current = torch.randint(0, classes, (n,), generator=g)
     random_bits = torch.rand(n, 40, generator=g) < 0.25
     leaky = torch.cat([torch.nn.functional.one_hot(targets, classes).bool(), random_bits[:, :20]], dim=1)
-    r = leakage_probe(leaky, random_bits, current, targets, top_classes=classes, steps=200)
+    r = leakage_probe(leaky, random_bits, current, targets, top_classes=classes)
     assert r["probes"]["mask"]["accuracy"] > 0.95
     assert r["probes"]["random_mask"]["ce"] > math.log(classes) - 0.2  # nothing to read
     assert r["mask_gain_over_random_nats"] > 2.0

@@ -1,6 +1,8 @@
 """Training: schedule, resume equivalence, loss on real text, checkpoints and their errors."""
 
+import contextlib
 import dataclasses
+import math
 import json
 
 import pytest
@@ -140,3 +142,22 @@ def test_checkpoint_round_trip_and_errors(tmp_path):
     (folder / "config.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="config.json is not valid JSON"):
         load_checkpoint(folder)
+
+
+def test_bf16_autocast_step_runs_and_tracks_float32():
+    """The CUDA path uses bf16 autocast; CPU autocast exercises the same code."""
+    from selfablate import SelfAblatingTransformer
+    from selfablate.train import autocast_for, make_optimizer, train_step
+
+    model_cfg, tr = get_preset("tiny")
+    x = torch.randint(0, model_cfg.vocab_size, (4, 32))
+    losses = {}
+    for precision in ("float32", "bfloat16"):
+        torch.manual_seed(0)
+        model = SelfAblatingTransformer(model_cfg)
+        opt = make_optimizer(model, tr)
+        autocast = autocast_for(torch.device("cpu"), precision)
+        losses[precision] = train_step(model, opt, (x, x), 0, tr, torch.device("cpu"), autocast)
+    assert math.isfinite(losses["bfloat16"].loss)
+    assert losses["bfloat16"].loss_clean == pytest.approx(losses["float32"].loss_clean, rel=0.02)
+    assert autocast_for(torch.device("cpu"), "auto") is contextlib.nullcontext

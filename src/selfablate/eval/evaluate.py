@@ -55,7 +55,7 @@ class EvalConfig:
     """Selectivity is measured over the mean activation on this many most frequent token ids."""
     activation_eps: float = 0.01
     """|activation| below this counts as near zero."""
-    probe_positions: int = 20000
+    probe_positions: int = 10000
     """Positions used by the leakage probe (half to train it, half to test it)."""
     probe_classes: int = 512
     """Next-token classes of the probe (the most frequent ones; the rest share one class)."""

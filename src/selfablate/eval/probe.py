@@ -14,16 +14,19 @@ from torch import Tensor
 
 
 def softmax_probe(x_train: Tensor, y_train: Tensor, x_test: Tensor, y_test: Tensor, n_classes: int,
-                  steps: int = 300, lr: float = 0.05, weight_decay: float = 1e-4, seed: int = 0) -> dict[str, float]:
-    """Multinomial logistic regression (full batch, Adam); held-out CE (nats) and accuracy."""
+                  epochs: int = 8, batch_size: int = 256, lr: float = 0.02, weight_decay: float = 1e-4,
+                  seed: int = 0) -> dict[str, float]:
+    """Multinomial logistic regression trained with minibatch Adam (seeded); held-out CE (nats)
+    and accuracy. A few epochs suffice for a linear read-out and cost ~1/50 of full-batch training."""
     g = torch.Generator().manual_seed(seed)
     w = (torch.randn(x_train.shape[1], n_classes, generator=g) * 0.01).requires_grad_()
     b = torch.zeros(n_classes, requires_grad=True)
     opt = torch.optim.Adam([w, b], lr=lr, weight_decay=weight_decay)
-    for _ in range(steps):
-        opt.zero_grad()
-        F.cross_entropy(x_train @ w + b, y_train).backward()
-        opt.step()
+    for _ in range(epochs):
+        for idx in torch.randperm(len(y_train), generator=g).split(batch_size):
+            opt.zero_grad()
+            F.cross_entropy(x_train[idx] @ w + b, y_train[idx]).backward()
+            opt.step()
     with torch.no_grad():
         logits = x_test @ w + b
         return {"ce": F.cross_entropy(logits, y_test).item(),
@@ -38,7 +41,7 @@ def one_hot_classes(ids: Tensor, classes: Tensor, n_classes: int) -> Tensor:
 
 
 def leakage_probe(mask_bits: Tensor, random_bits: Tensor, current: Tensor, targets: Tensor,
-                  top_classes: int = 512, steps: int = 300, seed: int = 0) -> dict:
+                  top_classes: int = 512, epochs: int = 8, seed: int = 0) -> dict:
     """mask_bits, random_bits (n, features) 0/1; current, targets (n,) token ids.
     Even-indexed positions train the probes, odd ones test them. Targets outside the
     `top_classes` most frequent next tokens (in the training half) share one 'other' class."""
@@ -52,7 +55,7 @@ def leakage_probe(mask_bits: Tensor, random_bits: Tensor, current: Tensor, targe
     prior = torch.bincount(y[train], minlength=n_classes).double() + 1.0  # add-one smoothed
     prior_ce = float(-(prior / prior.sum()).log()[y[test]].mean())
     feats = {"mask": mask_bits.float(), "random_mask": random_bits.float(), "current_token": cur}
-    results = {name: softmax_probe(x[train], y[train], x[test], y[test], n_classes, steps, seed=seed)
+    results = {name: softmax_probe(x[train], y[train], x[test], y[test], n_classes, epochs, seed=seed)
                for name, x in feats.items()}
     results["prior"] = {"ce": prior_ce, "accuracy": float((y[test] == int(prior[:-1].argmax())).float().mean())}
     return {"classes": n_classes, "train_positions": int(y[train].numel()), "test_positions": int(y[test].numel()),
