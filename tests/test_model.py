@@ -217,3 +217,11 @@ def test_bad_model_config_gives_one_line_error(kw, msg):
     with pytest.raises(ConfigError, match=msg) as e:
         ModelConfig(**{**SMALL, **kw})
     assert "\n" not in str(e.value)
+
+
+def test_straight_through_mask_without_autograd_is_the_hard_mask():
+    s = torch.randn(6, 12)
+    with torch.no_grad():
+        fast = hard_topk_soft_grad(s.clone().requires_grad_(), 4, 0.1)
+    torch.testing.assert_close(fast, hard_topk(s, 4), rtol=0, atol=0)
+    assert (hard_topk_soft_grad(s, 12, 0.1) == 1).all()

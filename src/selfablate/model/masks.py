@@ -12,6 +12,14 @@ import torch
 from torch import Tensor
 
 
+def _soft_from_top(scores: Tensor, top: Tensor, k: int, temperature: float, eps: float) -> Tensor:
+    """The soft top-k given the row's k+1 largest scores `top` (sorted, descending)."""
+    s_k, s_k1 = top[..., k - 1 : k], top[..., k : k + 1]
+    midpoint = (s_k + s_k1) / 2
+    w = torch.sigmoid((scores - midpoint) / (temperature * (s_k - s_k1) + eps))
+    return w * (k / w.sum(dim=-1, keepdim=True))
+
+
 def soft_topk(scores: Tensor, k: int, temperature: float, eps: float = 1e-12) -> Tensor:
     """Smooth top-k: w_i = sigmoid((s_i - m) / (T * (s_(k) - s_(k+1)) + eps)), renormalised so
     that sum_i w_i = k.
@@ -20,14 +28,10 @@ def soft_topk(scores: Tensor, k: int, temperature: float, eps: float = 1e-12) ->
     so the temperature is relative to the gap that separates winners from losers. With k equal
     to the width every unit is kept and the mask is all ones (no gradient).
     """
-    width = scores.shape[-1]
-    if k >= width:
+    if k >= scores.shape[-1]:
         return torch.ones_like(scores)
     top = scores.topk(k + 1, dim=-1, sorted=True).values  # (..., k+1), no full sort
-    s_k, s_k1 = top[..., k - 1 : k], top[..., k : k + 1]
-    midpoint = (s_k + s_k1) / 2
-    w = torch.sigmoid((scores - midpoint) / (temperature * (s_k - s_k1) + eps))
-    return w * (k / w.sum(dim=-1, keepdim=True))
+    return _soft_from_top(scores, top, k, temperature, eps)
 
 
 def hard_topk(scores: Tensor, k: int) -> Tensor:
@@ -40,10 +44,16 @@ def hard_topk_soft_grad(scores: Tensor, k: int, temperature: float, eps: float =
     """Hard top-k in the forward pass, the soft top-k's gradient in the backward pass.
 
     Straight-through: hard + (soft - soft.detach()). Written this way (not hard - soft.detach() +
-    soft) so that the forward value is exactly the 0/1 mask, with no rounding error.
+    soft) so that the forward value is exactly the 0/1 mask, with no rounding error. One top-(k+1)
+    serves both parts; without autograd the soft part, which only shapes gradients, is skipped.
     """
-    soft = soft_topk(scores, k, temperature, eps)
-    hard = hard_topk(scores.detach(), k)
+    if k >= scores.shape[-1]:
+        return torch.ones_like(scores)
+    if not (torch.is_grad_enabled() and scores.requires_grad):
+        return hard_topk(scores, k)
+    top = scores.topk(k + 1, dim=-1, sorted=True)  # (..., k+1)
+    hard = torch.zeros_like(scores).scatter_(-1, top.indices[..., :k], 1.0)
+    soft = _soft_from_top(scores, top.values, k, temperature, eps)
     return hard + (soft - soft.detach())
 
 
