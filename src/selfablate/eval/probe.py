@@ -16,19 +16,28 @@ from torch import Tensor
 def softmax_probe(x_train: Tensor, y_train: Tensor, x_test: Tensor, y_test: Tensor, n_classes: int,
                   epochs: int = 8, batch_size: int = 256, lr: float = 0.02, weight_decay: float = 1e-4,
                   seed: int = 0) -> dict[str, float]:
-    """Multinomial logistic regression trained with minibatch Adam (seeded); held-out CE (nats)
-    and accuracy. A few epochs suffice for a linear read-out and cost ~1/50 of full-batch training."""
+    """Multinomial logistic regression trained with minibatch Adam (seeded), early-stopped on the
+    CE of a held-back fifth of the training positions (so a probe on uninformative features ends
+    near the class prior instead of overfitting); held-out CE (nats) and accuracy on the test set."""
     g = torch.Generator().manual_seed(seed)
-    w = (torch.randn(x_train.shape[1], n_classes, generator=g) * 0.01).requires_grad_()
-    b = torch.zeros(n_classes, requires_grad=True)
+    n_val = max(1, len(y_train) // 5)
+    x_fit, y_fit, x_val, y_val = x_train[n_val:], y_train[n_val:], x_train[:n_val], y_train[:n_val]
+    w = torch.zeros(x_train.shape[1], n_classes, requires_grad=True)
+    b = torch.log(torch.bincount(y_fit, minlength=n_classes).float() + 1).requires_grad_()  # start at the prior
     opt = torch.optim.Adam([w, b], lr=lr, weight_decay=weight_decay)
+    best = (F.cross_entropy(x_val @ w + b, y_val).item(), w.detach().clone(), b.detach().clone())
     for _ in range(epochs):
-        for idx in torch.randperm(len(y_train), generator=g).split(batch_size):
+        for idx in torch.randperm(len(y_fit), generator=g).split(batch_size):
             opt.zero_grad()
-            F.cross_entropy(x_train[idx] @ w + b, y_train[idx]).backward()
+            F.cross_entropy(x_fit[idx] @ w + b, y_fit[idx]).backward()
             opt.step()
+        with torch.no_grad():
+            val = F.cross_entropy(x_val @ w + b, y_val).item()
+        if val < best[0]:
+            best = (val, w.detach().clone(), b.detach().clone())
+    _, w_best, b_best = best
     with torch.no_grad():
-        logits = x_test @ w + b
+        logits = x_test @ w_best + b_best
         return {"ce": F.cross_entropy(logits, y_test).item(),
                 "accuracy": (logits.argmax(-1) == y_test).float().mean().item()}
 
