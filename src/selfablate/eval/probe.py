@@ -14,7 +14,7 @@ from torch import Tensor
 
 
 def softmax_probe(x_train: Tensor, y_train: Tensor, x_test: Tensor, y_test: Tensor, n_classes: int,
-                  epochs: int = 8, batch_size: int = 256, lr: float = 0.02, weight_decay: float = 1e-4,
+                  epochs: int = 8, batch_size: int = 256, lr: float = 0.05, weight_decay: float = 1e-4,
                   seed: int = 0) -> dict[str, float]:
     """Multinomial logistic regression trained with minibatch Adam (seeded), early-stopped on the
     CE of a held-back fifth of the training positions (so a probe on uninformative features ends
