@@ -63,7 +63,10 @@ def leakage_probe(mask_bits: Tensor, random_bits: Tensor, current: Tensor, targe
     cur = F.one_hot(one_hot_classes(current, classes, n_classes), n_classes).float()
     prior = torch.bincount(y[train], minlength=n_classes).double() + 1.0  # add-one smoothed
     prior_ce = float(-(prior / prior.sum()).log()[y[test]].mean())
-    feats = {"mask": mask_bits.float(), "random_mask": random_bits.float(), "current_token": cur}
+    # Scale each feature set to unit mean squared row norm, so one learning rate suits one-hot
+    # (1 bit on) and mask features (n_layers * (k_attn + k_mlp) bits on) alike.
+    scaled = lambda x: x / x.sum(dim=1).mean().clamp_min(1).sqrt()  # noqa: E731
+    feats = {"mask": scaled(mask_bits.float()), "random_mask": scaled(random_bits.float()), "current_token": cur}
     results = {name: softmax_probe(x[train], y[train], x[test], y[test], n_classes, epochs, seed=seed)
                for name, x in feats.items()}
     results["prior"] = {"ce": prior_ce, "accuracy": float((y[test] == int(prior[:-1].argmax())).float().mean())}
