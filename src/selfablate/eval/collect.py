@@ -38,6 +38,8 @@ class BatchView(NamedTuple):
     random_mlp_mask: Tensor | None
     mlp_post: Tensor
     """(batch, pos, n_layers, d_mlp) clean MLP activations (after gelu_new)."""
+    final_clean: Tensor
+    """(batch, pos, d_model) the clean stream's final LayerNorm output."""
 
 
 def _random_mask_hook(k: int, generator: torch.Generator, store: dict, key: str):
@@ -61,7 +63,7 @@ def run_batch(model: SelfAblatingTransformer, x: Tensor, y: Tensor, generator: t
     ce_clean = per_token_cross_entropy(cache["ln_final.hook_normalized"], W, y)
     mlp_post = torch.stack([cache[f"blocks.{i}.mlp.hook_post"] for i in range(L)], dim=2)  # (B, T, L, d_mlp)
     if not ablating:
-        return BatchView(x, ce_clean, None, None, None, None, None, None, mlp_post)
+        return BatchView(x, ce_clean, None, None, None, None, None, None, mlp_post, cache["ln_final.hook_normalized"])
     ce_ablated = per_token_cross_entropy(cache["ln_final.hook_normalized_ablated"], W, y)
     rnd: dict[str, list[Tensor]] = {}
     hooks = [(f"blocks.{i}.hook_attn_mask", _random_mask_hook(model.cfg.k_attn, generator, rnd, "attn")) for i in range(L)]
@@ -70,7 +72,8 @@ def run_batch(model: SelfAblatingTransformer, x: Tensor, y: Tensor, generator: t
         _, control = model.run_with_cache(x, names=["ln_final.hook_normalized_ablated"], return_logits=False)
     ce_random = per_token_cross_entropy(control["ln_final.hook_normalized_ablated"], W, y)
     return BatchView(x, ce_clean, ce_ablated, ce_random, out.attn_mask, out.mlp_mask,
-                     torch.stack(rnd["attn"], dim=2), torch.stack(rnd["mlp"], dim=2), mlp_post)
+                     torch.stack(rnd["attn"], dim=2), torch.stack(rnd["mlp"], dim=2), mlp_post,
+                     cache["ln_final.hook_normalized"])
 
 
 # -- accumulators -----------------------------------------------------------------------------

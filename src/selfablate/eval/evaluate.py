@@ -86,15 +86,16 @@ class ProbeCollector:
     """Mask bits, random-mask bits, current and next token at evenly strided positions."""
 
     def __init__(self, stride: int):
-        self.stride, self.parts = stride, {"mask": [], "random": [], "current": [], "target": []}
+        self.stride, self.parts = stride, {"mask": [], "random": [], "current": [], "target": [], "residual": []}
 
-    def update(self, x, y, attn, mlp, r_attn, r_mlp) -> None:
+    def update(self, x, y, attn, mlp, r_attn, r_mlp, residual) -> None:
         pick = slice(0, None, self.stride)
         flat = lambda a, m: torch.cat([a.flatten(2), m.flatten(2)], dim=-1).flatten(0, 1)[pick].bool()  # noqa: E731
         self.parts["mask"].append(flat(attn, mlp))
         self.parts["random"].append(flat(r_attn, r_mlp))
         self.parts["current"].append(x.flatten()[pick])
         self.parts["target"].append(y.flatten()[pick])
+        self.parts["residual"].append(residual.flatten(0, 1)[pick])
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {k: torch.cat(v) for k, v in self.parts.items()}
@@ -122,7 +123,8 @@ def one_pass(model: SelfAblatingTransformer, windows: TokenWindows, cfg: EvalCon
         if mc.self_ablating:
             masks["attn"].update(v.tokens, v.attn_mask, v.random_attn_mask)
             masks["mlp"].update(v.tokens, v.mlp_mask, v.random_mlp_mask)
-            probe.update(x, y, v.attn_mask.cpu(), v.mlp_mask.cpu(), v.random_attn_mask.cpu(), v.random_mlp_mask.cpu())
+            probe.update(x, y, v.attn_mask.cpu(), v.mlp_mask.cpu(), v.random_attn_mask.cpu(), v.random_mlp_mask.cpu(),
+                         v.final_clean.cpu())
     return {"loss": loss, "acts": acts, "masks": masks if mc.self_ablating else None,
             "probe": probe if mc.self_ablating else None}
 
@@ -156,7 +158,7 @@ def evaluate_checkpoint(path: str | Path, cfg: EvalConfig, device: torch.device)
         result["masks"] = {"attn": acc["masks"]["attn"].result(model.cfg.k_attn),
                            "mlp": acc["masks"]["mlp"].result(model.cfg.k_mlp), "token_classes": list(TOKEN_CLASSES)}
         p = acc["probe"].tensors()
-        result["leakage"] = leakage_probe(p["mask"], p["random"], p["current"], p["target"],
+        result["leakage"] = leakage_probe(p["mask"], p["random"], p["current"], p["target"], p["residual"],
                                           cfg.probe_classes, seed=cfg.seed)
     loc_batches = list(windows.sequential_batches(cfg.batch_size, max(1, cfg.localisation_tokens // model.cfg.n_ctx)))
     loc_batches = [(x.to(device), y.to(device)) for x, y in loc_batches]
