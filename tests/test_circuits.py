@@ -1,0 +1,85 @@
+"""IOI prompts and the edge-patching forward behind ACDC / EAP."""
+
+import pytest
+import torch
+
+from selfablate import ModelConfig, SelfAblatingTransformer, gpt2_tokenizer
+from selfablate.eval.circuits import EdgeGraph, kl_last, last_logprobs, patched_forward
+from selfablate.eval.ioi import TEMPLATES, ioi_behaviour, ioi_prompts, single_token_words, NAMES
+
+CFG = dict(vocab_size=50257, n_ctx=64, d_model=16, n_layers=2, n_heads=4, d_mlp=32, ablation="local", k_attn=4, k_mlp=8)
+
+
+def test_paper_graph_has_the_papers_edge_count():
+    g = EdgeGraph(n_layers=8, n_heads=16)
+    assert g.n_sources == 137 and g.n_edges == 23_981 and len(g.edge_names) == 23_981
+    assert g.edge_names[0] == ("embed", "L0.H0.q") and g.edge_names[-1] == ("L7.MLP", "final")
+    dests = {d for _, d in g.edge_names}
+    assert len(dests) == 8 * 16 * 3 + 8 + 1  # 393 destinations
+
+
+def test_ioi_prompts_are_aligned_pairs_with_single_token_names():
+    enc = gpt2_tokenizer()
+    batch = ioi_prompts(8, seed=1)
+    assert batch.clean.shape == batch.corrupt.shape
+    for i, text in enumerate(batch.texts):
+        ids = enc.encode(text)
+        assert batch.clean[i, : len(ids)].tolist() == ids and batch.last[i] == len(ids) - 1
+        io, s = enc.decode([int(batch.io[i])]).strip(), enc.decode([int(batch.s[i])]).strip()
+        assert text.count(io) == 1 and text.count(s) == 2 and text.endswith(" to")
+        corrupt = enc.decode(batch.corrupt[i, : len(ids)].tolist())
+        assert io not in corrupt.split() and s not in corrupt.split()
+    assert ioi_prompts(8, seed=1).texts == batch.texts and ioi_prompts(8, seed=2).texts != batch.texts
+    assert len(single_token_words(NAMES)) >= 30 and len(TEMPLATES) == 4
+
+
+def test_ioi_behaviour_by_hand():
+    logits = torch.tensor([[2.0, 0.0, 1.0], [0.0, 3.0, 1.0]])
+    b = ioi_behaviour(logits, torch.tensor([0, 0]), torch.tensor([1, 1]))
+    assert b.logit_diff == pytest.approx((2.0 - 3.0) / 2) and b.accuracy == 0.5
+    assert b.prob_io == pytest.approx((logits.softmax(-1)[0, 0] + logits.softmax(-1)[1, 0]).item() / 2)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    torch.manual_seed(0)
+    model = SelfAblatingTransformer(ModelConfig(**CFG)).double().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)  # away from init, so every edge matters
+    batch = ioi_prompts(6, seed=0)
+    return model, batch, EdgeGraph(2, 4)
+
+
+def test_no_patched_edges_reproduce_the_clean_run(setup):
+    model, batch, graph = setup
+    final, _ = patched_forward(model, batch.clean, torch.zeros(graph.n_edges, dtype=torch.float64))
+    out = model(batch.clean)
+    rows = torch.arange(len(batch.last))
+    torch.testing.assert_close(model.unembed(model.ln_final(final))[rows, batch.last],
+                               out.logits_clean[rows, batch.last], rtol=1e-10, atol=1e-10)
+
+
+def test_all_patched_edges_reproduce_the_corrupt_run(setup):
+    model, batch, graph = setup
+    _, corrupt = patched_forward(model, batch.corrupt, torch.zeros(graph.n_edges, dtype=torch.float64))
+    final, _ = patched_forward(model, batch.clean, torch.ones(graph.n_edges, dtype=torch.float64), corrupt)
+    ref = model(batch.corrupt).logits_clean
+    rows = torch.arange(len(batch.last))
+    torch.testing.assert_close(model.unembed(model.ln_final(final))[rows, batch.last], ref[rows, batch.last],
+                               rtol=1e-10, atol=1e-10)
+
+
+def test_one_patched_edge_changes_only_what_is_downstream(setup):
+    model, batch, graph = setup
+    _, corrupt = patched_forward(model, batch.corrupt, torch.zeros(graph.n_edges, dtype=torch.float64))
+    mask = torch.zeros(graph.n_edges, dtype=torch.float64)
+    e = graph.edge_names.index(("embed", "L1.MLP"))
+    mask[e] = 1
+    _, src = patched_forward(model, batch.clean, mask, corrupt)
+    _, clean_src = patched_forward(model, batch.clean, torch.zeros_like(mask))
+    names = graph.source_names
+    torch.testing.assert_close(src[: names.index("L1.MLP")], clean_src[: names.index("L1.MLP")])
+    assert not torch.allclose(src[names.index("L1.MLP")], clean_src[names.index("L1.MLP")])
+    clean_logp = last_logprobs(model, patched_forward(model, batch.clean, torch.zeros_like(mask))[0], batch.last)
+    assert kl_last(clean_logp, clean_logp).item() == pytest.approx(0.0, abs=1e-12)
