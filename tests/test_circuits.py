@@ -83,3 +83,27 @@ def test_one_patched_edge_changes_only_what_is_downstream(setup):
     assert not torch.allclose(src[names.index("L1.MLP")], clean_src[names.index("L1.MLP")])
     clean_logp = last_logprobs(model, patched_forward(model, batch.clean, torch.zeros_like(mask))[0], batch.last)
     assert kl_last(clean_logp, clean_logp).item() == pytest.approx(0.0, abs=1e-12)
+
+
+def test_sparse_and_dense_patching_agree(setup):
+    model, batch, graph = setup
+    zeros = torch.zeros(graph.n_edges, dtype=torch.float64)
+    _, corrupt = patched_forward(model, batch.corrupt, zeros)
+    g = torch.Generator().manual_seed(0)
+    for density in (0.1, 0.5, 0.9):  # rows on both sides of the mostly-pruned switch
+        mask = (torch.rand(graph.n_edges, generator=g, dtype=torch.float64) < density).double()
+        sparse, _ = patched_forward(model, batch.clean, mask, corrupt)
+        dense, _ = patched_forward(model, batch.clean, mask.clone().requires_grad_(), corrupt)
+        torch.testing.assert_close(sparse, dense.detach(), rtol=1e-10, atol=1e-10)
+
+
+def test_start_layer_reuses_clean_sources_exactly(setup):
+    model, batch, graph = setup
+    zeros = torch.zeros(graph.n_edges, dtype=torch.float64)
+    _, corrupt = patched_forward(model, batch.corrupt, zeros)
+    _, clean_sources = patched_forward(model, batch.clean, zeros)
+    mask = zeros.clone()
+    mask[-5:] = 1  # edges into the final residual only
+    full, _ = patched_forward(model, batch.clean, mask, corrupt)
+    late, _ = patched_forward(model, batch.clean, mask, corrupt, start_layer=1, clean_sources=clean_sources)
+    torch.testing.assert_close(late, full, rtol=1e-10, atol=1e-10)

@@ -184,6 +184,28 @@ def cmd_evaluate(ns: argparse.Namespace) -> None:
     print(f"wrote {len(rows)} model JSON file(s) and summary.csv to {cfg.out}")
 
 
+def cmd_circuits(ns: argparse.Namespace) -> None:
+    from .eval.circuit_report import CircuitConfig, write_circuits
+
+    cfg = build(CircuitConfig, ns)
+    r = write_circuits(ns.checkpoint, cfg)
+    ioi = r["ioi"]["clean"]
+    print(f"IOI (clean stream): logit diff {ioi['logit_diff']:.3f}, accuracy {ioi['accuracy']:.2f}")
+    if "ablated" in r["ioi"]:
+        a = r["ioi"]["ablated"]
+        print(f"IOI (ablated stream): logit diff {a['logit_diff']:.3f}, accuracy {a['accuracy']:.2f}")
+    print(f"ACDC tau={cfg.tau}: {r['acdc']['edges']} of {r['graph']['edges']} edges, KL {r['acdc']['kl']:.4f}, "
+          f"{r['acdc']['seconds']:.0f} s; EAP over all edges {r['eap']['seconds']:.2f} s; "
+          f"faithfulness AUC {r['faithfulness_auc']:.3f}")
+    print(f"wrote circuit.json and circuit.svg to {cfg.out}")
+
+
+def _circuit_config_cls() -> type:
+    from .eval.circuit_report import CircuitConfig
+
+    return CircuitConfig
+
+
 def _eval_config_cls() -> type:
     from .eval.evaluate import EvalConfig
 
@@ -209,6 +231,8 @@ def make_parser() -> argparse.ArgumentParser:
         ("info", "describe a checkpoint", cmd_info, [], True),
         ("evaluate", "every evaluation (LM, masks, sparsity, specialisation, localisation, leakage)",
          cmd_evaluate, [(_eval_config_cls(), "evaluation")], False),
+        ("circuits", "IOI behaviour and circuit discovery (ACDC, EAP, EAP-IG)", cmd_circuits,
+         [(_circuit_config_cls(), "circuits")], True),
         ("demo", "train and compare a baseline, a local and a global model", cmd_demo,
          [(_demo_config_cls(), "demo")], False),
     ]

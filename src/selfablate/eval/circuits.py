@@ -87,15 +87,35 @@ def graph_of(model: SelfAblatingTransformer) -> EdgeGraph:
     return EdgeGraph(model.cfg.n_layers, model.cfg.n_heads)
 
 
-def _patched(sources: list[Tensor], corrupt: Tensor | None, block: Tensor, bias: Tensor) -> Tensor:
-    """Inputs of a destination group: the sum of upstream sources, with patched edges moved to
-    the corrupt sources. block (rows, n) mask; returns (rows, B, T, D)."""
-    S = torch.stack(sources[: block.shape[1]])  # (n, B, T, D)
-    resid = S.sum(0) + bias  # (B, T, D)
-    if corrupt is None:
-        return resid.expand(block.shape[0], *resid.shape)
-    delta = corrupt[: block.shape[1]] - S  # (n, B, T, D)
-    return resid + torch.einsum("rn,nbtd->rbtd", block.to(delta.dtype), delta)
+def _patched(sources: list[Tensor], running: Tensor, corrupt: Tensor | None, block: Tensor, bias: Tensor) -> Tensor:
+    """Inputs of a destination group: the sum of upstream sources (`running`, kept up to date by
+    the caller), with patched edges moved to the corrupt sources. block (rows, n) mask; returns
+    (rows, B, T, D)."""
+    rows, n = block.shape
+    resid = running + bias  # (B, T, D)
+    if corrupt is not None and (block.requires_grad or not bool(((block == 0) | (block == 1)).all())):
+        delta = corrupt[:n] - torch.stack(sources[:n])  # (n, B, T, D)
+        return resid + torch.einsum("rn,nbtd->rbtd", block.to(delta.dtype), delta)
+    if corrupt is None or not bool(block.any()):
+        return resid.expand(rows, *resid.shape)
+    return _sparse_patch(sources, resid, corrupt, block.bool(), bias)
+
+
+def _sparse_patch(sources: list[Tensor], resid: Tensor, corrupt: Tensor, pruned: Tensor, bias: Tensor) -> Tensor:
+    """A 0/1 mask touching only its minority side per row: rows with few pruned edges add the
+    pruned sources' deltas to the clean sum; rows with mostly pruned edges start from the corrupt
+    sum and add back the kept sources' own outputs. Cost ~ min(pruned, kept) per row, which
+    stays small through ACDC (upstream untouched, downstream mostly pruned)."""
+    rows, n = pruned.shape
+    mostly = pruned.sum(1) * 2 > n  # (rows,)
+    base = torch.where(mostly.view(-1, 1, 1, 1), (corrupt[:n].sum(0) + bias).unsqueeze(0), resid.unsqueeze(0))
+    out = base.expand(rows, *resid.shape).clone()  # (rows, B, T, D)
+    r, src = torch.where(mostly.unsqueeze(1), ~pruned, pruned).nonzero(as_tuple=True)
+    if len(r):
+        own = torch.stack([sources[i] for i in src.tolist()])  # (m, B, T, D)
+        sign = torch.where(mostly[r], -1.0, 1.0).to(own.dtype).view(-1, 1, 1, 1)
+        out.index_add_(0, r, sign * (corrupt[src] - own))
+    return out
 
 
 def _heads(model: SelfAblatingTransformer, layer: int, x: Tensor) -> Tensor:
@@ -103,7 +123,8 @@ def _heads(model: SelfAblatingTransformer, layer: int, x: Tensor) -> Tensor:
     x (3H, B, T, D) -> (H, B, T, D), without out_proj's bias (added to the residual separately)."""
     block = model.blocks[layer]
     attn, H, Dh = block.attn, model.cfg.n_heads, model.cfg.d_head
-    h = block.ln_1(x)  # (3H, B, T, D)
+    # An unpatched group's rows are one expanded tensor: normalise it once.
+    h = block.ln_1(x[0]).expand_as(x) if x.stride(0) == 0 else block.ln_1(x)  # (3H, B, T, D)
     proj = lambda w, part: torch.einsum("hbtd,hed->bhte", part, w.weight.view(H, Dh, -1))  # noqa: E731
     q, k, v = proj(attn.q_proj, h[:H]), proj(attn.k_proj, h[H : 2 * H]), proj(attn.v_proj, h[2 * H :])  # (B, H, T, Dh)
     z = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0)  # (B, H, T, Dh)
@@ -112,21 +133,34 @@ def _heads(model: SelfAblatingTransformer, layer: int, x: Tensor) -> Tensor:
 
 
 def patched_forward(model: SelfAblatingTransformer, tokens: Tensor, mask: Tensor,
-                    corrupt: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                    corrupt: Tensor | None = None, start_layer: int = 0,
+                    clean_sources: Tensor | None = None, clean_prefix: Tensor | None = None,
+                    return_sources: bool = True) -> tuple[Tensor, Tensor | None]:
     """The clean stream with edges patched: mask (n_edges,) in [0, 1], corrupt (n_sources, B, T, D)
     the corrupt prompt's source outputs (None: no patching). Returns the final residual
-    (B, T, D), before ln_final, and this run's source outputs (n_sources, B, T, D)."""
+    (B, T, D), before ln_final, and (if return_sources) this run's source outputs.
+
+    With start_layer > 0, the sources before that layer are taken from clean_sources (valid
+    when no edge into an earlier layer is patched), their sum from clean_prefix[n] (the sum of
+    the first n clean sources) if given: only what is downstream is recomputed.
+    """
     graph = graph_of(model)
-    sources = [model.embed(tokens)]
-    bias = torch.zeros((), dtype=sources[0].dtype, device=tokens.device)
-    for l, block in enumerate(model.blocks):
-        x = _patched(sources, corrupt, graph.group_mask(mask, 2 * l), bias)
-        sources += list(_heads(model, l, x))
+    first = graph.sources_before_attn(start_layer) if start_layer else 1
+    sources = list(clean_sources[:first]) if start_layer else [model.embed(tokens)]
+    running = clean_prefix[first] if clean_prefix is not None and start_layer else torch.stack(sources).sum(0)
+    bias = sum((b.attn.out_proj.bias for b in model.blocks[:start_layer]),
+               torch.zeros((), dtype=sources[0].dtype, device=tokens.device))
+    for l in range(start_layer, model.cfg.n_layers):
+        block = model.blocks[l]
+        heads = _heads(model, l, _patched(sources, running, corrupt, graph.group_mask(mask, 2 * l), bias))
+        sources += list(heads)
+        running = running + heads.sum(0)
         bias = bias + block.attn.out_proj.bias
-        x = _patched(sources, corrupt, graph.group_mask(mask, 2 * l + 1), bias)[0]
+        x = _patched(sources, running, corrupt, graph.group_mask(mask, 2 * l + 1), bias)[0]
         sources.append(block.mlp.fc_out(F.gelu(block.mlp.fc_in(block.ln_2(x)), approximate="tanh")))
-    final = _patched(sources, corrupt, graph.group_mask(mask, len(graph.groups) - 1), bias)[0]
-    return final, torch.stack(sources)
+        running = running + sources[-1]
+    final = _patched(sources, running, corrupt, graph.group_mask(mask, len(graph.groups) - 1), bias)[0]
+    return final, torch.stack(sources) if return_sources else None
 
 
 def last_logprobs(model: SelfAblatingTransformer, final: Tensor, last: Tensor) -> Tensor:
