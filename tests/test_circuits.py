@@ -107,3 +107,74 @@ def test_start_layer_reuses_clean_sources_exactly(setup):
     full, _ = patched_forward(model, batch.clean, mask, corrupt)
     late, _ = patched_forward(model, batch.clean, mask, corrupt, start_layer=1, clean_sources=clean_sources)
     torch.testing.assert_close(late, full, rtol=1e-10, atol=1e-10)
+
+
+# -- discovery --------------------------------------------------------------------------------
+
+from selfablate.eval.circuit_report import faithfulness_auc  # noqa: E402
+from selfablate.eval.discovery import acdc, eap_ig_scores, eap_scores, kl_with_mask, logit_diff_with_mask, make_task  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def task(setup):
+    model, batch, _ = setup
+    return make_task(model, batch)
+
+
+def test_acdc_extremes(task):
+    g = task.graph
+    everything = acdc(task, tau=float("inf"))
+    assert bool((everything.mask == 1).all())
+    assert everything.kl == pytest.approx(kl_with_mask(task, torch.ones(g.n_edges, dtype=torch.float64)).item())
+    nothing = acdc(task, tau=-1.0)
+    assert bool((nothing.mask == 0).all()) and nothing.kl == pytest.approx(0.0, abs=1e-12)
+
+
+def test_acdc_circuit_kl_is_what_its_mask_gives(task):
+    total = kl_with_mask(task, torch.ones(task.graph.n_edges, dtype=torch.float64)).item()
+    r = acdc(task, tau=total / 50)
+    assert 0 < int((r.mask == 0).sum()) < task.graph.n_edges
+    assert kl_with_mask(task, r.mask).item() == pytest.approx(r.kl, rel=1e-9, abs=1e-12)
+
+
+def test_eap_is_the_first_order_change_of_the_logit_difference(task):
+    scores = eap_scores(task)
+    base = logit_diff_with_mask(task, torch.zeros(task.graph.n_edges, dtype=torch.float64)).item()
+    h = 1e-6
+    for e in scores.abs().argsort(descending=True)[:3].tolist() + [0]:
+        mask = torch.zeros(task.graph.n_edges, dtype=torch.float64)
+        mask[e] = h
+        fd = (logit_diff_with_mask(task, mask).item() - base) / h
+        assert -scores[e].item() == pytest.approx(fd, rel=1e-4, abs=1e-8)
+
+
+def test_eap_ig_is_complete(task):
+    ig = eap_ig_scores(task, steps=20)
+    total = kl_with_mask(task, torch.ones(task.graph.n_edges, dtype=torch.float64)).item()
+    assert ig.sum().item() == pytest.approx(total, rel=0.02)
+
+
+def test_faithfulness_auc_by_hand():
+    # Points (0, 1.0), (10, 0.5), (100, 0): area = 0.1 * 0.75 + 0.9 * 0.25 = 0.3
+    assert faithfulness_auc([(10, 0.5)], 100, 1.0) == pytest.approx(0.3)
+    assert faithfulness_auc([], 100, 1.0) == pytest.approx(0.5)
+
+
+def test_circuits_command_writes_json_and_svg(tmp_path, setup, capsys):
+    import json
+    import xml.etree.ElementTree as ET
+
+    from selfablate import save_checkpoint
+    from selfablate.cli import main
+
+    model, _, graph = setup
+    save_checkpoint(model.float(), tmp_path / "ckpt")
+    model.double()
+    code = main(["circuits", str(tmp_path / "ckpt"), "--out", str(tmp_path / "c"), "--prompts", "4",
+                 "--tau", "0.0001", "--sweep", "0.001", "--no-progress"])
+    assert code == 0 and "ACDC tau=0.0001" in capsys.readouterr().out
+    r = json.loads((tmp_path / "c" / "circuit.json").read_text())
+    assert r["graph"]["edges"] == graph.n_edges and r["acdc"]["edges"] == len(r["acdc"]["circuit"])
+    assert [s["tau"] for s in r["sweep"]] == [0.0001, 0.001] and set(r["ioi"]) == {"clean", "ablated"}
+    svg = ET.parse(tmp_path / "c" / "circuit.svg").getroot()
+    assert svg.tag.endswith("svg") and len(svg.findall("{http://www.w3.org/2000/svg}line")) == r["acdc"]["edges"]

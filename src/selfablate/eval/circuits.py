@@ -166,7 +166,8 @@ def patched_forward(model: SelfAblatingTransformer, tokens: Tensor, mask: Tensor
 def last_logprobs(model: SelfAblatingTransformer, final: Tensor, last: Tensor) -> Tensor:
     """log softmax of the logits at each prompt's last position: (n, vocab)."""
     x = model.ln_final(final[torch.arange(len(last)), last])
-    return model.unembed(x).float().log_softmax(-1)
+    logits = model.unembed(x)
+    return logits.to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(-1)
 
 
 def kl_last(clean_logp: Tensor, logp: Tensor) -> Tensor:
