@@ -178,3 +178,23 @@ def test_circuits_command_writes_json_and_svg(tmp_path, setup, capsys):
     assert [s["tau"] for s in r["sweep"]] == [0.0001, 0.001] and set(r["ioi"]) == {"clean", "ablated"}
     svg = ET.parse(tmp_path / "c" / "circuit.svg").getroot()
     assert svg.tag.endswith("svg") and len(svg.findall("{http://www.w3.org/2000/svg}line")) == r["acdc"]["edges"]
+
+
+def test_acdc_recovers_a_hand_built_circuit():
+    """Only head L0.H0 writes to the residual (all other head outputs and all MLP output weights
+    are zero), so names reach the last position only through that head's keys and values; its
+    query reads the last token, which is the same word in clean and corrupt prompts. The circuit
+    is exactly {embed -> L0.H0.k, embed -> L0.H0.v, L0.H0 -> final}."""
+    torch.manual_seed(0)
+    model = SelfAblatingTransformer(ModelConfig(**{**CFG, "ablation": "none"})).double().eval()
+    Dh = 16 // 4
+    with torch.no_grad():
+        for block in model.blocks:
+            block.mlp.fc_out.weight.zero_()
+            block.attn.out_proj.weight.zero_()
+        model.blocks[0].attn.out_proj.weight[:, :Dh] = torch.randn(16, Dh, dtype=torch.float64)
+        model.blocks[0].attn.k_proj.weight.mul_(20)  # a sharp, name-dependent attention pattern
+    task = make_task(model, ioi_prompts(8, seed=3))
+    r = acdc(task, tau=1e-9)
+    kept = {task.graph.edge_names[e] for e in (r.mask == 0).nonzero().flatten().tolist()}
+    assert kept == {("embed", "L0.H0.k"), ("embed", "L0.H0.v"), ("L0.H0", "final")}
