@@ -200,6 +200,29 @@ def cmd_circuits(ns: argparse.Namespace) -> None:
     print(f"wrote circuit.json and circuit.svg to {cfg.out}")
 
 
+def cmd_sae(ns: argparse.Namespace) -> None:
+    from .sae.train import SAETrainConfig, run_sae_sweep, run_sae_train
+
+    cfg = build(SAETrainConfig, ns)
+    if ns.action == "train":
+        m = run_sae_train(ns.checkpoint, cfg)["metrics"]
+        print(f"SAE on {cfg.hook}: L0 {m['l0']:.2f}, FVU {m['fvu']:.3f}, CE-loss score {m['ce_loss_score_zero']:.3f} "
+              f"(mean-ablation {m['ce_loss_score_mean']:.3f}), dead {m['dead_fraction']:.1%}; written to {cfg.out}")
+        return
+    try:
+        values = [float(v) for v in ns.values.split(",") if v.strip()]
+    except ValueError:
+        raise SelfAblateError(f"--values must be comma-separated numbers, got {ns.values!r}") from None
+    for row in run_sae_sweep(ns.checkpoint, cfg, values):
+        print(json.dumps(row))
+
+
+def _sae_config_cls() -> type:
+    from .sae.train import SAETrainConfig
+
+    return SAETrainConfig
+
+
 def _circuit_config_cls() -> type:
     from .eval.circuit_report import CircuitConfig
 
@@ -233,6 +256,8 @@ def make_parser() -> argparse.ArgumentParser:
          cmd_evaluate, [(_eval_config_cls(), "evaluation")], False),
         ("circuits", "IOI behaviour and circuit discovery (ACDC, EAP, EAP-IG)", cmd_circuits,
          [(_circuit_config_cls(), "circuits")], True),
+        ("sae", "train an SAE on a hook point (sae train), or a frontier of them (sae sweep)", cmd_sae,
+         [(_sae_config_cls(), "sae")], False),
         ("demo", "train and compare a baseline, a local and a global model", cmd_demo,
          [(_demo_config_cls(), "demo")], False),
     ]
@@ -240,6 +265,10 @@ def make_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
         if takes_checkpoint:
             p.add_argument("checkpoint", help="checkpoint folder (or a run folder holding checkpoint/)")
+        if name == "sae":
+            p.add_argument("action", choices=["train", "sweep"])
+            p.add_argument("checkpoint", help="checkpoint or run folder")
+            p.add_argument("--values", default="1,2,5,10", help="sweep: L1 coefficients (relu) or k values (topk)")
         if name == "evaluate":
             p.add_argument("checkpoints", nargs="+", help="checkpoint or run folders")
         if name == "train":

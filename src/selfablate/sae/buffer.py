@@ -1,0 +1,61 @@
+"""Activations of one hook point, streamed through a shuffled buffer (never all stored)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..data.dataset import TokenWindows
+from ..errors import SelfAblateError
+from ..model import SelfAblatingTransformer, Stream
+
+
+def check_hook(model: SelfAblatingTransformer, hook: str) -> None:
+    if hook not in model.hook_points():
+        raise SelfAblateError(f"no hook point named {hook!r} (the model has {model.cfg.n_layers} layers; "
+                              f"e.g. blocks.{model.cfg.n_layers - 1}.hook_mlp_out or its _ablated twin)")
+
+
+@torch.no_grad()
+def hook_activations(model: SelfAblatingTransformer, tokens: Tensor, hook: str) -> Tensor:
+    """(batch, pos) tokens -> (batch * pos, width) activations at `hook` (heads flattened).
+    Clean-stream hooks run only the clean stream; the ablated stream costs a full forward."""
+    store: dict[str, Tensor] = {}
+    with model.hooks([(hook, lambda x, hp: store.__setitem__("x", x))]):
+        if hook.endswith(Stream.ABLATED.value) or "_mask" in hook or "_scores" in hook:
+            model(tokens, return_logits=False)
+        else:
+            model.run_stream(model.embed(tokens), Stream.CLEAN)
+    x = store["x"]
+    return x.reshape(x.shape[0] * x.shape[1], -1)  # (batch * pos, width)
+
+
+class ActivationBuffer:
+    """Random windows -> activations -> a shuffled pool; batches are drawn from the pool and it is
+    refilled (and reshuffled) whenever half of it has been used."""
+
+    def __init__(self, model: SelfAblatingTransformer, windows: TokenWindows, hook: str, seqs_per_fill: int,
+                 pool_tokens: int, generator: torch.Generator):
+        check_hook(model, hook)
+        self.model, self.windows, self.hook = model, windows, hook
+        self.seqs, self.pool_tokens, self.gen = seqs_per_fill, pool_tokens, generator
+        self.device = next(model.parameters()).device
+        self.pool = torch.empty(0, device=self.device)
+        self._refill()
+
+    def _refill(self) -> None:
+        parts = [self.pool]
+        have = len(self.pool)
+        while have < self.pool_tokens:
+            x, _ = self.windows.random_batch(self.seqs, self.gen)
+            acts = hook_activations(self.model, x.to(self.device), self.hook).float()
+            parts.append(acts)
+            have += len(acts)
+        pool = torch.cat([p for p in parts if p.numel()])
+        self.pool = pool[torch.randperm(len(pool), generator=self.gen).to(pool.device)]
+
+    def next(self, n: int) -> Tensor:
+        if len(self.pool) < max(n, self.pool_tokens // 2):
+            self._refill()
+        batch, self.pool = self.pool[:n], self.pool[n:]
+        return batch

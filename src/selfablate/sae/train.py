@@ -1,0 +1,206 @@
+"""Training an SAE on a model's activations, and evaluating it where it sits in the model."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from tqdm.auto import tqdm
+
+from ..checkpoint import load_checkpoint
+from ..config import _check_choice, _require
+from ..data.dataset import TokenWindows, tokenize_split
+from ..data.sources import resolve_source
+from ..model import SelfAblatingTransformer, Stream
+from . import metrics as M
+from .buffer import ActivationBuffer, check_hook
+from .model import SAE, SAEConfig, sae_loss, save_sae
+
+
+@dataclass(frozen=True)
+class SAETrainConfig:
+    """Options of `selfablate sae train`."""
+
+    out: str = "runs/sae"
+    """Folder for cfg.json, sae.safetensors and metrics.json."""
+    hook: str = "blocks.6.hook_mlp_out"
+    """Hook point to read (any, either stream: append _ablated for the ablated stream)."""
+    data: str = ""
+    """Data source (as for train); empty: the default."""
+    kind: Literal["relu", "topk"] = "relu"
+    """relu + L1 (the paper's) or TopK."""
+    expansion: int = 16
+    """d_sae = expansion x the hook's width (the paper: 16)."""
+    k: int = 32
+    """Latents per token for topk."""
+    l1_coef: float = 5.0
+    """L1 coefficient (relu; the paper: 5), warmed up linearly."""
+    l1_warmup: float = 0.05
+    """Fraction of steps over which the L1 coefficient rises from 0."""
+    steps: int = 2000
+    """Optimiser steps (the paper: 100k of 4096 tokens)."""
+    batch_tokens: int = 4096
+    """Activations per step."""
+    lr: float = 4e-4
+    """Adam learning rate (decays linearly over the last 20% of steps)."""
+    pool_tokens: int = 131072
+    """Activations held in the shuffled buffer."""
+    input_scaling: Literal["unit", "sqrt_d", "none"] = "unit"
+    """Scale inputs to expected norm 1 (the paper's description), sqrt(d_in) (SAELens's
+    expected_average_only_in), or not at all."""
+    eval_tokens: int = 32768
+    """Held-out tokens for the final metrics."""
+    seed: int = 0
+    """Seed for initialisation and data order."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Device to run on."""
+    progress: bool = True
+    """Show a progress bar."""
+
+    def __post_init__(self) -> None:
+        for name in ("expansion", "k", "steps", "batch_tokens", "pool_tokens", "eval_tokens"):
+            _require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        _require(self.lr > 0 and self.l1_coef >= 0, "lr must be > 0 and l1_coef >= 0")
+        _require(0 <= self.l1_warmup <= 1, f"l1_warmup must be in [0, 1], got {self.l1_warmup}")
+        for name in ("kind", "input_scaling", "device"):
+            _check_choice(self, name)
+
+
+def input_scale(acts: torch.Tensor, mode: str) -> float:
+    """The factor that gives the activations the chosen expected norm (1 or sqrt(d_in))."""
+    target = {"unit": 1.0, "sqrt_d": acts.shape[-1] ** 0.5, "none": None}[mode]
+    return 1.0 if target is None else target / acts.norm(dim=-1).mean().item()
+
+
+def train_sae(model: SelfAblatingTransformer, windows: TokenWindows, cfg: SAETrainConfig) -> SAE:
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    device = next(model.parameters()).device
+    buffer = ActivationBuffer(model, windows, cfg.hook, max(1, 4096 // windows.seq_len), cfg.pool_tokens, gen)
+    d_in = buffer.pool.shape[-1]
+    scfg = SAEConfig(d_in, cfg.expansion * d_in, cfg.kind, cfg.k, cfg.hook, input_scale(buffer.pool, cfg.input_scaling))
+    sae = SAE(scfg).to(device)
+    with torch.no_grad():  # start the decoder bias at the (scaled) mean: the SAE then models deviations
+        sae.b_dec.copy_(buffer.pool.mean(0) * scfg.scale)
+    opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
+    warm, decay_from = max(1, int(cfg.l1_warmup * cfg.steps)), int(0.8 * cfg.steps)
+    bar = tqdm(range(cfg.steps), desc=f"SAE {cfg.hook}", disable=not cfg.progress, dynamic_ncols=True)
+    for step in bar:
+        for g in opt.param_groups:
+            g["lr"] = cfg.lr * min(1.0, (cfg.steps - step) / max(1, cfg.steps - decay_from))
+        loss, mse, l1 = sae_loss(sae, buffer.next(cfg.batch_tokens), cfg.l1_coef * min(1.0, (step + 1) / warm))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sae.normalise_decoder()
+        if step % 50 == 0:
+            bar.set_postfix(mse=f"{mse.item():.4f}", l1=f"{l1.item():.2f}")
+    return sae
+
+
+def _final_hook(hook: str) -> str:
+    return "ln_final.hook_normalized" + (Stream.ABLATED.value if hook.endswith(Stream.ABLATED.value) else "")
+
+
+@torch.no_grad()
+def _logprobs(model: SelfAblatingTransformer, x: torch.Tensor, hook: str, replace=None) -> torch.Tensor:
+    """Log-probabilities of the hook's stream, optionally with the hook's activation replaced."""
+    final: dict[str, torch.Tensor] = {}
+    hooks = [(_final_hook(hook), lambda t, hp: final.__setitem__("x", t))]
+    if replace is not None:
+        hooks.append((hook, lambda t, hp: replace(t)))
+    with model.hooks(hooks):
+        model(x, return_logits=False)
+    return model.unembed(final["x"]).float().log_softmax(-1)  # (B, T, vocab)
+
+
+
+def _ce(logp: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return -logp.gather(-1, y.unsqueeze(-1)).squeeze(-1)  # (B, T)
+
+
+@torch.no_grad()
+def evaluate_sae(model: SelfAblatingTransformer, sae: SAE, windows: TokenWindows, n_tokens: int,
+                 top: int = 5) -> dict[str, Any]:
+    """Reconstruction, sparsity and downstream metrics of `sae` spliced into `model`, on the first
+    n_tokens of the held-out windows. Zero- and mean-ablation of the hook are the baselines."""
+    hook, device = sae.cfg.hook, next(model.parameters()).device
+    batches = [(x.to(device), y.to(device)) for x, y in windows.sequential_batches(8, max(1, n_tokens // windows.seq_len))]
+    acts = torch.cat([_acts(model, x, hook) for x, _ in batches])  # (N, d_in)
+    out = sae(acts)
+    mean = acts.mean(0)
+    splice = lambda t: sae(t.float()).recon.to(t.dtype).view_as(t)  # noqa: E731
+    variants = {"sae": splice, "zero": torch.zeros_like, "mean": lambda t: mean.to(t.dtype).expand(t.shape[:-1] + (-1,)).reshape(t.shape)}
+    ce = {k: 0.0 for k in ("clean", *variants)}
+    kl = {k: 0.0 for k in variants}
+    for x, y in batches:
+        ref = _logprobs(model, x, hook)
+        ce["clean"] += _ce(ref, y).sum().item()
+        for name, fn in variants.items():
+            lp = _logprobs(model, x, hook, fn)
+            ce[name] += _ce(lp, y).sum().item()
+            kl[name] += M.kl_per_token(ref, lp).sum().item()
+    n = sum(y.numel() for _, y in batches)
+    ce, kl = {k: v / n for k, v in ce.items()}, {k: v / n for k, v in kl.items()}
+    dens = M.density(out.latents)
+    top_vals, top_pos = out.latents.topk(min(top, len(acts)), dim=0)  # (top, d_sae)
+    return {
+        "tokens": n, "l0": M.l0(out.latents), "fvu": M.fvu(acts, out.recon), "explained_variance": 1 - M.fvu(acts, out.recon),
+        "ce_clean": ce["clean"], "ce_with_sae": ce["sae"], "ce_zero_ablation": ce["zero"], "ce_mean_ablation": ce["mean"],
+        "ce_loss_score_zero": M.ce_loss_score(ce["zero"], ce["sae"], ce["clean"]),
+        "ce_loss_score_mean": M.ce_loss_score(ce["mean"], ce["sae"], ce["clean"]),
+        "kl_with_sae": kl["sae"], "kl_zero_ablation": kl["zero"], "kl_div_score": (kl["zero"] - kl["sae"]) / kl["zero"],
+        "dead_fraction": (dens == 0).float().mean().item(), "dense_fraction": (dens > 0.1).float().mean().item(),
+        "density_histogram": M.density_histogram(dens),
+        "top_positions": {"values": top_vals.T.tolist(), "token_index": top_pos.T.tolist()},
+    }
+
+
+def _acts(model: SelfAblatingTransformer, x: torch.Tensor, hook: str) -> torch.Tensor:
+    from .buffer import hook_activations
+
+    return hook_activations(model, x, hook).float()
+
+
+def run_sae_train(checkpoint: str, cfg: SAETrainConfig) -> dict[str, Any]:
+    """Train one SAE on `checkpoint`'s activations, evaluate it, write OUT/{cfg.json, sae.safetensors,
+    metrics.json}."""
+    import json
+
+    from ..train import resolve_device
+
+    t0 = time.perf_counter()
+    model = load_checkpoint(checkpoint, device=resolve_device(cfg.device)).eval()
+    check_hook(model, cfg.hook)
+    source = resolve_source(cfg.data)
+    lookup = model.token_lookup()
+    train_w = TokenWindows(tokenize_split(source, "train", progress=cfg.progress), model.cfg.n_ctx, lookup)
+    valid_w = TokenWindows(tokenize_split(source, "valid", progress=cfg.progress), model.cfg.n_ctx, lookup)
+    sae = train_sae(model, train_w, cfg)
+    metrics = evaluate_sae(model, sae, valid_w, cfg.eval_tokens)
+    result = {"checkpoint": str(checkpoint), "sae": dataclasses.asdict(sae.cfg), "train": dataclasses.asdict(cfg),
+              "metrics": metrics, "seconds": time.perf_counter() - t0}
+    save_sae(sae, cfg.out, meta={"checkpoint": str(checkpoint), "train": dataclasses.asdict(cfg)})
+    (Path(cfg.out) / "metrics.json").write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+def run_sae_sweep(checkpoint: str, cfg: SAETrainConfig, values: list[float]) -> list[dict[str, Any]]:
+    """The L0-fidelity frontier: one SAE per L1 coefficient (relu) or per k (topk), each in
+    OUT/<value>/; OUT/frontier.json lists (value, L0, CE-loss score, FVU)."""
+    import json
+
+    rows = []
+    for v in values:
+        knob = {"l1_coef": v} if cfg.kind == "relu" else {"k": int(v)}
+        r = run_sae_train(checkpoint, dataclasses.replace(cfg, out=str(Path(cfg.out) / f"{v:g}"), **knob))
+        m = r["metrics"]
+        rows.append({**knob, "l0": m["l0"], "ce_loss_score_zero": m["ce_loss_score_zero"], "fvu": m["fvu"],
+                     "dead_fraction": m["dead_fraction"]})
+    Path(cfg.out).mkdir(parents=True, exist_ok=True)
+    (Path(cfg.out) / "frontier.json").write_text(json.dumps({"checkpoint": str(checkpoint), "points": rows}, indent=1) + "\n")
+    return rows

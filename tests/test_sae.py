@@ -1,0 +1,97 @@
+"""Sparse autoencoders: metric definitions on hand-checked cases, identity/zero SAEs, training."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from selfablate import load_checkpoint
+from selfablate.config import get_preset
+from selfablate.data.dataset import TokenWindows, tokenize_split
+from selfablate.data.sources import resolve_source
+from selfablate.errors import CheckpointError, SelfAblateError
+from selfablate.sae import SAE, SAEConfig, load_sae, save_sae
+from selfablate.sae import metrics as M
+from selfablate.sae.buffer import hook_activations
+from selfablate.sae.train import SAETrainConfig, evaluate_sae, run_sae_train
+from selfablate.train import train
+
+HOOK = "blocks.1.hook_mlp_out"
+
+
+def test_l0_fvu_ce_score_by_hand():
+    f = torch.tensor([[1.0, 0.0, 2.0], [0.0, 0.0, 0.0], [3.0, 1.0, 1.0]])
+    assert M.l0(f) == pytest.approx(5 / 3)
+    assert M.density(f).tolist() == pytest.approx([2 / 3, 1 / 3, 2 / 3])
+    x = torch.randn(50, 4)
+    assert M.fvu(x, x) == 0.0
+    assert M.fvu(x, x.mean(0).expand_as(x)) == pytest.approx(1.0)
+    assert M.ce_loss_score(5.0, 3.0, 3.0) == 1.0 and M.ce_loss_score(5.0, 5.0, 3.0) == 0.0
+    assert M.ce_loss_score(5.0, 4.0, 3.0) == 0.5
+
+
+def test_topk_sae_keeps_at_most_k():
+    sae = SAE(SAEConfig(d_in=8, d_sae=32, kind="topk", k=3))
+    f = sae.encode(torch.randn(20, 8))
+    assert ((f > 0).sum(-1) <= 3).all() and (f >= 0).all()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, stories_dir):
+    model_cfg, tr = get_preset("tiny")
+    out = tmp_path_factory.mktemp("sae-model")
+    t = dataclasses.replace(tr, data=str(stories_dir), out=str(out / "m"), progress=False, max_steps=30)
+    ckpt = train(dataclasses.replace(model_cfg, compact_vocab=True), t).checkpoint
+    model = load_checkpoint(ckpt)
+    windows = TokenWindows(tokenize_split(resolve_source(str(stories_dir)), "valid"), 32, model.token_lookup())
+    return ckpt, model, windows
+
+
+def identity_sae(d: int) -> SAE:
+    sae = SAE(SAEConfig(d_in=d, d_sae=2 * d, hook=HOOK))
+    eye = torch.eye(d)
+    with torch.no_grad():  # f = (relu(x), relu(-x)); x_hat = relu(x) - relu(-x) = x
+        sae.W_enc.copy_(torch.cat([eye, -eye], dim=1))
+        sae.W_dec.copy_(torch.cat([eye, -eye], dim=0))
+        sae.b_enc.zero_(), sae.b_dec.zero_()
+    return sae
+
+
+def test_identity_sae_scores_one_and_zero_sae_scores_zero(trained):
+    _, model, windows = trained
+    ident = evaluate_sae(model, identity_sae(32), windows, 512)
+    assert ident["fvu"] == pytest.approx(0.0, abs=1e-10)
+    assert ident["ce_loss_score_zero"] == pytest.approx(1.0, abs=1e-5)
+    assert ident["kl_with_sae"] == pytest.approx(0.0, abs=1e-6)
+    zero = SAE(SAEConfig(d_in=32, d_sae=64, hook=HOOK))
+    with torch.no_grad():
+        zero.W_dec.zero_(), zero.b_dec.zero_()
+    z = evaluate_sae(model, zero, windows, 512)
+    assert z["ce_loss_score_zero"] == pytest.approx(0.0, abs=1e-6)
+    assert z["ce_with_sae"] == pytest.approx(z["ce_zero_ablation"])
+
+
+def test_hook_activations_match_the_cache(trained):
+    _, model, windows = trained
+    x, _ = next(windows.sequential_batches(2))
+    _, cache = model.run_with_cache(x, names=[HOOK, HOOK + "_ablated"])
+    torch.testing.assert_close(hook_activations(model, x, HOOK), cache[HOOK].reshape(-1, 32))
+    torch.testing.assert_close(hook_activations(model, x, HOOK + "_ablated"), cache[HOOK + "_ablated"].reshape(-1, 32))
+    with pytest.raises(SelfAblateError, match="no hook point named 'blocks.6.hook_mlp_out' \\(the model has 2 layers"):
+        hook_activations_check = __import__("selfablate.sae.buffer", fromlist=["check_hook"]).check_hook
+        hook_activations_check(model, "blocks.6.hook_mlp_out")
+
+
+def test_sae_training_reconstructs_and_sparsifies(trained, stories_dir, tmp_path):
+    ckpt, _, _ = trained
+    base = SAETrainConfig(out=str(tmp_path / "a"), hook=HOOK, data=str(stories_dir), expansion=4, steps=300,
+                          batch_tokens=512, pool_tokens=8192, eval_tokens=1024, progress=False, l1_coef=0.001)
+    weak = run_sae_train(str(ckpt), base)["metrics"]
+    strong = run_sae_train(str(ckpt), dataclasses.replace(base, out=str(tmp_path / "b"), l1_coef=0.05))["metrics"]
+    assert weak["fvu"] < 0.5 and weak["ce_loss_score_zero"] > 0.9 and weak["dead_fraction"] < 0.5
+    assert strong["l0"] < weak["l0"]  # a larger L1 coefficient gives a sparser code
+    sae = load_sae(tmp_path / "a")
+    assert sae.cfg.d_sae == 128 and sae.cfg.hook == HOOK
+    (tmp_path / "a" / "sae.safetensors").write_bytes(b"junk")
+    with pytest.raises(CheckpointError, match="corrupt SAE"):
+        load_sae(tmp_path / "a")
