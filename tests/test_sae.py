@@ -85,11 +85,14 @@ def test_hook_activations_match_the_cache(trained):
 def test_sae_training_reconstructs_and_sparsifies(trained, stories_dir, tmp_path):
     ckpt, _, _ = trained
     base = SAETrainConfig(out=str(tmp_path / "a"), hook=HOOK, data=str(stories_dir), expansion=4, steps=300,
-                          batch_tokens=512, pool_tokens=8192, eval_tokens=1024, progress=False, l1_coef=0.001)
+                          batch_tokens=512, pool_tokens=8192, eval_tokens=1024, progress=False, l1_coef=0.001,
+                          input_scaling="unit")
     weak = run_sae_train(str(ckpt), base)["metrics"]
     strong = run_sae_train(str(ckpt), dataclasses.replace(base, out=str(tmp_path / "b"), l1_coef=0.05))["metrics"]
     assert weak["fvu"] < 0.5 and weak["ce_loss_score_zero"] > 0.9 and weak["dead_fraction"] < 0.5
     assert strong["l0"] < weak["l0"]  # a larger L1 coefficient gives a sparser code
+    live = next(ex for ex in weak["top_examples"] if ex)
+    assert isinstance(live[0]["token"], str) and live[0]["activation"] >= live[-1]["activation"] > 0
     sae = load_sae(tmp_path / "a")
     assert sae.cfg.d_sae == 128 and sae.cfg.hook == HOOK
     (tmp_path / "a" / "sae.safetensors").write_bytes(b"junk")

@@ -49,9 +49,10 @@ class SAETrainConfig:
     """Adam learning rate (decays linearly over the last 20% of steps)."""
     pool_tokens: int = 131072
     """Activations held in the shuffled buffer."""
-    input_scaling: Literal["unit", "sqrt_d", "none"] = "unit"
-    """Scale inputs to expected norm 1 (the paper's description), sqrt(d_in) (SAELens's
-    expected_average_only_in), or not at all."""
+    input_scaling: Literal["unit", "sqrt_d", "none"] = "sqrt_d"
+    """Scale inputs to expected norm sqrt(d_in) (SAELens's expected_average_only_in, which the
+    paper's L1 coefficient of 5 presumes), 1, or not at all. With norm 1 and coefficient 5 every
+    latent dies (measured on a demo checkpoint: L0 0.29)."""
     eval_tokens: int = 32768
     """Held-out tokens for the final metrics."""
     seed: int = 0
@@ -125,9 +126,10 @@ def _ce(logp: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate_sae(model: SelfAblatingTransformer, sae: SAE, windows: TokenWindows, n_tokens: int,
-                 top: int = 5) -> dict[str, Any]:
+                 top: int = 5, decode=None) -> dict[str, Any]:
     """Reconstruction, sparsity and downstream metrics of `sae` spliced into `model`, on the first
-    n_tokens of the held-out windows. Zero- and mean-ablation of the hook are the baselines."""
+    n_tokens of the held-out windows. Zero- and mean-ablation of the hook are the baselines.
+    With `decode` (GPT-2 ids -> text), each latent's top examples are given as token and context."""
     hook, device = sae.cfg.hook, next(model.parameters()).device
     batches = [(x.to(device), y.to(device)) for x, y in windows.sequential_batches(8, max(1, n_tokens // windows.seq_len))]
     acts = torch.cat([_acts(model, x, hook) for x, _ in batches])  # (N, d_in)
@@ -156,8 +158,18 @@ def evaluate_sae(model: SelfAblatingTransformer, sae: SAE, windows: TokenWindows
         "kl_with_sae": kl["sae"], "kl_zero_ablation": kl["zero"], "kl_div_score": (kl["zero"] - kl["sae"]) / kl["zero"],
         "dead_fraction": (dens == 0).float().mean().item(), "dense_fraction": (dens > 0.1).float().mean().item(),
         "density_histogram": M.density_histogram(dens),
-        "top_positions": {"values": top_vals.T.tolist(), "token_index": top_pos.T.tolist()},
+        "top_examples": _examples(windows, top_vals.T, top_pos.T, decode),
     }
+
+
+def _examples(windows: TokenWindows, values: torch.Tensor, positions: torch.Tensor, decode, context: int = 10) -> list:
+    """Per latent, its top activations as (activation, token, preceding context). Position p of the
+    sequential held-out windows is token p of the split."""
+    if decode is None:
+        return [[{"activation": float(v), "position": int(p)} for v, p in zip(vs, ps)] for vs, ps in zip(values, positions)]
+    raw = windows.tokens
+    return [[{"activation": float(v), "token": decode([int(raw[p])]), "context": decode([int(t) for t in raw[max(0, p - context):p]])}
+             for v, p in zip(vs.tolist(), ps.tolist()) if v > 0] for vs, ps in zip(values, positions)]
 
 
 def _acts(model: SelfAblatingTransformer, x: torch.Tensor, hook: str) -> torch.Tensor:
@@ -181,7 +193,9 @@ def run_sae_train(checkpoint: str, cfg: SAETrainConfig) -> dict[str, Any]:
     train_w = TokenWindows(tokenize_split(source, "train", progress=cfg.progress), model.cfg.n_ctx, lookup)
     valid_w = TokenWindows(tokenize_split(source, "valid", progress=cfg.progress), model.cfg.n_ctx, lookup)
     sae = train_sae(model, train_w, cfg)
-    metrics = evaluate_sae(model, sae, valid_w, cfg.eval_tokens)
+    from ..data.tokenizer import gpt2_tokenizer
+
+    metrics = evaluate_sae(model, sae, valid_w, cfg.eval_tokens, decode=gpt2_tokenizer().decode)
     result = {"checkpoint": str(checkpoint), "sae": dataclasses.asdict(sae.cfg), "train": dataclasses.asdict(cfg),
               "metrics": metrics, "seconds": time.perf_counter() - t0}
     save_sae(sae, cfg.out, meta={"checkpoint": str(checkpoint), "train": dataclasses.asdict(cfg)})
