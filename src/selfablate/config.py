@@ -20,7 +20,7 @@ Ablation = Literal["none", "local", "global", "both"]
 MaskFn = Literal["hard", "soft"]
 
 
-def _require(cond: bool, msg: str) -> None:
+def require(cond: bool, msg: str) -> None:
     if not cond:
         raise ConfigError(msg)
 
@@ -74,19 +74,19 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "n_ctx", "d_model", "n_layers", "n_heads", "d_mlp"):
-            _require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
-        _require(self.d_model % self.n_heads == 0,
+            require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        require(self.d_model % self.n_heads == 0,
                  f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
-        _check_choice(self, "ablation")
-        _check_choice(self, "mask_fn")
-        _require(1 <= self.k_attn <= self.d_model,
+        check_choice(self, "ablation")
+        check_choice(self, "mask_fn")
+        require(1 <= self.k_attn <= self.d_model,
                  f"k_attn must be in 1..d_model={self.d_model}, got {self.k_attn}")
-        _require(1 <= self.k_mlp <= self.d_mlp,
+        require(1 <= self.k_mlp <= self.d_mlp,
                  f"k_mlp must be in 1..d_mlp={self.d_mlp}, got {self.k_mlp}")
         for name in ("temperature_attn", "temperature_mlp", "ln_eps", "init_std"):
-            _require(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
+            require(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
         for name in ("coef_clean", "coef_ablated", "coef_recon", "topk_eps"):
-            _require(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
+            require(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
 
     @property
     def d_head(self) -> int:
@@ -151,20 +151,20 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for name in ("batch_size", "max_steps", "eval_interval", "eval_batches",
                      "log_interval", "checkpoint_interval"):
-            _require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
-        _require(self.seq_len >= 0, f"seq_len must be >= 0, got {self.seq_len}")
-        _require(self.lr > 0, f"lr must be > 0, got {self.lr}")
-        _require(0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        _require(self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}")
-        _require(self.grad_clip >= 0, f"grad_clip must be >= 0, got {self.grad_clip}")
+            require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        require(self.seq_len >= 0, f"seq_len must be >= 0, got {self.seq_len}")
+        require(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        require(0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        require(self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        require(self.grad_clip >= 0, f"grad_clip must be >= 0, got {self.grad_clip}")
         for name in ("device", "precision", "logger"):
-            _check_choice(self, name)
+            check_choice(self, name)
 
 
-def _check_choice(cfg: Any, name: str) -> None:
+def check_choice(cfg: Any, name: str) -> None:
     choices = literal_choices(type(cfg), name)
     value = getattr(cfg, name)
-    _require(value in choices, f"{name} must be one of {', '.join(choices)}; got {value!r}")
+    require(value in choices, f"{name} must be one of {', '.join(choices)}; got {value!r}")
 
 
 def literal_choices(cls: type, name: str) -> tuple[str, ...]:
@@ -204,7 +204,7 @@ def config_from_dict(cls: type, values: dict[str, Any]) -> Any:
     """Build a config dataclass from a dict, naming unknown keys in a one-line error."""
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
-    _require(not unknown, f"unknown {cls.__name__} field(s): {', '.join(unknown)}")
+    require(not unknown, f"unknown {cls.__name__} field(s): {', '.join(unknown)}")
     return cls(**values)
 
 
@@ -244,5 +244,5 @@ PRESETS: dict[str, Preset] = {"paper": paper, "cpu-small": cpu_small, "tiny": ti
 
 
 def get_preset(name: str) -> tuple[ModelConfig, TrainConfig]:
-    _require(name in PRESETS, f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    require(name in PRESETS, f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
     return PRESETS[name]()

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from .checkpoint import load_checkpoint
-from .config import _require, get_preset
+from .config import require, get_preset
 from .data.dataset import TokenWindows, tokenize_split
 from .data.sources import resolve_source
 from .eval.lm import LossEval, evaluate_loss, unigram_entropy
@@ -39,10 +39,10 @@ class DemoConfig:
 
     def __post_init__(self) -> None:
         modes = self.ablations.split(",")
-        _require(all(m in ("none", "local", "global", "both") for m in modes),
+        require(all(m in ("none", "local", "global", "both") for m in modes),
                  f"ablations must be a comma-separated subset of none,local,global,both; got {self.ablations!r}")
-        _require(self.max_steps >= 0, f"max_steps must be >= 0, got {self.max_steps}")
-        _require(self.eval_batch_size >= 1, f"eval_batch_size must be >= 1, got {self.eval_batch_size}")
+        require(self.max_steps >= 0, f"max_steps must be >= 0, got {self.max_steps}")
+        require(self.eval_batch_size >= 1, f"eval_batch_size must be >= 1, got {self.eval_batch_size}")
 
 
 class DemoRow(NamedTuple):

@@ -13,7 +13,7 @@ from typing import Any, Literal
 import torch
 
 from ..checkpoint import load_checkpoint, resolve
-from ..config import _require
+from ..config import require
 from ..errors import ConfigError
 from .circuits import EdgeGraph
 from .discovery import CircuitTask, acdc, eap_ig_scores, eap_scores, kl_with_mask, make_task
@@ -44,9 +44,9 @@ class CircuitConfig:
     """Show progress bars."""
 
     def __post_init__(self) -> None:
-        _require(self.prompts >= 2, f"prompts must be >= 2, got {self.prompts}")
-        _require(self.tau >= 0, f"tau must be >= 0, got {self.tau}")
-        _require(self.ig_steps >= 1, f"ig_steps must be >= 1, got {self.ig_steps}")
+        require(self.prompts >= 2, f"prompts must be >= 2, got {self.prompts}")
+        require(self.tau >= 0, f"tau must be >= 0, got {self.tau}")
+        require(self.ig_steps >= 1, f"ig_steps must be >= 1, got {self.ig_steps}")
         try:
             self.taus()
         except ValueError:

@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..checkpoint import load_checkpoint, resolve
-from ..config import _require
+from ..config import require
 from ..data.dataset import TokenWindows, tokenize_split
 from ..data.sources import resolve_source
 from ..data.tokenizer import gpt2_tokenizer
@@ -70,9 +70,9 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "bootstrap", "top_examples", "frequent_tokens", "probe_classes", "localisation_tokens"):
-            _require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
-        _require(self.max_tokens >= 0, f"max_tokens must be >= 0, got {self.max_tokens}")
-        _require(0 < self.localisation_target <= 1, "localisation_target must be in (0, 1]")
+            require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        require(self.max_tokens >= 0, f"max_tokens must be >= 0, got {self.max_tokens}")
+        require(0 < self.localisation_target <= 1, "localisation_target must be in (0, 1]")
 
 
 def token_class_table(model: SelfAblatingTransformer) -> torch.Tensor:

@@ -46,6 +46,10 @@ def hook(module: nn.Module, name: str, stream: Stream) -> HookPoint:
     return module.get_submodule(name + stream.value)  # type: ignore[return-value]
 
 
+HookFn = Callable[[Tensor, HookPoint], "Tensor | None"]
+"""A hook: fn(activation, hook_point) -> a replacement activation, or None to keep it."""
+
+
 class HookedModule(nn.Module):
     """Mixin: named access to every HookPoint below this module, TransformerLens style."""
 
@@ -97,8 +101,6 @@ class HookedModule(nn.Module):
             out = self(*args, **kwargs)
         return out, cache
 
-
-HookFn = Callable[[Tensor, HookPoint], "Tensor | None"]
 
 
 def _adapt(fn: HookFn):

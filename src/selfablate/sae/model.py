@@ -14,7 +14,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from ..config import _check_choice, _require, config_from_dict
+from ..config import check_choice, require, config_from_dict
 from ..errors import CheckpointError
 
 
@@ -36,9 +36,9 @@ class SAEConfig:
     """Inputs are multiplied by this before encoding (and outputs divided by it)."""
 
     def __post_init__(self) -> None:
-        _require(self.d_in >= 1 and self.d_sae >= 1, "d_in and d_sae must be >= 1")
-        _check_choice(self, "kind")
-        _require(self.kind != "topk" or 1 <= self.k <= self.d_sae, f"k must be in 1..d_sae={self.d_sae}, got {self.k}")
+        require(self.d_in >= 1 and self.d_sae >= 1, "d_in and d_sae must be >= 1")
+        check_choice(self, "kind")
+        require(self.kind != "topk" or 1 <= self.k <= self.d_sae, f"k must be in 1..d_sae={self.d_sae}, got {self.k}")
 
 
 class SAEOutput(NamedTuple):

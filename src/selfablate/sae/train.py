@@ -12,7 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..checkpoint import load_checkpoint
-from ..config import _check_choice, _require
+from ..config import check_choice, require
 from ..data.dataset import TokenWindows, tokenize_split
 from ..data.sources import resolve_source
 from ..model import SelfAblatingTransformer, Stream
@@ -64,11 +64,11 @@ class SAETrainConfig:
 
     def __post_init__(self) -> None:
         for name in ("expansion", "k", "steps", "batch_tokens", "pool_tokens", "eval_tokens"):
-            _require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
-        _require(self.lr > 0 and self.l1_coef >= 0, "lr must be > 0 and l1_coef >= 0")
-        _require(0 <= self.l1_warmup <= 1, f"l1_warmup must be in [0, 1], got {self.l1_warmup}")
+            require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        require(self.lr > 0 and self.l1_coef >= 0, "lr must be > 0 and l1_coef >= 0")
+        require(0 <= self.l1_warmup <= 1, f"l1_warmup must be in [0, 1], got {self.l1_warmup}")
         for name in ("kind", "input_scaling", "device"):
-            _check_choice(self, name)
+            check_choice(self, name)
 
 
 def input_scale(acts: torch.Tensor, mode: str) -> float:
