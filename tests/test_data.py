@@ -79,6 +79,8 @@ def test_sequential_windows_cover_the_split_once():
     w = TokenWindows(tokens, 10)
     ys = torch.cat([y.flatten() for _, y in w.sequential_batches(3)])
     assert ys.tolist() == list(range(1, 101))
+    assert w.num_batches(3) == len(list(w.sequential_batches(3))) == 4
+    assert w.num_batches(3, limit=5) == len(list(w.sequential_batches(3, 5))) == 2
 
 
 @pytest.mark.parametrize("spec,msg", [

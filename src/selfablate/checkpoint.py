@@ -73,17 +73,22 @@ def _write_dir_atomically(target: Path, write: Callable[[Path], None]) -> Path:
     return target
 
 
-def resolve(path: str | os.PathLike) -> Path:
+def find(path: str | os.PathLike) -> Path | None:
     """The checkpoint folder to read: `path` (or a run folder's `checkpoint/`), or its .old
-    twin if a swap was interrupted."""
+    twin if a swap was interrupted; None when there is none."""
     path = Path(path)
     if not (path / CONFIG).exists() and (path / "checkpoint").is_dir():
         path = path / "checkpoint"
-    if (path / CONFIG).exists():
-        return path
     old = path.with_name(path.name + ".old")
-    if (old / CONFIG).exists():
-        return old
+    return next((p for p in (path, old) if (p / CONFIG).exists()), None)
+
+
+def resolve(path: str | os.PathLike) -> Path:
+    """Like `find`, but a missing checkpoint is a one-line CheckpointError."""
+    found = find(path)
+    if found is not None:
+        return found
+    path = Path(path)
     why = f"{CONFIG} not found" if path.is_dir() else "no such folder"
     raise CheckpointError(f"no checkpoint at {path} ({why})")
 

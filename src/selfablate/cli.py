@@ -110,10 +110,9 @@ def cmd_eval_loss(ns: argparse.Namespace) -> None:
     model = load_checkpoint(ns.checkpoint, device=device)
     windows = TokenWindows(tokenize_split(resolve_source(opts.data), opts.split), model.cfg.n_ctx,
                            model.token_lookup())
-    n_batches = -(-windows.num_sequential() // opts.batch_size)
     limit = opts.max_batches * opts.batch_size if opts.max_batches else None
-    total = min(n_batches, opts.max_batches) if opts.max_batches else n_batches
-    result = evaluate_loss(model, windows.sequential_batches(opts.batch_size, limit), device, progress=True, total=total)
+    result = evaluate_loss(model, windows.sequential_batches(opts.batch_size, limit), device, progress=True,
+                           total=windows.num_batches(opts.batch_size, limit))
     if opts.json:
         print(json.dumps({**result._asdict(), "ppl_clean": result.ppl_clean, "ppl_ablated": result.ppl_ablated}))
         return

@@ -67,11 +67,10 @@ def run_demo(cfg: DemoConfig) -> tuple[list[DemoRow], float]:
         seconds = time.perf_counter() - t0
         model = load_checkpoint(result.checkpoint, device=resolve_device(train_cfg.device))
         windows = TokenWindows(valid, model_cfg.n_ctx, model.token_lookup())
-        batches = windows.sequential_batches(cfg.eval_batch_size)
-        total = -(-windows.num_sequential() // cfg.eval_batch_size)
-        val = evaluate_loss(model, batches, next(model.parameters()).device,
-                            autocast_for(next(model.parameters()).device, train_cfg.precision),
-                            progress=cfg.progress, total=total)
+        device = next(model.parameters()).device
+        val = evaluate_loss(model, windows.sequential_batches(cfg.eval_batch_size), device,
+                            autocast_for(device, train_cfg.precision), progress=cfg.progress,
+                            total=windows.num_batches(cfg.eval_batch_size))
         rows.append(DemoRow(mode, val, seconds))
     entropy = unigram_entropy(valid)
     summary = {"preset": cfg.preset, "data": source.name, "unigram_entropy_valid": entropy,

@@ -14,7 +14,8 @@ from typing import Any, NamedTuple
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import CONFIG, load_checkpoint, load_training_state, save_checkpoint
+from .checkpoint import find as find_checkpoint
+from .checkpoint import load_checkpoint, load_training_state, save_checkpoint
 from .config import ModelConfig, TrainConfig
 from .data.dataset import TokenWindows, tokenize_split
 from .data.sources import resolve_source
@@ -106,7 +107,7 @@ class RunState(NamedTuple):
 def start_or_resume(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device) -> RunState:
     """A fresh model, or the one in cfg.out when resuming; refuses to overwrite earlier work."""
     ckpt = Path(cfg.out) / CHECKPOINT_DIR
-    exists = (ckpt / CONFIG).exists() or (ckpt.with_name(CHECKPOINT_DIR + ".old") / CONFIG).exists()
+    exists = find_checkpoint(ckpt) is not None
     if exists and not cfg.resume:
         raise CheckpointError(f"{cfg.out} already holds a checkpoint: pass --resume to continue it, "
                               "or choose another --out")

@@ -93,6 +93,11 @@ class TokenWindows:
     def num_sequential(self) -> int:
         return (len(self.tokens) - 1) // self.seq_len
 
+    def num_batches(self, batch_size: int, limit: int | None = None) -> int:
+        """How many batches `sequential_batches(batch_size, limit)` yields."""
+        n = self.num_sequential() if limit is None else min(limit, self.num_sequential())
+        return -(-n // batch_size)
+
     def sequential_batches(self, batch_size: int, limit: int | None = None) -> Iterator[tuple[Tensor, Tensor]]:
         """Non-overlapping windows covering the split from the start (for evaluation):
         every token but the last of the final partial window is predicted exactly once."""

@@ -104,12 +104,14 @@ def acdc(task: CircuitTask, tau: float, progress: bool = False) -> ACDCResult:
     bar = tqdm(total=g.n_edges, desc=f"ACDC tau={tau}", disable=not progress, leave=False)
     for gi in reversed(range(len(g.groups))):
         _, start, rows, n = g.groups[gi]
-        layer = min(gi // 2, task.model.cfg.n_layers - 1) if gi < len(g.groups) - 1 else task.model.cfg.n_layers
+        # Group gi reads layer gi // 2 (the final residual: past the last layer); everything
+        # before that layer is still the clean run, so recomputation starts there.
+        first_layer = min(gi // 2, task.model.cfg.n_layers - 1)
         for r in reversed(range(rows)):
             for src in reversed(range(n)):
                 e = start + r * n + src
                 mask[e] = 1.0
-                kl = kl_with_mask(task, mask, start_layer=min(layer, task.model.cfg.n_layers - 1)).item()
+                kl = kl_with_mask(task, mask, start_layer=first_layer).item()
                 delta[e] = kl - current
                 if kl - current < tau:
                     current = kl

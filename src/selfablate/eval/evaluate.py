@@ -114,7 +114,7 @@ def one_pass(model: SelfAblatingTransformer, windows: TokenWindows, cfg: EvalCon
     probe = ProbeCollector(max(1, n_windows * windows.seq_len // cfg.probe_positions))
     gen = torch.Generator().manual_seed(cfg.seed)
     device = next(model.parameters()).device
-    total = -(-n_windows // cfg.batch_size)
+    total = windows.num_batches(cfg.batch_size, n_windows)
     batches = windows.sequential_batches(cfg.batch_size, n_windows)
     for i, (x, y) in enumerate(tqdm(batches, total=total, desc="evaluating", disable=not cfg.progress, leave=False)):
         v = run_batch(model, x.to(device), y.to(device), gen)

@@ -85,19 +85,13 @@ class HookedModule(nn.Module):
 
     def run_with_cache(self, *args, names: Callable[[str], bool] | Sequence[str] | None = None, **kwargs):
         """Run forward and return (output, {hook name: activation}) for the selected hook points."""
-        points = self.hook_points()
-        if names is None:
-            selected = list(points)
-        elif callable(names):
-            selected = [n for n in points if names(n)]
-        else:
-            selected = list(names)
+        selectors = list(self.hook_points()) if names is None else [names] if callable(names) else list(names)
         cache: dict[str, Tensor] = {}
 
         def store(x: Tensor, hp: HookPoint) -> None:
             cache[hp.name] = x.detach()
 
-        with self.hooks([(n, store) for n in selected]):
+        with self.hooks([(s, store) for s in selectors]):
             out = self(*args, **kwargs)
         return out, cache
 

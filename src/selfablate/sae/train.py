@@ -17,7 +17,7 @@ from ..data.dataset import TokenWindows, tokenize_split
 from ..data.sources import resolve_source
 from ..model import SelfAblatingTransformer, Stream
 from . import metrics as M
-from .buffer import ActivationBuffer, check_hook
+from .buffer import ActivationBuffer, check_hook, hook_activations
 from .model import SAE, SAEConfig, sae_loss, save_sae
 
 
@@ -132,7 +132,7 @@ def evaluate_sae(model: SelfAblatingTransformer, sae: SAE, windows: TokenWindows
     With `decode` (GPT-2 ids -> text), each latent's top examples are given as token and context."""
     hook, device = sae.cfg.hook, next(model.parameters()).device
     batches = [(x.to(device), y.to(device)) for x, y in windows.sequential_batches(8, max(1, n_tokens // windows.seq_len))]
-    acts = torch.cat([_acts(model, x, hook) for x, _ in batches])  # (N, d_in)
+    acts = torch.cat([hook_activations(model, x, hook).float() for x, _ in batches])  # (N, d_in)
     out = sae(acts)
     mean = acts.mean(0)
     splice = lambda t: sae(t.float()).recon.to(t.dtype).view_as(t)  # noqa: E731
@@ -170,12 +170,6 @@ def _examples(windows: TokenWindows, values: torch.Tensor, positions: torch.Tens
     raw = windows.tokens
     return [[{"activation": float(v), "token": decode([int(raw[p])]), "context": decode([int(t) for t in raw[max(0, p - context):p]])}
              for v, p in zip(vs.tolist(), ps.tolist()) if v > 0] for vs, ps in zip(values, positions)]
-
-
-def _acts(model: SelfAblatingTransformer, x: torch.Tensor, hook: str) -> torch.Tensor:
-    from .buffer import hook_activations
-
-    return hook_activations(model, x, hook).float()
 
 
 def run_sae_train(checkpoint: str, cfg: SAETrainConfig) -> dict[str, Any]:
