@@ -48,7 +48,10 @@ def test_evaluate_writes_traceable_json_and_csv(evaluated, checkpoints):
         assert [r["model"] for r in csv.DictReader(f)] == ["none", "local"]
     r = json.loads((out / "local.json").read_text())
     assert r["config"]["ablation"] == "local" and r["checkpoint"] == str(checkpoints[1])
-    assert len(r["data"]["sha256"]) == 64 and r["data"]["tokens"] == 4096
+    model = load_checkpoint(checkpoints[1])
+    windows = TokenWindows(tokenize_split(resolve_source(r["data"]["source"]), "valid"), 32, model.token_lookup())
+    whole_windows = min(4096 // 32, windows.num_sequential())  # 4096 tokens, or all of a smaller split
+    assert len(r["data"]["sha256"]) == 64 and r["data"]["tokens"] == whole_windows * 32
     base = json.loads((out / "none.json").read_text())
     assert "masks" not in base and "ablated" not in base["lm"] and base["data"]["sha256"] == r["data"]["sha256"]
 

@@ -74,7 +74,7 @@ def test_existing_run_is_never_overwritten(tmp_path, stories_dir):
 
 
 def test_loss_falls_on_real_tinystories(tmp_path, stories_dir):
-    model_cfg, tr = tiny(tmp_path, stories_dir, max_steps=60, eval_interval=60, log_interval=10,
+    model_cfg, tr = tiny(tmp_path, stories_dir, max_steps=60, eval_interval=60, log_interval=1,
                          checkpoint_interval=60)
     result = train(dataclasses.replace(model_cfg, ablation="local"), tr)
     logged = [m for m in read_metrics(tmp_path / "run") if "loss_clean" in m]
