@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from selfablate import ModelConfig, SelfAblatingTransformer, gpt2_tokenizer
-from selfablate.eval.circuits import EdgeGraph, kl_last, last_logprobs, patched_forward
+from selfablate.eval.circuits import EdgeGraph, cache_run, kl_last, last_logprobs, patched_forward
 from selfablate.eval.ioi import TEMPLATES, ioi_behaviour, ioi_prompts, single_token_words, NAMES
 
 CFG = dict(vocab_size=50257, n_ctx=64, d_model=16, n_layers=2, n_heads=4, d_mlp=32, ablation="local", k_attn=4, k_mlp=8)
@@ -101,12 +101,34 @@ def test_start_layer_reuses_clean_sources_exactly(setup):
     model, batch, graph = setup
     zeros = torch.zeros(graph.n_edges, dtype=torch.float64)
     _, corrupt = patched_forward(model, batch.corrupt, zeros)
-    _, clean_sources = patched_forward(model, batch.clean, zeros)
+    _, clean = cache_run(model, batch.clean)
     mask = zeros.clone()
     mask[-5:] = 1  # edges into the final residual only
     full, _ = patched_forward(model, batch.clean, mask, corrupt)
-    late, _ = patched_forward(model, batch.clean, mask, corrupt, start_layer=1, clean_sources=clean_sources)
-    torch.testing.assert_close(late, full, rtol=1e-10, atol=1e-10)
+    for start in (1, 2):  # 2 = n_layers: only the final residual is rebuilt
+        late, _ = patched_forward(model, batch.clean, mask, corrupt, start_layer=start, clean=clean)
+        torch.testing.assert_close(late, full, rtol=1e-10, atol=1e-10)
+
+
+def test_node_and_projection_reuse_is_exact(setup):
+    """Masks as ACDC leaves them: each destination row all patched, all clean or mixed. The
+    reusing path (0/1 mask, caches) must equal the dense path that recomputes everything."""
+    model, batch, graph = setup
+    _, corrupt = cache_run(model, batch.corrupt)
+    _, clean = cache_run(model, batch.clean)
+    g = torch.Generator().manual_seed(0)
+    for trial in range(6):
+        mask = torch.zeros(graph.n_edges, dtype=torch.float64)
+        for _, start, rows, n in graph.groups:
+            for r in range(rows):
+                kind = int(torch.randint(3, (1,), generator=g))
+                row = slice(start + r * n, start + (r + 1) * n)
+                mask[row] = [0.0, 1.0, float(torch.rand(1, generator=g) < 0.5)][kind] if kind < 2 else \
+                    (torch.rand(n, generator=g, dtype=torch.float64) < 0.5).double()
+        first_layer = graph.edge_layers[int(mask.nonzero().min())] if bool(mask.any()) else 0
+        fast, _ = patched_forward(model, batch.clean, mask, corrupt, start_layer=first_layer, clean=clean)
+        dense, _ = patched_forward(model, batch.clean, mask.clone().requires_grad_(), corrupt.sources)
+        torch.testing.assert_close(fast, dense.detach(), rtol=1e-10, atol=1e-10)
 
 
 # -- discovery --------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -73,6 +74,12 @@ class EdgeGraph:
         return mask[start : start + rows * n].view(rows, n)
 
     @cached_property
+    def edge_layers(self) -> list[int]:
+        """For each edge, the layer its destination reads (n_layers for the final residual):
+        patching it leaves everything before that layer clean."""
+        return [gi // 2 for gi, (_, _, rows, n) in enumerate(self.groups) for _ in range(rows * n)]
+
+    @cached_property
     def edge_names(self) -> list[tuple[str, str]]:
         """(source, destination) of every edge, in mask order."""
         names = []
@@ -87,77 +94,202 @@ def graph_of(model: SelfAblatingTransformer) -> EdgeGraph:
     return EdgeGraph(model.cfg.n_layers, model.cfg.n_heads)
 
 
-def _patched(sources: list[Tensor], running: Tensor, corrupt: Tensor | None, block: Tensor, bias: Tensor) -> Tensor:
+class RunCache(NamedTuple):
+    """What an unpatched run (clean or corrupt) leaves for patched runs to reuse."""
+
+    sources: Tensor
+    """(n_sources, B, T, D) every source's output."""
+    prefix: Tensor | None = None
+    """(n_sources + 1, B, T, D): prefix[k] = the sum of the first k sources (saves a sum per use)."""
+    qkv: Tensor | None = None
+    """(n_layers, 3 * n_heads, B, T, d_head) every head's query, key and value (rows: q heads, k heads,
+    v heads), reused for a destination whose edges are all unpatched (clean) or all patched (corrupt)."""
+
+    def sum(self, n: int) -> Tensor:
+        return self.prefix[n] if self.prefix is not None else self.sources[:n].sum(0)
+
+
+def prefix_sums(sources: Tensor) -> Tensor:
+    """(n + 1, ...) with [k] = the sum of sources[:k]."""
+    return torch.cat([torch.zeros_like(sources[:1]), sources.cumsum(0)])
+
+
+def _bias_before(model: SelfAblatingTransformer, layer: int) -> Tensor:
+    """The sum of out_proj biases of the layers before `layer` (head sources exclude them)."""
+    return sum((b.attn.out_proj.bias for b in model.blocks[:layer]), model.wte.weight.new_zeros(()))
+
+
+@torch.no_grad()
+def cache_run(model: SelfAblatingTransformer, tokens: Tensor) -> tuple[Tensor, RunCache]:
+    """One unpatched run: its final residual (B, T, D) and everything patched runs reuse."""
+    graph = graph_of(model)
+    final, sources = patched_forward(model, tokens, torch.zeros(graph.n_edges, dtype=model.wte.weight.dtype))
+    prefix = prefix_sums(sources)
+    rows = torch.arange(3 * model.cfg.n_heads)
+    qkv = [_project(model, l, (prefix[graph.sources_before_attn(l)] + _bias_before(model, l)).expand(len(rows), *final.shape), rows)
+           for l in range(model.cfg.n_layers)]
+    return final, RunCache(sources, prefix, torch.stack(qkv))
+
+
+def _patched(sources: list[Tensor], running: Tensor, corrupt: RunCache | None, block: Tensor, bias: Tensor) -> Tensor:
     """Inputs of a destination group: the sum of upstream sources (`running`, kept up to date by
     the caller), with patched edges moved to the corrupt sources. block (rows, n) mask; returns
     (rows, B, T, D)."""
     rows, n = block.shape
     resid = running + bias  # (B, T, D)
     if corrupt is not None and (block.requires_grad or not bool(((block == 0) | (block == 1)).all())):
-        delta = corrupt[:n] - torch.stack(sources[:n])  # (n, B, T, D)
+        delta = corrupt.sources[:n] - torch.stack(sources[:n])  # (n, B, T, D)
         return resid + torch.einsum("rn,nbtd->rbtd", block.to(delta.dtype), delta)
     if corrupt is None or not bool(block.any()):
         return resid.expand(rows, *resid.shape)
     return _sparse_patch(sources, resid, corrupt, block.bool(), bias)
 
 
-def _sparse_patch(sources: list[Tensor], resid: Tensor, corrupt: Tensor, pruned: Tensor, bias: Tensor) -> Tensor:
+def _sparse_patch(sources: list[Tensor], resid: Tensor, corrupt: RunCache, pruned: Tensor, bias: Tensor) -> Tensor:
     """A 0/1 mask touching only its minority side per row: rows with few pruned edges add the
     pruned sources' deltas to the clean sum; rows with mostly pruned edges start from the corrupt
     sum and add back the kept sources' own outputs. Cost ~ min(pruned, kept) per row, which
     stays small through ACDC (upstream untouched, downstream mostly pruned)."""
     rows, n = pruned.shape
     mostly = pruned.sum(1) * 2 > n  # (rows,)
-    base = torch.where(mostly.view(-1, 1, 1, 1), (corrupt[:n].sum(0) + bias).unsqueeze(0), resid.unsqueeze(0))
-    out = base.expand(rows, *resid.shape).clone()  # (rows, B, T, D)
+    out = resid.expand(rows, *resid.shape).clone()  # (rows, B, T, D)
+    if bool(mostly.any()):
+        out[mostly] = corrupt.sum(n) + bias
     r, src = torch.where(mostly.unsqueeze(1), ~pruned, pruned).nonzero(as_tuple=True)
     if len(r):
         own = torch.stack([sources[i] for i in src.tolist()])  # (m, B, T, D)
         sign = torch.where(mostly[r], -1.0, 1.0).to(own.dtype).view(-1, 1, 1, 1)
-        out.index_add_(0, r, sign * (corrupt[src] - own))
+        out.index_add_(0, r, sign * (corrupt.sources[src] - own))
     return out
 
 
-def _heads(model: SelfAblatingTransformer, layer: int, x: Tensor) -> Tensor:
-    """Per-head outputs of one attention layer whose q, k, v of each head read their own input.
-    x (3H, B, T, D) -> (H, B, T, D), without out_proj's bias (added to the residual separately)."""
-    block = model.blocks[layer]
-    attn, H, Dh = block.attn, model.cfg.n_heads, model.cfg.d_head
+def _project(model: SelfAblatingTransformer, layer: int, x: Tensor, rows: Tensor) -> Tensor:
+    """Queries, keys or values of single heads: rows (r,) index q heads, then k heads, then v
+    heads (0 .. 3H); x (r, B, T, D) their residual inputs -> (r, B, T, d_head)."""
+    block, H, Dh = model.blocks[layer], model.cfg.n_heads, model.cfg.d_head
+    attn = block.attn
     # An unpatched group's rows are one expanded tensor: normalise it once.
-    h = block.ln_1(x[0]).expand_as(x) if x.stride(0) == 0 else block.ln_1(x)  # (3H, B, T, D)
-    proj = lambda w, part: torch.einsum("hbtd,hed->bhte", part, w.weight.view(H, Dh, -1))  # noqa: E731
-    q, k, v = proj(attn.q_proj, h[:H]), proj(attn.k_proj, h[H : 2 * H]), proj(attn.v_proj, h[2 * H :])  # (B, H, T, Dh)
-    z = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0)  # (B, H, T, Dh)
-    w_o = attn.out_proj.weight.view(-1, H, Dh)  # (D, H, Dh)
-    return torch.einsum("bhte,dhe->hbtd", z, w_o)  # (H, B, T, D)
+    h = block.ln_1(x[0]).expand_as(x) if x.stride(0) == 0 else block.ln_1(x)  # (r, B, T, D)
+    w = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).view(3 * H, Dh, -1)[rows]  # (r, Dh, D)
+    return torch.einsum("rbtd,red->rbte", h, w)
+
+
+def _heads(model: SelfAblatingTransformer, layer: int, qkv: Tensor, heads: Tensor) -> Tensor:
+    """Outputs of some heads of one layer: heads (h,) indices, qkv (3h, B, T, Dh) their queries,
+    then keys, then values -> (h, B, T, D), without out_proj's bias (added to the residual
+    separately)."""
+    H, Dh = model.cfg.n_heads, model.cfg.d_head
+    q, k, v = qkv.view(3, len(heads), *qkv.shape[1:]).transpose(1, 2)  # each (B, h, T, Dh)
+    z = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0)  # (B, h, T, Dh)
+    w_o = model.blocks[layer].attn.out_proj.weight.view(-1, H, Dh)[:, heads]  # (D, h, Dh)
+    return torch.einsum("bhte,dhe->hbtd", z, w_o)  # (h, B, T, D)
+
+
+class _Reuse:
+    """Reuse for 0/1 masks. A node all of whose input edges are patched outputs exactly its
+    corrupt-run value, and a node with no patched input edge that reads only sources unchanged
+    from the clean run outputs its clean-run value; neither is recomputed. Likewise for a single
+    head's query, key or value. During ACDC almost every node downstream of the current
+    destination is fully patched and almost every node at its layer untouched, so a trial
+    recomputes a handful of projections and MLPs."""
+
+    def __init__(self, corrupt: RunCache, clean: RunCache | None):
+        self.corrupt, self.clean = corrupt, clean
+        self.first_dirty = len(corrupt.sources)
+        """Index of the first source whose output may differ from the clean run's."""
+
+    def upstream_clean(self, n: int) -> bool:
+        return self.clean is not None and n <= self.first_dirty
+
+    def pick(self, first: int, patched: Tensor) -> tuple[list[Tensor | None], Tensor]:
+        """patched (nodes, rows, n): the mask rows of the nodes whose outputs are sources
+        first, first + 1, ... Returns their reused outputs (None: recompute) and the indices
+        of the nodes to recompute."""
+        full = patched.flatten(1).all(1).tolist()
+        clean = (~patched.flatten(1).any(1)).tolist() if self.upstream_clean(patched.shape[-1]) else []
+        out = [self.corrupt.sources[first + i] if f else self.clean.sources[first + i] if clean and clean[i] else None
+               for i, f in enumerate(full)]
+        changed = [i for i, o in enumerate(out) if o is None or full[i]]
+        if changed:
+            self.first_dirty = min(self.first_dirty, first + changed[0])
+        return out, torch.tensor([i for i, o in enumerate(out) if o is None], dtype=torch.long)
+
+    def qkv(self, model: SelfAblatingTransformer, layer: int, rows: Tensor, block: Tensor,
+            inputs: Callable[[Tensor], Tensor]) -> Tensor:
+        """Projections of mask rows `rows` (block (r, n) their masks): cached where a row is
+        all patched or all clean, computed from inputs(row subset) elsewhere."""
+        no = torch.zeros_like(block[:, 0])
+        full = block.all(1) if self.corrupt.qkv is not None else no
+        none = ~block.any(1) if self.clean is not None and self.clean.qkv is not None and \
+            self.upstream_clean(block.shape[1]) else no
+        B, T, _ = self.corrupt.sources.shape[1:]
+        out = self.corrupt.sources.new_empty(len(rows), B, T, model.cfg.d_head)  # (r, B, T, Dh)
+        if bool(full.any()):
+            out[full] = self.corrupt.qkv[layer, rows[full]]
+        if bool(none.any()):
+            out[none] = self.clean.qkv[layer, rows[none]]
+        mixed = ~(full | none)
+        if bool(mixed.any()):
+            out[mixed] = _project(model, layer, inputs(mixed), rows[mixed])
+        return out
+
+
+def _attention_sources(model: SelfAblatingTransformer, layer: int, sources: list[Tensor], running: Tensor,
+                       corrupt: RunCache | None, block: Tensor, bias: Tensor, reuse: _Reuse | None) -> list[Tensor]:
+    """The head outputs of one layer, block (3H, n) its q/k/v mask rows."""
+    H, n = model.cfg.n_heads, block.shape[1]
+    heads = torch.arange(H)
+    if reuse is None:
+        rows = torch.arange(3 * H)
+        return list(_heads(model, layer, _project(model, layer, _patched(sources, running, corrupt, block, bias), rows), heads))
+    out, todo = reuse.pick(n, block.view(3, H, n).transpose(0, 1).bool())  # per head: (H, 3, n)
+    if len(todo):
+        rows = torch.cat([todo, todo + H, todo + 2 * H])
+        sub = block[rows].bool()
+        qkv = reuse.qkv(model, layer, rows, sub, lambda m: _patched(sources, running, corrupt, sub[m].to(block.dtype), bias))
+        for h, o in zip(todo.tolist(), _heads(model, layer, qkv, todo)):
+            out[h] = o
+    return out
+
+
+def _mlp_source(model: SelfAblatingTransformer, layer: int, sources: list[Tensor], running: Tensor,
+                corrupt: RunCache | None, block: Tensor, bias: Tensor, reuse: _Reuse | None) -> Tensor:
+    """The MLP output of one layer, block (1, n) its mask row."""
+    if reuse is not None:
+        (out,), _ = reuse.pick(block.shape[1], block.bool().unsqueeze(0))
+        if out is not None:
+            return out
+    x = _patched(sources, running, corrupt, block, bias)[0]
+    mlp = model.blocks[layer].mlp
+    return mlp.fc_out(F.gelu(mlp.fc_in(model.blocks[layer].ln_2(x)), approximate="tanh"))
 
 
 def patched_forward(model: SelfAblatingTransformer, tokens: Tensor, mask: Tensor,
-                    corrupt: Tensor | None = None, start_layer: int = 0,
-                    clean_sources: Tensor | None = None, clean_prefix: Tensor | None = None,
-                    return_sources: bool = True) -> tuple[Tensor, Tensor | None]:
-    """The clean stream with edges patched: mask (n_edges,) in [0, 1], corrupt (n_sources, B, T, D)
-    the corrupt prompt's source outputs (None: no patching). Returns the final residual
-    (B, T, D), before ln_final, and (if return_sources) this run's source outputs.
+                    corrupt: Tensor | RunCache | None = None, start_layer: int = 0,
+                    clean: RunCache | None = None, return_sources: bool = True) -> tuple[Tensor, Tensor | None]:
+    """The clean stream with edges patched: mask (n_edges,) in [0, 1], corrupt the corrupt
+    prompt's source outputs (n_sources, B, T, D) or its RunCache (None: no patching). Returns the
+    final residual (B, T, D), before ln_final, and (if return_sources) this run's source outputs.
 
-    With start_layer > 0, the sources before that layer are taken from clean_sources (valid
-    when no edge into an earlier layer is patched), their sum from clean_prefix[n] (the sum of
-    the first n clean sources) if given: only what is downstream is recomputed.
+    With start_layer > 0 (at most n_layers), the sources before that layer come from the clean
+    run's cache (valid when no edge into an earlier layer is patched): only what is downstream is
+    recomputed. A 0/1 mask without gradient also reuses whole nodes and single q/k/v (see _Reuse).
     """
     graph = graph_of(model)
+    if isinstance(corrupt, Tensor):
+        corrupt = RunCache(corrupt)
     first = graph.sources_before_attn(start_layer) if start_layer else 1
-    sources = list(clean_sources[:first]) if start_layer else [model.embed(tokens)]
-    running = clean_prefix[first] if clean_prefix is not None and start_layer else torch.stack(sources).sum(0)
-    bias = sum((b.attn.out_proj.bias for b in model.blocks[:start_layer]),
-               torch.zeros((), dtype=sources[0].dtype, device=tokens.device))
+    sources = list(clean.sources[:first]) if start_layer else [model.embed(tokens)]
+    running = clean.sum(first) if start_layer else sources[0]
+    bias = _bias_before(model, start_layer)
+    binary = corrupt is not None and not mask.requires_grad and bool(((mask == 0) | (mask == 1)).all())
+    reuse = _Reuse(corrupt, clean) if binary else None
     for l in range(start_layer, model.cfg.n_layers):
-        block = model.blocks[l]
-        heads = _heads(model, l, _patched(sources, running, corrupt, graph.group_mask(mask, 2 * l), bias))
-        sources += list(heads)
-        running = running + heads.sum(0)
-        bias = bias + block.attn.out_proj.bias
-        x = _patched(sources, running, corrupt, graph.group_mask(mask, 2 * l + 1), bias)[0]
-        sources.append(block.mlp.fc_out(F.gelu(block.mlp.fc_in(block.ln_2(x)), approximate="tanh")))
+        heads = _attention_sources(model, l, sources, running, corrupt, graph.group_mask(mask, 2 * l), bias, reuse)
+        sources += heads
+        running = running + torch.stack(heads).sum(0)
+        bias = bias + model.blocks[l].attn.out_proj.bias
+        sources.append(_mlp_source(model, l, sources, running, corrupt, graph.group_mask(mask, 2 * l + 1), bias, reuse))
         running = running + sources[-1]
     final = _patched(sources, running, corrupt, graph.group_mask(mask, len(graph.groups) - 1), bias)[0]
     return final, torch.stack(sources) if return_sources else None

@@ -6,14 +6,15 @@ at each prompt's last position, averaged over prompts.
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ..errors import SelfAblateError
 from ..model import SelfAblatingTransformer
-from .circuits import EdgeGraph, graph_of, kl_last, last_logprobs, patched_forward
+from .circuits import EdgeGraph, RunCache, cache_run, graph_of, last_logprobs, patched_forward
 from .ioi import IOIBatch
 
 
@@ -27,36 +28,44 @@ class CircuitTask(NamedTuple):
     last: Tensor
     io: Tensor
     s: Tensor
-    corrupt_sources: Tensor
-    """(n_sources, n, pos, d_model) source outputs on the corrupt prompts."""
-    clean_sources: Tensor
-    clean_prefix: Tensor
-    """(n_sources + 1, n, pos, d_model): clean_prefix[k] = sum of the first k clean sources."""
+    corrupt: RunCache
+    """The corrupt prompts' unpatched run."""
+    clean_run: RunCache
+    """The clean prompts' unpatched run."""
     clean_logp: Tensor
     """(n, vocab) clean log-probabilities at the last positions."""
+    clean_term: Tensor
+    """(n,) sum_v p_clean log p_clean, the constant part of the KL."""
+    clean_readout: Tensor
+    """(n, d_model) W_U^T p_clean: sum_v p_clean(v) logit(v) = clean_readout . ln_final(x)."""
 
 
 @torch.no_grad()
 def make_task(model: SelfAblatingTransformer, batch: IOIBatch) -> CircuitTask:
-    ids = lambda t: model.to_model_ids(t.to(model.wte.weight.device))  # noqa: E731
-    graph = graph_of(model)
-    zeros = torch.zeros(graph.n_edges, dtype=model.wte.weight.dtype, device=model.wte.weight.device)
-    _, corrupt = patched_forward(model, ids(batch.corrupt), zeros)
-    final, clean_sources = patched_forward(model, ids(batch.clean), zeros)
-    last = batch.last.to(final.device)
-    prefix = torch.cat([torch.zeros_like(clean_sources[:1]), clean_sources.cumsum(0)])
-    return CircuitTask(model, graph, ids(batch.clean), last, ids(batch.io), ids(batch.s), corrupt, clean_sources,
-                       prefix, last_logprobs(model, final, last))
+    device = model.wte.weight.device
+    ids = lambda t: model.to_model_ids(t.to(device))  # noqa: E731
+    _, corrupt = cache_run(model, ids(batch.corrupt))
+    final, clean = cache_run(model, ids(batch.clean))
+    last = batch.last.to(device)
+    logp = last_logprobs(model, final, last)
+    p = logp.exp()
+    return CircuitTask(model, graph_of(model), ids(batch.clean), last, ids(batch.io), ids(batch.s), corrupt, clean,
+                       logp, (p * logp).sum(-1), p.to(model.wte.weight.dtype) @ model.wte.weight)
 
 
 def kl_with_mask(task: CircuitTask, mask: Tensor, start_layer: int = 0) -> Tensor:
-    final, _ = patched_forward(task.model, task.clean, mask, task.corrupt_sources, start_layer, task.clean_sources,
-                               task.clean_prefix, return_sources=False)
-    return kl_last(task.clean_logp, last_logprobs(task.model, final, task.last))
+    """KL(p_clean || p_patched) at the last positions, mean over prompts, computed as
+    sum p_c log p_c - sum p_c logit + logsumexp(logit): the middle term needs no logits."""
+    final, _ = patched_forward(task.model, task.clean, mask, task.corrupt, start_layer, task.clean_run,
+                               return_sources=False)
+    x = task.model.ln_final(final[torch.arange(len(task.last)), task.last])  # (n, d_model)
+    logits = task.model.unembed(x)
+    lse = logits.to(torch.promote_types(logits.dtype, torch.float32)).logsumexp(-1)
+    return (task.clean_term - (task.clean_readout * x).sum(-1) + lse).mean()
 
 
 def logit_diff_with_mask(task: CircuitTask, mask: Tensor) -> Tensor:
-    final, _ = patched_forward(task.model, task.clean, mask, task.corrupt_sources, return_sources=False)
+    final, _ = patched_forward(task.model, task.clean, mask, task.corrupt, return_sources=False)
     logp = last_logprobs(task.model, final, task.last)
     rows = torch.arange(len(task.last))
     return (logp[rows, task.io] - logp[rows, task.s]).mean()
@@ -93,30 +102,27 @@ class ACDCResult(NamedTuple):
 
 
 @torch.no_grad()
-def acdc(task: CircuitTask, tau: float, progress: bool = False) -> ACDCResult:
-    """ACDC (Conmy et al. 2023) with exact edge patching: visit destinations in reverse
-    topological order and, for each incoming edge, patch it; keep it patched (prune it) if the
-    KL rises by less than tau. Only the layers from the destination's onward are recomputed."""
+def acdc(task: CircuitTask, tau: float, progress: bool = False, order: Sequence[int] | None = None) -> ACDCResult:
+    """ACDC (Conmy et al. 2023) with exact edge patching: visit edges in reverse topological
+    order (or the given order of edge indices, which must visit every edge after all edges
+    downstream of it) and patch each; keep it patched (prune it) if the KL rises by less than
+    tau. Only the layers from the destination's onward are recomputed."""
     g = task.graph
     mask = torch.zeros(g.n_edges, dtype=task.clean_logp.dtype, device=task.clean.device)
     delta = torch.zeros_like(mask)
     current = kl_with_mask(task, mask).item()
-    bar = tqdm(total=g.n_edges, desc=f"ACDC tau={tau}", disable=not progress, leave=False)
-    for gi in reversed(range(len(g.groups))):
-        _, start, rows, n = g.groups[gi]
-        # Group gi reads layer gi // 2 (the final residual: past the last layer); everything
-        # before that layer is still the clean run, so recomputation starts there.
-        first_layer = min(gi // 2, task.model.cfg.n_layers - 1)
-        for r in reversed(range(rows)):
-            for src in reversed(range(n)):
-                e = start + r * n + src
-                mask[e] = 1.0
-                kl = kl_with_mask(task, mask, start_layer=first_layer).item()
-                delta[e] = kl - current
-                if kl - current < tau:
-                    current = kl
-                else:
-                    mask[e] = 0.0
-                bar.update(1)
-    bar.close()
+    layers = g.edge_layers
+    if order is not None and (sorted(order) != list(range(g.n_edges)) or
+                              any(layers[a] < layers[b] for a, b in zip(order, order[1:]))):
+        raise SelfAblateError("an ACDC order must list every edge once, destinations' layers never increasing")
+    for e in tqdm(reversed(range(g.n_edges)) if order is None else order, total=g.n_edges,
+                  desc=f"ACDC tau={tau:.3g}", disable=not progress, leave=False):
+        mask[e] = 1.0
+        # Everything before the destination's layer is still the clean run: start there.
+        kl = kl_with_mask(task, mask, start_layer=layers[e]).item()
+        delta[e] = kl - current
+        if kl - current < tau:
+            current = kl
+        else:
+            mask[e] = 0.0
     return ACDCResult(mask, delta, current)

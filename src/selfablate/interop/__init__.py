@@ -1,0 +1,1 @@
+"""Exports to other interpretability libraries (optional extras: `tl`, `hf`)."""

@@ -1,0 +1,105 @@
+"""Export the clean model to a TransformerLens 2.x `HookedTransformer` (extra `tl`).
+
+TransformerLens 2.x is what the paper's tools (auto-circuit, SAELens) accept; version 4 removed
+`HookedTransformer`, so the extra pins transformer-lens >= 2.16, < 3. The exported model runs
+the clean stream; `ablation_hooks` reproduces the ablated stream at one chosen position.
+
+A compact-vocabulary model exports over its own ids (d_vocab = cfg.vocab_size); translate tokens
+with `model.to_model_ids`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from ..errors import SelfAblateError
+from ..model import SelfAblatingTransformer
+
+
+def _transformer_lens() -> Any:
+    try:
+        return importlib.import_module("transformer_lens")
+    except ImportError as e:
+        raise SelfAblateError("exporting to TransformerLens needs `pip install 'selfablate[tl]'` "
+                              f"(transformer-lens >= 2.16, < 3): {e}") from None
+
+
+def hooked_transformer_config(model: SelfAblatingTransformer, **overrides: Any) -> Any:
+    """The HookedTransformerConfig of our clean stream: GPT-Neo-style, unscaled attention."""
+    c = model.cfg
+    kwargs = dict(n_layers=c.n_layers, d_model=c.d_model, n_ctx=c.n_ctx, d_head=c.d_head, n_heads=c.n_heads,
+                  d_mlp=c.d_mlp, d_vocab=c.vocab_size, act_fn="gelu_new", normalization_type="LN", eps=c.ln_eps,
+                  use_attn_scale=False, positional_embedding_type="standard", default_prepend_bos=False,
+                  original_architecture="GPTNeoForCausalLM", dtype=model.wte.weight.dtype)
+    return _transformer_lens().HookedTransformerConfig(**(kwargs | overrides))
+
+
+def hooked_transformer_state_dict(model: SelfAblatingTransformer) -> dict[str, Tensor]:
+    """Our weights under TransformerLens's names and layouts (W_Q: (n_heads, d_model, d_head),
+    W_O: (n_heads, d_head, d_model), W_in: (d_model, d_mlp), W_U: (d_model, d_vocab))."""
+    c = model.cfg
+    H, Dh, D = c.n_heads, c.d_head, c.d_model
+    sd = {"embed.W_E": model.wte.weight, "pos_embed.W_pos": model.wpe.weight,
+          "ln_final.w": model.ln_final.weight, "ln_final.b": model.ln_final.bias,
+          "unembed.W_U": model.wte.weight.T, "unembed.b_U": model.wte.weight.new_zeros(c.vocab_size)}
+    for l, block in enumerate(model.blocks):
+        p, attn = f"blocks.{l}.", block.attn
+        for name, proj in (("Q", attn.q_proj), ("K", attn.k_proj), ("V", attn.v_proj)):
+            sd[p + f"attn.W_{name}"] = proj.weight.view(H, Dh, D).transpose(1, 2)  # (H, D, Dh)
+            sd[p + f"attn.b_{name}"] = proj.weight.new_zeros(H, Dh)
+        sd[p + "attn.W_O"] = attn.out_proj.weight.T.reshape(H, Dh, D)  # (H, Dh, D)
+        sd[p + "attn.b_O"] = attn.out_proj.bias
+        sd |= {p + "ln1.w": block.ln_1.weight, p + "ln1.b": block.ln_1.bias,
+               p + "ln2.w": block.ln_2.weight, p + "ln2.b": block.ln_2.bias,
+               p + "mlp.W_in": block.mlp.fc_in.weight.T, p + "mlp.b_in": block.mlp.fc_in.bias,
+               p + "mlp.W_out": block.mlp.fc_out.weight.T, p + "mlp.b_out": block.mlp.fc_out.bias}
+    return {k: v.detach().clone().contiguous() for k, v in sd.items()}
+
+
+def to_hooked_transformer(model: SelfAblatingTransformer, **cfg_overrides: Any) -> Any:
+    """A HookedTransformer computing our clean stream (logits equal to ours to float rounding).
+    cfg_overrides go to HookedTransformerConfig, e.g. use_attn_result=True, use_split_qkv_input=True,
+    use_hook_mlp_in=True for auto-circuit."""
+    tl = _transformer_lens()
+    ht = tl.HookedTransformer(hooked_transformer_config(model, **cfg_overrides))
+    missing, unexpected = ht.load_state_dict(hooked_transformer_state_dict(model), strict=False)
+    buffers = {name for name, _ in ht.named_buffers()}
+    if unexpected or set(missing) - buffers:
+        raise SelfAblateError(f"TransformerLens layout mismatch: missing {sorted(set(missing) - buffers)[:5]}, "
+                              f"unexpected {unexpected[:5]}")
+    return ht.to(model.wte.weight.device).eval()
+
+
+HookList = list[tuple[str, Callable[..., Tensor]]]
+
+
+@torch.no_grad()
+def ablation_hooks(model: SelfAblatingTransformer, tokens: Tensor, position: int) -> HookList:
+    """TransformerLens forward hooks that turn the exported clean model into our ablated stream
+    at one position: run the HookedTransformer on tokens[:, : position + 1] with these hooks and
+    its logits at `position` equal our ablated logits there. (Masking position t only leaves the
+    positions before t clean, so t reads their clean keys and values and its own ablated ones:
+    exactly the two-stream rule.)"""
+    if not model.cfg.self_ablating:
+        raise SelfAblateError("a baseline model (ablation='none') has no ablated stream")
+    out = model(tokens[:, : position + 1])
+    attn = out.attn_mask[:, position]  # (batch, n_layers, d_model)
+    mlp = out.mlp_mask[:, position]  # (batch, n_layers, d_mlp)
+    H, Dh = model.cfg.n_heads, model.cfg.d_head
+
+    def masker(mask: Tensor) -> Callable[..., Tensor]:
+        def fn(act: Tensor, hook: Any) -> Tensor:
+            act = act.clone()
+            act[:, position] = act[:, position] * mask.reshape(act[:, position].shape).to(act.dtype)
+            return act
+        return fn
+
+    hooks: HookList = []
+    for l in range(model.cfg.n_layers):
+        hooks.append((f"blocks.{l}.attn.hook_z", masker(attn[:, l].reshape(-1, H, Dh))))  # (batch, H, Dh)
+        hooks.append((f"blocks.{l}.mlp.hook_post", masker(mlp[:, l])))
+    return hooks
