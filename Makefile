@@ -6,7 +6,7 @@ BIN     := $(VENV)/bin
 TORCH   ?= torch==2.13.0
 STAMP   := $(VENV)/.installed
 
-.PHONY: install demo test test-all clean
+.PHONY: install demo test browser crosscheck clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -20,8 +20,24 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/selfablate demo --out runs/demo
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(BIN)/python -m pytest -q
 
+# Debian's Chromium renders report.html in a test; without it (no root, no apt) that test is skipped.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { echo "installing Debian's chromium (for the report test)"; \
+	  { apt-get install -y -qq chromium >/dev/null 2>&1 || { apt-get update -qq >/dev/null 2>&1 && \
+	    apt-get install -y -qq chromium >/dev/null 2>&1; }; } || echo "no chromium: the report's browser test will be skipped"; }
+
+# Cross-check circuit discovery against auto-circuit (the paper's tool) in a venv of its own:
+# auto-circuit needs transformer-lens 2.18, numpy < 2 and pyarrow < 23 (about 2.5 GB).
+CROSS := .venv-crosscheck
+crosscheck:
+	test -x $(CROSS)/bin/python || $(PY) -m venv $(CROSS)
+	$(CROSS)/bin/pip install -q $(TORCH)
+	$(CROSS)/bin/pip install -q 'auto-circuit==1.0.1' 'transformer-lens==2.18.*' 'numpy<2' 'pyarrow<23'
+	$(CROSS)/bin/pip install -q -e .
+	$(CROSS)/bin/python benchmarks/crosscheck_auto_circuit.py
+
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(CROSS) runs .pytest_cache

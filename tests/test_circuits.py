@@ -200,6 +200,7 @@ def test_circuits_command_writes_json_and_svg(tmp_path, setup, capsys):
     assert [s["tau"] for s in r["sweep"]] == [0.0001, 0.001] and set(r["ioi"]) == {"clean", "ablated"}
     svg = ET.parse(tmp_path / "c" / "circuit.svg").getroot()
     assert svg.tag.endswith("svg") and len(svg.findall("{http://www.w3.org/2000/svg}line")) == r["acdc"]["edges"]
+    assert (tmp_path / "c" / "circuit.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_acdc_recovers_a_hand_built_circuit():

@@ -196,7 +196,7 @@ def cmd_circuits(ns: argparse.Namespace) -> None:
     print(f"ACDC tau={cfg.tau}: {r['acdc']['edges']} of {r['graph']['edges']} edges, KL {r['acdc']['kl']:.4f}, "
           f"{r['acdc']['seconds']:.0f} s; EAP over all edges {r['eap']['seconds']:.2f} s; "
           f"faithfulness AUC {r['faithfulness_auc']:.3f}")
-    print(f"wrote circuit.json and circuit.svg to {cfg.out}")
+    print(f"wrote circuit.json, circuit.svg and circuit.png to {cfg.out}")
 
 
 def cmd_sae(ns: argparse.Namespace) -> None:
@@ -214,6 +214,33 @@ def cmd_sae(ns: argparse.Namespace) -> None:
         raise SelfAblateError(f"--values must be comma-separated numbers, got {ns.values!r}") from None
     for row in run_sae_sweep(ns.checkpoint, cfg, values):
         print(json.dumps(row))
+
+
+def cmd_reproduce(ns: argparse.Namespace) -> None:
+    from .reproduce import ReproduceConfig, run_reproduce
+
+    folder = run_reproduce(build(ReproduceConfig, ns))
+    print((folder / "table.md").read_text())
+    print(f"report: {folder / 'report.html'} (tables: table.md, table.csv, table.tex)")
+
+
+def cmd_report(ns: argparse.Namespace) -> None:
+    import json
+    from pathlib import Path
+
+    from .report.build import write_report
+
+    meta = Path(ns.folder) / "reproduce.json"
+    if not meta.exists():
+        raise SelfAblateError(f"{ns.folder} is not a `selfablate reproduce` folder (no reproduce.json)")
+    folder = write_report(Path(ns.folder), json.loads(meta.read_text())["config"]["preset"])
+    print(f"report: {folder / 'report.html'}")
+
+
+def _reproduce_config_cls() -> type:
+    from .reproduce import ReproduceConfig
+
+    return ReproduceConfig
 
 
 def _sae_config_cls() -> type:
@@ -259,6 +286,9 @@ def make_parser() -> argparse.ArgumentParser:
          [(_sae_config_cls(), "sae")], False),
         ("demo", "train and compare a baseline, a local and a global model", cmd_demo,
          [(_demo_config_cls(), "demo")], False),
+        ("reproduce", "the paper's grid end to end (train, evaluate, circuits, SAEs, report); resumable",
+         cmd_reproduce, [(_reproduce_config_cls(), "reproduce")], False),
+        ("report", "rebuild the report of a reproduce folder", cmd_report, [], False),
     ]
     for name, help_text, fn, classes, takes_checkpoint in commands:
         p = sub.add_parser(name, help=help_text, description=help_text)
@@ -268,6 +298,8 @@ def make_parser() -> argparse.ArgumentParser:
             p.add_argument("action", choices=["train", "sweep"])
             p.add_argument("checkpoint", help="checkpoint or run folder")
             p.add_argument("--values", default="1,2,5,10", help="sweep: L1 coefficients (relu) or k values (topk)")
+        if name == "report":
+            p.add_argument("folder", help="the --out folder of `selfablate reproduce`")
         if name == "evaluate":
             p.add_argument("checkpoints", nargs="+", help="checkpoint or run folders")
         if name == "train":

@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 import torch
 from tqdm.auto import tqdm
 
+from . import distributed
 from .checkpoint import find as find_checkpoint
 from .checkpoint import load_checkpoint, load_training_state, save_checkpoint
 from .config import ModelConfig, TrainConfig
@@ -38,6 +39,10 @@ class StepMetrics(NamedTuple):
     loss_ablated: float | None
     loss_recon: float | None
     grad_norm: float | None
+
+
+LOSS_FIELDS = ("loss", "loss_clean", "loss_ablated", "loss_recon")
+"""StepMetrics fields averaged over the ranks before logging."""
 
 
 class TrainResult(NamedTuple):
@@ -170,34 +175,43 @@ def attach_vocab(model: SelfAblatingTransformer, vocab: CompactVocab | None, res
 
 
 def train(model_cfg: ModelConfig, cfg: TrainConfig, cache_dir: Path | None = None) -> TrainResult:
-    """Train (or resume) a model; returns the checkpoint folder and the final held-out losses."""
-    device = resolve_device(cfg.device)
+    """Train (or resume) a model; returns the checkpoint folder and the final held-out losses.
+    Under torchrun, trains data-parallel (see `distributed`): rank 0 logs and checkpoints."""
+    dist, device = distributed.init(resolve_device(cfg.device), cfg.batch_size)
     autocast = autocast_for(device, cfg.precision)
     data = load_data(model_cfg, cfg, cache_dir)
     eval_set = data.valid.spread_batches(cfg.batch_size, cfg.eval_batches)
     run = start_or_resume(data.model_cfg, cfg, device)
     attach_vocab(run.model, data.vocab, resumed=run.step > 0)
+    trainee = distributed.wrap(run.model, dist, device)
     log = MetricsLog(Path(cfg.out), cfg.logger, keep_until=run.step, config={
-        "model": dataclasses.asdict(data.model_cfg), "train": dataclasses.asdict(cfg)})
+        "model": dataclasses.asdict(data.model_cfg), "train": dataclasses.asdict(cfg)}) if dist.main else None
     evaluation = None
-    bar = tqdm(total=cfg.max_steps, initial=run.step, desc="training", disable=not cfg.progress, dynamic_ncols=True)
+    bar = tqdm(total=cfg.max_steps, initial=run.step, desc="training", disable=not (cfg.progress and dist.main),
+               dynamic_ncols=True)
     t0, tokens_seen = time.perf_counter(), 0
     for step in range(run.step, cfg.max_steps):
         batch = data.train.random_batch(cfg.batch_size, run.data_rng)
-        m = train_step(run.model, run.opt, batch, step, cfg, device, autocast)
+        m = train_step(trainee, run.opt, distributed.shard(batch, dist), step, cfg, device, autocast)
         tokens_seen += batch[0].numel()
         bar.update(1)
         bar.set_postfix(loss=f"{m.loss_clean:.3f}", **({} if m.loss_ablated is None else {"abl": f"{m.loss_ablated:.3f}"}))
         done = m.step == cfg.max_steps
         if m.step % cfg.log_interval == 0 or done:
-            log.write({**m._asdict(), "tokens_per_s": tokens_seen / (time.perf_counter() - t0)})
+            m = m._replace(**dict(zip(LOSS_FIELDS, distributed.mean([getattr(m, f) for f in LOSS_FIELDS], dist))))
+            if log:
+                log.write({**m._asdict(), "tokens_per_s": tokens_seen / (time.perf_counter() - t0)})
         if m.step % cfg.eval_interval == 0 or done:
             evaluation = evaluate_loss(run.model, eval_set, device, autocast)
-            log.write({"step": m.step, "val_loss_clean": evaluation.clean, "val_loss_ablated": evaluation.ablated})
+            if log:
+                log.write({"step": m.step, "val_loss_clean": evaluation.clean, "val_loss_ablated": evaluation.ablated})
         if m.step % cfg.checkpoint_interval == 0 or done:
-            save_run(run, m.step, cfg, {"val": evaluation._asdict() if evaluation else None})
+            if dist.main:
+                save_run(run, m.step, cfg, {"val": evaluation._asdict() if evaluation else None})
+            distributed.barrier(dist)
     bar.close()
-    log.close()
+    if log:
+        log.close()
     if evaluation is None:  # resumed a finished run: nothing left to do but report
         evaluation = evaluate_loss(run.model, eval_set, device, autocast)
     return TrainResult(Path(cfg.out) / CHECKPOINT_DIR, cfg.max_steps, evaluation)

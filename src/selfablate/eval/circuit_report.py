@@ -25,7 +25,7 @@ class CircuitConfig:
     """Options of `selfablate circuits`."""
 
     out: str = "runs/circuits"
-    """Folder for circuit.json and circuit.svg."""
+    """Folder for circuit.json, circuit.svg and circuit.png."""
     prompts: int = 64
     """IOI prompt pairs (the paper: 64)."""
     seed: int = 0
@@ -162,4 +162,7 @@ def write_circuits(checkpoint: str, cfg: CircuitConfig) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     (out / "circuit.json").write_text(json.dumps(result, indent=1) + "\n")
     (out / "circuit.svg").write_text(circuit_svg(result))
+    from ..report.plots import circuits as draw_circuits
+
+    draw_circuits({Path(checkpoint).name: result}, out / "circuit.png")
     return result

@@ -81,7 +81,9 @@ def train_sae(model: SelfAblatingTransformer, windows: TokenWindows, cfg: SAETra
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     device = next(model.parameters()).device
-    buffer = ActivationBuffer(model, windows, cfg.hook, max(1, 4096 // windows.seq_len), cfg.pool_tokens, gen)
+    # A pool larger than all the activations the run will draw only costs time.
+    pool = min(cfg.pool_tokens, cfg.steps * cfg.batch_tokens)
+    buffer = ActivationBuffer(model, windows, cfg.hook, max(1, 4096 // windows.seq_len), pool, gen)
     d_in = buffer.pool.shape[-1]
     scfg = SAEConfig(d_in, cfg.expansion * d_in, cfg.kind, cfg.k, cfg.hook, input_scale(buffer.pool, cfg.input_scaling))
     sae = SAE(scfg).to(device)

@@ -1,0 +1,128 @@
+"""Training-step throughput at the paper's architecture, measured side by side in one run.
+
+Contenders (8 layers x 128, 16 heads, d_mlp 512, vocab 50257, context 256, batch 8 x 256 tokens,
+AdamW, float32, this machine's threads): (a) our baseline, (b) our local and (c) our global
+self-ablating model, each a full `selfablate.train.train_step`; (d) `transformers`'
+GPTNeoForCausalLM of the same shape (the clean half of the work only); (e) the float32 GEMM peak.
+Contenders run interleaved, round by round, and the median over rounds is reported. Peak memory
+is measured per contender in a child process (peak RSS over two steps, and its rise over the RSS
+after set-up).
+
+    python benchmarks/train_step.py [--rounds 3] [--steps 2]     # needs `pip install transformers`
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from selfablate import ModelConfig, SelfAblatingTransformer
+from selfablate.config import TrainConfig
+from selfablate.perf import gemm_peak_flops, train_flops_per_token
+from selfablate.train import autocast_for, make_optimizer, train_step
+
+BATCH, POS = 8, 256
+ORIGINAL = {"local": 180.0, "global": 135.0}  # the original research code, tokens/s, as issue #6 states
+
+
+def ours(ablation: str):
+    cfg = ModelConfig(ablation=ablation)
+    model = SelfAblatingTransformer(cfg).train()
+    tcfg = TrainConfig(warmup_steps=1)
+    opt = make_optimizer(model, tcfg)
+    batch = (torch.randint(0, cfg.vocab_size, (BATCH, POS)), torch.randint(0, cfg.vocab_size, (BATCH, POS)))
+    steps = iter(range(10**9))
+    autocast = autocast_for(torch.device("cpu"), "float32")
+    return lambda: train_step(model, opt, batch, next(steps), tcfg, torch.device("cpu"), autocast)
+
+
+def gpt_neo():
+    from transformers import GPTNeoConfig, GPTNeoForCausalLM
+
+    c = GPTNeoConfig(vocab_size=50257, max_position_embeddings=POS, hidden_size=128, num_layers=8, num_heads=16,
+                     attention_types=[[["global"], 8]], intermediate_size=512, activation_function="gelu_new",
+                     embed_dropout=0.0, attention_dropout=0.0, resid_dropout=0.0, window_size=POS)
+    model = GPTNeoForCausalLM(c).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x = torch.randint(0, 50257, (BATCH, POS))
+
+    def step():
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+CONTENDERS = {"baseline": lambda: ours("none"), "local": lambda: ours("local"), "global": lambda: ours("global"),
+              "gpt-neo": gpt_neo}
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def child(name: str, steps: int) -> None:
+    step = CONTENDERS[name]()
+    setup = rss_mb()
+    for _ in range(steps):
+        step()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"setup_mb": setup, "peak_mb": peak}))
+
+
+def memory(name: str) -> dict[str, float]:
+    out = subprocess.run([sys.executable, __file__, "--child", name], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--steps", type=int, default=2, help="timed steps per contender per round")
+    p.add_argument("--child", default="")
+    args = p.parse_args()
+    if args.child:
+        return child(args.child, 2)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; batch {BATCH} x {POS} tokens, paper architecture")
+    steps = {name: make() for name, make in CONTENDERS.items()}
+    for fn in steps.values():
+        fn()  # warm-up
+    speeds: dict[str, list[float]] = {n: [] for n in steps}
+    peaks = []
+    for r in range(args.rounds):
+        peaks.append(gemm_peak_flops())
+        for name, fn in steps.items():
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                fn()
+            speeds[name].append(args.steps * BATCH * POS / (time.perf_counter() - t0))
+        print(f"round {r + 1}: " + ", ".join(f"{n} {s[-1]:.0f} tok/s" for n, s in speeds.items()), flush=True)
+    peak = statistics.median(peaks)
+    neo = statistics.median(speeds["gpt-neo"])
+    print(f"\nfloat32 GEMM peak (2048^3 matmul, median of {args.rounds}): {peak / 1e9:.1f} GFLOP/s")
+    print(f"{'contender':<10} {'tok/s':>8} {'vs GPT-Neo':>11} {'MFLOP/tok':>10} {'MFU':>6} {'peak RSS MB':>12} {'step +MB':>9}")
+    for name, s in speeds.items():
+        tps = statistics.median(s)
+        cfg = ModelConfig(ablation={"baseline": "none", "gpt-neo": "none"}.get(name, name))
+        flops = train_flops_per_token(cfg, POS)
+        mem = memory(name)
+        print(f"{name:<10} {tps:>8.0f} {tps / neo:>10.2f}x {flops / 1e6:>10.1f} {tps * flops / peak:>6.1%} "
+              f"{mem['peak_mb']:>12.0f} {mem['peak_mb'] - mem['setup_mb']:>9.0f}")
+    for name, ref in ORIGINAL.items():
+        print(f"{name} vs the original research code's {ref:.0f} tok/s (issue #6's figure, not measured here): "
+              f"{statistics.median(speeds[name]) / ref:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

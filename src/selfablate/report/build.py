@@ -1,0 +1,93 @@
+"""Assemble the report of a `selfablate reproduce` folder: tables, figures, report.html."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from . import plots
+from .html import write_html
+from .table import aggregate, model_metrics, write_tables
+
+
+def _models(out: Path) -> list[str]:
+    meta = json.loads((out / "reproduce.json").read_text())
+    return meta["models"]
+
+
+def _first_seed(names: list[str]) -> list[str]:
+    """One model per grid cell (the lowest seed), for the figures that show single models."""
+    seen, keep = set(), []
+    for n in sorted(names, key=lambda n: int(n.rsplit("-s", 1)[1])):
+        cell = n.rsplit("-s", 1)[0]
+        if cell not in seen:
+            seen.add(cell)
+            keep.append(n)
+    return sorted(keep, key=names.index)
+
+
+def _load_all(out: Path, names: list[str], sub: str) -> dict[str, Any]:
+    found = {n: out / sub.format(n) for n in names}
+    return {n: json.loads(p.read_text()) for n, p in found.items() if p.exists()}
+
+
+def story(out: Path, cfg_data: str, n_tokens: int = 40):
+    """The first n_tokens of the held-out split, as (tokens, labels)."""
+    from ..data.dataset import tokenize_split
+    from ..data.sources import resolve_source
+    from ..data.tokenizer import gpt2_tokenizer
+
+    raw = tokenize_split(resolve_source(cfg_data), "valid", progress=False)
+    ids = [int(t) for t in raw[:n_tokens]]
+    enc = gpt2_tokenizer()
+    return ids, [repr(enc.decode([t]))[1:-1] for t in ids]
+
+
+def figures(out: Path, names: list[str], per_model: dict[str, dict[str, float]], data: str) -> list[tuple[str, Path]]:
+    import torch
+
+    from ..checkpoint import load_checkpoint
+
+    folder = out / "report"
+    shown = _first_seed(names)
+    evals = _load_all(out, shown, "eval/{}.json")
+    circs = _load_all(out, shown, "circuits/{}/circuit.json")
+    saes = {n: f["points"] for n, f in _load_all(out, shown, "sae/{}/frontier.json").items()}
+    figs = [("Training curves", plots.training_curves({n: out / "models" / n for n in shown}, folder / "training_curves.png"))]
+    if any("masks" in e for e in evals.values()):
+        figs.append(("Unit selection frequency per layer", plots.selection_heatmaps(evals, folder / "selection_frequency.png")))
+    ablating = [n for n in shown if not n.startswith("none")]
+    if ablating:
+        model = load_checkpoint(out / "models" / ablating[0] / "checkpoint").eval()
+        ids, labels = story(out, data, min(40, model.cfg.n_ctx))
+        tokens = model.to_model_ids(torch.tensor(ids))
+        figs.append((f"Masks of each token of a held-out story ({ablating[0]})",
+                     plots.story_masks(model, tokens, labels, folder / "story_masks.png")))
+    if circs:
+        figs.append(("IOI circuits found by ACDC", plots.circuits(circs, folder / "circuits.png")))
+    if saes:
+        figs.append(("SAE L0-fidelity frontier", plots.sae_frontier(saes, folder / "sae_frontier.png")))
+    if per_model:
+        figs.append(("Sparsity against specialisation",
+                     plots.sparsity_vs_specialisation({n: per_model[n] for n in shown if n in per_model},
+                                                      folder / "sparsity_vs_specialisation.png")))
+    return figs
+
+
+def write_report(out: Path, preset: str) -> Path:
+    """Tables (md, csv, tex), PNG figures and a self-contained report.html in OUT/report/."""
+    out = Path(out)
+    meta = json.loads((out / "reproduce.json").read_text())
+    names = meta["models"]
+    per_model = {n: model_metrics(out, n) for n in names}
+    cells = aggregate(per_model)
+    folder = out / "report"
+    where = "paper scale (meant for a GPU)" if preset == "paper" else "CPU scale, not the paper's"
+    scale = f"preset {preset}, {where}"
+    write_tables(cells, folder, scale)
+    (folder / "per_model.json").write_text(json.dumps(per_model, indent=1) + "\n")
+    figs = figures(out, names, per_model, meta["config"].get("data", ""))
+    write_html(folder / "report.html", f"Self-ablating transformers: reproduction ({preset})",
+               (folder / "table.md").read_text(), figs)
+    return folder

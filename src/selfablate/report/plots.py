@@ -1,0 +1,121 @@
+"""The report's figures, as PNG files (matplotlib, Agg backend: no screen needed)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from ..eval.circuit_report import node_xy  # noqa: E402
+
+
+def _save(fig: Any, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def training_curves(models: dict[str, Path], path: Path) -> Path:
+    """Held-out clean (solid) and ablated (dashed) loss against step, one colour per model."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for i, (name, folder) in enumerate(models.items()):
+        rows = [r for r in _jsonl(folder / "metrics.jsonl") if "val_loss_clean" in r]
+        colour = f"C{i % 10}"
+        ax.plot([r["step"] for r in rows], [r["val_loss_clean"] for r in rows], color=colour, label=name)
+        abl = [r for r in rows if r.get("val_loss_ablated") is not None]
+        if abl:
+            ax.plot([r["step"] for r in abl], [r["val_loss_ablated"] for r in abl], color=colour, ls="--")
+    ax.set(xlabel="step", ylabel="held-out CE (nats/token)", title="Training curves (dashed: ablated stream)")
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def selection_heatmaps(evals: dict[str, dict[str, Any]], path: Path) -> Path:
+    """Per layer, how often each attention unit and neuron is selected (units sorted by frequency)."""
+    named = [(n, e["masks"]) for n, e in evals.items() if "masks" in e]
+    fig, axes = plt.subplots(len(named), 2, figsize=(9, 1.2 + 1.3 * len(named)), squeeze=False)
+    for row, (name, masks) in zip(axes, named):
+        for ax, kind in zip(row, ("attn", "mlp")):
+            freq = -np.sort(-np.asarray(masks[kind]["selection_frequency"]), axis=1)  # (n_layers, width)
+            im = ax.imshow(freq, aspect="auto", cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
+            ax.set(title=f"{name}: {kind} units, k={masks[kind]['k']}", ylabel="layer", xlabel="unit (sorted)")
+            ax.title.set_fontsize(8)
+    fig.colorbar(im, ax=axes, shrink=0.6, label="selection frequency")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def story_masks(model: Any, tokens: torch.Tensor, labels: list[str], path: Path) -> Path:
+    """The mask of every token of one story: rows tokens, columns every layer's attention units
+    then every layer's neurons (white: kept)."""
+    with torch.no_grad():
+        out = model(tokens.view(1, -1))
+    attn = out.attn_mask[0].flatten(1).float().cpu().numpy()  # (pos, n_layers * d_model)
+    mlp = out.mlp_mask[0].flatten(1).float().cpu().numpy()  # (pos, n_layers * d_mlp)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 0.16 * len(labels) + 1.5), gridspec_kw={"width_ratios": [1, 2]})
+    for ax, m, title, width in ((axes[0], attn, "attention units", model.cfg.d_model),
+                                (axes[1], mlp, "neurons", model.cfg.d_mlp)):
+        ax.imshow(m, aspect="auto", cmap="gray", interpolation="nearest")
+        for l in range(1, model.cfg.n_layers):
+            ax.axvline(l * width - 0.5, color="red", lw=0.6)
+        ax.set(title=f"{title} (red: layer boundaries)", xlabel="unit")
+        ax.set_yticks(range(len(labels)), labels, fontsize=6)
+    return _save(fig, path)
+
+
+def circuits(results: dict[str, dict[str, Any]], path: Path) -> Path:
+    """The ACDC circuits side by side: nodes by layer, kept edges coloured by destination."""
+    fig, axes = plt.subplots(1, len(results), figsize=(4 * len(results), 5), squeeze=False)
+    colour = {"q": "#d62728", "k": "#2ca02c", "v": "#1f77b4"}
+    for ax, (name, r) in zip(axes[0], results.items()):
+        L, H = r["config"]["n_layers"], r["config"]["n_heads"]
+        nodes = ["embed", "final"] + [f"L{l}.H{h}" for l in range(L) for h in range(H)] + [f"L{l}.MLP" for l in range(L)]
+        for e in r["acdc"]["circuit"]:
+            kind = e["dest"][-1] if e["dest"][-2:] in (".q", ".k", ".v") else ""
+            dest = e["dest"][:-2] if kind else e["dest"]
+            (x1, y1), (x2, y2) = node_xy(e["source"], L, H), node_xy(dest, L, H)
+            ax.plot([x1, x2], [y1, y2], color=colour.get(kind, "#555"), alpha=0.7, lw=1)
+        xy = np.array([node_xy(n, L, H) for n in nodes])
+        ax.scatter(xy[:, 0], xy[:, 1], s=30, facecolor="white", edgecolor="black", zorder=3)
+        ax.set_title(f"{name}: {r['acdc']['edges']} edges (tau={r['acdc']['tau']})", fontsize=9)
+        ax.invert_yaxis()
+        ax.axis("off")
+    return _save(fig, path)
+
+
+def sae_frontier(frontiers: dict[str, list[dict[str, Any]]], path: Path) -> Path:
+    """SAE CE-loss score against L0, one line per model (one point per L1 coefficient)."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, points in frontiers.items():
+        pts = sorted(points, key=lambda p: p["l0"])
+        ax.plot([p["l0"] for p in pts], [p["ce_loss_score_zero"] for p in pts], marker="o", label=name)
+    ax.set(xlabel="L0 (active latents per token)", ylabel="CE-loss score", title="SAE frontier")
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def sparsity_vs_specialisation(per_model: dict[str, dict[str, float]], path: Path) -> Path:
+    """Does sparsity buy specialisation? Hoyer sparsity of clean MLP activations against neuron
+    selectivity, and the fraction of units needed to localise the loss (lower: more localised)."""
+    fig, axes = plt.subplots(1, 2, figsize=(9, 4))
+    for ax, key, label in ((axes[0], "selectivity", "neuron selectivity"),
+                           (axes[1], "localisation", "units needed (fraction)")):
+        for name, m in per_model.items():
+            if "hoyer" in m and key in m:
+                ax.scatter(m["hoyer"], m[key])
+                ax.annotate(name, (m["hoyer"], m[key]), fontsize=7)
+        ax.set(xlabel="Hoyer sparsity of MLP activations", ylabel=label)
+    return _save(fig, path)

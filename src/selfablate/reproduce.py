@@ -1,0 +1,200 @@
+"""`selfablate reproduce`: the paper's experiment grid end to end, resumable.
+
+A baseline and every (ablation, k) of the grid, for each seed; then, per model, the evaluations
+(loss, masks, sparsity, specialisation, leakage), the IOI circuits and an SAE; then the report.
+Every stage writes its result atomically and is skipped when that result exists, so an
+interrupted run picks up where it stopped (training itself resumes from its checkpoint).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, NamedTuple
+
+from tqdm.auto import tqdm
+
+from .config import ModelConfig, TrainConfig, get_preset, require
+
+ABLATIONS = ("local", "global", "both")
+
+
+@dataclass(frozen=True)
+class ReproduceConfig:
+    """What `selfablate reproduce` runs."""
+
+    out: str = "runs/reproduce"
+    """Folder for models/, eval/, circuits/, sae/ and report/."""
+    preset: str = "cpu-small"
+    """Model and training preset (cpu-small, paper, tiny)."""
+    data: str = ""
+    """Training data (as for train); empty: the default."""
+    ablations: str = "local,global"
+    """Comma-separated self-ablating modes of the grid (a baseline is always trained)."""
+    ks: str = "1,2,4,8"
+    """Comma-separated k values: k_attn = k_mlp = k for every self-ablating model."""
+    seeds: str = "0"
+    """Comma-separated training seeds; the report gives mean +/- std over them."""
+    max_steps: int = 0
+    """Optimiser steps per model; 0 keeps the preset's."""
+    eval_max_tokens: int = 0
+    """Evaluate on the first this many held-out tokens; 0: the whole split."""
+    circuit_prompts: int = 64
+    """IOI prompt pairs for ACDC (the paper: 64)."""
+    tau: float = 0.03
+    """ACDC threshold (the paper: 0.03)."""
+    tau_sweep: str = "0.003,0.01,0.1"
+    """More ACDC thresholds for the faithfulness curve."""
+    sae_layer: int = -2
+    """SAE on blocks.<layer>.hook_mlp_out of the clean stream; negative counts from the end
+    (-2: layer 6 of 8, the paper's)."""
+    sae_steps: int = 2000
+    """SAE optimiser steps (of 4,096 activations)."""
+    sae_eval_tokens: int = 32768
+    """Held-out tokens for each SAE's metrics."""
+    sae_sweep: str = ""
+    """Extra L1 coefficients for an SAE frontier per model (comma-separated; empty: only 5)."""
+    progress: bool = True
+    """Show progress bars."""
+
+    def __post_init__(self) -> None:
+        require(all(a in ABLATIONS for a in self.ablation_list()),
+                f"ablations must be a comma-separated subset of {','.join(ABLATIONS)}; got {self.ablations!r}")
+        for name in ("ks", "seeds", "tau_sweep", "sae_sweep"):
+            try:
+                self._numbers(name)
+            except ValueError:
+                raise_config(f"{name} must be comma-separated numbers, got {getattr(self, name)!r}")
+        require(all(k >= 1 for k in self.k_list()), f"every k must be >= 1, got {self.ks!r}")
+        require(self.max_steps >= 0 and self.eval_max_tokens >= 0 and self.sae_steps >= 1 and self.sae_eval_tokens >= 1,
+                "max_steps and eval_max_tokens must be >= 0, sae_steps and sae_eval_tokens >= 1")
+        get_preset(self.preset)
+
+    def _numbers(self, name: str) -> list[float]:
+        return [float(x) for x in getattr(self, name).split(",") if x.strip()]
+
+    def ablation_list(self) -> list[str]:
+        return [a for a in self.ablations.split(",") if a]
+
+    def k_list(self) -> list[int]:
+        return [int(k) for k in self._numbers("ks")]
+
+    def seed_list(self) -> list[int]:
+        return [int(s) for s in self._numbers("seeds")]
+
+    def sae_coefs(self) -> list[float]:
+        return sorted({5.0, *self._numbers("sae_sweep")})
+
+
+def raise_config(message: str) -> None:
+    from .errors import ConfigError
+
+    raise ConfigError(message)
+
+
+class RunSpec(NamedTuple):
+    """One model of the grid."""
+
+    name: str
+    """e.g. none-s0, local-k2-s0."""
+    model: ModelConfig
+    train: TrainConfig
+
+
+def grid(cfg: ReproduceConfig) -> list[RunSpec]:
+    """The baseline and each (ablation, k), per seed; k is checked against the layer widths."""
+    model_base, train_base = get_preset(cfg.preset)
+    root = Path(cfg.out) / "models"
+    specs = []
+    for seed in cfg.seed_list():
+        variants = [("none", {"ablation": "none"})] + [
+            (f"{a}-k{k}", {"ablation": a, "k_attn": k, "k_mlp": k}) for a in cfg.ablation_list() for k in cfg.k_list()]
+        for name, changes in variants:
+            model = dataclasses.replace(model_base, **changes)  # validates k against d_model and d_mlp
+            train = dataclasses.replace(train_base, out=str(root / f"{name}-s{seed}"), data=cfg.data, seed=seed,
+                                        resume=True, progress=False, max_steps=cfg.max_steps or train_base.max_steps)
+            specs.append(RunSpec(f"{name}-s{seed}", model, train))
+    return specs
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write JSON atomically: a stage's result exists completely or not at all."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+class Stage(NamedTuple):
+    name: str
+    result: Callable[[Path, RunSpec], Path]
+    """Where the stage's result lives (it is done when this file exists)."""
+    run: Callable[[ReproduceConfig, RunSpec], None]
+
+
+def _checkpoint(spec: RunSpec) -> Path:
+    return Path(spec.train.out) / "checkpoint"
+
+
+def _train(cfg: ReproduceConfig, spec: RunSpec) -> None:
+    from .train import train
+
+    result = train(spec.model, spec.train)
+    write_json(Path(spec.train.out) / "done.json", {"steps": result.steps, "val": result.final_eval._asdict()})
+
+
+def _evaluate(cfg: ReproduceConfig, spec: RunSpec) -> None:
+    from .eval.evaluate import EvalConfig, evaluate_checkpoint
+    from .train import resolve_device
+
+    ecfg = EvalConfig(out="", data=cfg.data, max_tokens=cfg.eval_max_tokens, progress=False)
+    result = evaluate_checkpoint(_checkpoint(spec), ecfg, resolve_device(spec.train.device))
+    write_json(Path(cfg.out) / "eval" / f"{spec.name}.json", result)
+
+
+def _circuits(cfg: ReproduceConfig, spec: RunSpec) -> None:
+    from .eval.circuit_report import CircuitConfig, write_circuits
+
+    ccfg = CircuitConfig(out=str(Path(cfg.out) / "circuits" / spec.name), prompts=cfg.circuit_prompts,
+                         tau=cfg.tau, sweep=cfg.tau_sweep, progress=False)
+    write_circuits(str(_checkpoint(spec)), ccfg)
+
+
+def sae_hook(cfg: ReproduceConfig, spec: RunSpec) -> str:
+    layer = cfg.sae_layer % spec.model.n_layers
+    return f"blocks.{layer}.hook_mlp_out"
+
+
+def _sae(cfg: ReproduceConfig, spec: RunSpec) -> None:
+    from .sae.train import SAETrainConfig, run_sae_sweep
+
+    scfg = SAETrainConfig(out=str(Path(cfg.out) / "sae" / spec.name), hook=sae_hook(cfg, spec), data=cfg.data,
+                          steps=cfg.sae_steps, eval_tokens=cfg.sae_eval_tokens, progress=False)
+    run_sae_sweep(str(_checkpoint(spec)), scfg, cfg.sae_coefs())
+
+
+STAGES = (
+    Stage("train", lambda out, s: Path(s.train.out) / "done.json", _train),
+    Stage("evaluate", lambda out, s: out / "eval" / f"{s.name}.json", _evaluate),
+    Stage("circuits", lambda out, s: out / "circuits" / s.name / "circuit.json", _circuits),
+    Stage("sae", lambda out, s: out / "sae" / s.name / "frontier.json", _sae),
+)
+
+
+def run_reproduce(cfg: ReproduceConfig) -> Path:
+    """Run every missing stage of every model, then write the report. Returns the report folder."""
+    from .report.build import write_report
+
+    out = Path(cfg.out)
+    specs = grid(cfg)
+    write_json(out / "reproduce.json", {"config": dataclasses.asdict(cfg), "models": [s.name for s in specs]})
+    todo = [(spec, stage) for spec in specs for stage in STAGES]
+    bar = tqdm(todo, desc="reproduce", disable=not cfg.progress, dynamic_ncols=True)
+    for spec, stage in bar:
+        bar.set_postfix_str(f"{stage.name} {spec.name}")
+        if not stage.result(out, spec).exists():
+            stage.run(cfg, spec)
+    return write_report(out, cfg.preset)

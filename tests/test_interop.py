@@ -1,0 +1,73 @@
+"""Exports to TransformerLens and Hugging Face (skipped where those libraries are absent)."""
+
+import pytest
+import torch
+
+from selfablate import ModelConfig, SelfAblatingTransformer
+from selfablate.errors import SelfAblateError
+
+CFG = dict(vocab_size=300, n_ctx=32, d_model=32, n_layers=2, n_heads=4, d_mlp=64, ablation="local", k_attn=8, k_mlp=16)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    m = SelfAblatingTransformer(ModelConfig(**CFG)).double().eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return m
+
+
+def test_transformer_lens_export_matches_both_streams(model):
+    pytest.importorskip("transformer_lens")
+    from selfablate.interop.transformer_lens import ablation_hooks, to_hooked_transformer
+
+    ht = to_hooked_transformer(model)
+    tokens = torch.randint(0, CFG["vocab_size"], (3, 20), generator=torch.Generator().manual_seed(1))
+    ours = model(tokens)
+    torch.testing.assert_close(ht(tokens).detach(), ours.logits_clean, rtol=0, atol=1e-5)
+    for pos in (0, 9, 19):
+        theirs = ht.run_with_hooks(tokens[:, : pos + 1], fwd_hooks=ablation_hooks(model, tokens, pos))[:, pos]
+        torch.testing.assert_close(theirs.detach(), ours.logits_ablated[:, pos], rtol=0, atol=1e-5)
+        assert (ours.logits_ablated[:, pos] - ours.logits_clean[:, pos]).abs().max() > 1e-3  # the hooks matter
+
+
+def test_transformer_lens_missing_is_a_one_line_error(model, monkeypatch):
+    import selfablate.interop.transformer_lens as tl_export
+
+    def missing(name):
+        raise ImportError(f"No module named '{name}'")
+
+    monkeypatch.setattr(tl_export.importlib, "import_module", missing)
+    with pytest.raises(SelfAblateError, match=r"selfablate\[tl\]"):
+        tl_export.to_hooked_transformer(model)
+
+
+def test_gpt_neo_export_and_import_round_trip(model):
+    pytest.importorskip("transformers")
+    from selfablate.interop.hf import from_gpt_neo, to_gpt_neo
+
+    base = SelfAblatingTransformer(ModelConfig(**(CFG | {"ablation": "none"}))).double().eval()
+    base.load_state_dict({k: v for k, v in model.state_dict().items() if "mask_head" not in k}, strict=True)
+    hf = to_gpt_neo(base)
+    tokens = torch.randint(0, CFG["vocab_size"], (2, 24), generator=torch.Generator().manual_seed(2))
+    ours = base(tokens).logits_clean
+    torch.testing.assert_close(hf(tokens).logits.detach(), ours, rtol=0, atol=1e-5)
+    back = from_gpt_neo(hf)
+    torch.testing.assert_close(back(tokens).logits_clean, ours, rtol=0, atol=1e-10)
+
+
+def test_gpt_neo_with_local_layers_imports_within_its_window():
+    transformers = pytest.importorskip("transformers")
+    from selfablate.interop.hf import from_gpt_neo
+
+    torch.manual_seed(0)
+    cfg = transformers.GPTNeoConfig(vocab_size=300, max_position_embeddings=64, hidden_size=32, num_layers=2,
+                                    num_heads=4, attention_types=[[["global", "local"], 1]], window_size=16,
+                                    intermediate_size=64, embed_dropout=0.0, attention_dropout=0.0, resid_dropout=0.0)
+    hf = transformers.GPTNeoForCausalLM(cfg).eval()
+    ours = from_gpt_neo(hf)
+    assert ours.cfg.n_ctx == 16
+    tokens = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(ours(tokens).logits_clean, hf(tokens).logits.detach(), rtol=0, atol=1e-5)

@@ -1,0 +1,110 @@
+"""`selfablate reproduce`: the grid end to end at tiny scale, resumable, and its report."""
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from selfablate import reproduce
+from selfablate.errors import ConfigError
+from selfablate.report.table import Cell, aggregate, markdown
+from selfablate.reproduce import ReproduceConfig, grid
+
+
+def tiny_cfg(out: Path, data: str) -> ReproduceConfig:
+    return ReproduceConfig(out=str(out), preset="tiny", data=data, ablations="local", ks="2", seeds="0",
+                           max_steps=6, eval_max_tokens=2048, circuit_prompts=4, tau_sweep="0.01", sae_steps=10,
+                           sae_eval_tokens=1024, progress=False)
+
+
+def test_grid_is_baseline_plus_ablation_by_k_by_seed():
+    cfg = ReproduceConfig(ablations="local,global", ks="2,8", seeds="0,1")
+    names = [s.name for s in grid(cfg)]
+    assert names == ["none-s0", "local-k2-s0", "local-k8-s0", "global-k2-s0", "global-k8-s0",
+                     "none-s1", "local-k2-s1", "local-k8-s1", "global-k2-s1", "global-k8-s1"]
+    spec = grid(cfg)[2]
+    assert (spec.model.k_attn, spec.model.k_mlp, spec.train.seed, spec.train.resume) == (8, 8, 0, True)
+
+
+@pytest.mark.parametrize("bad", [dict(ks="2,x"), dict(ablations="local,nope"), dict(ks="0"), dict(preset="huge")])
+def test_bad_grid_is_a_config_error(bad):
+    with pytest.raises(ConfigError):
+        ReproduceConfig(**bad)
+
+
+def test_k_wider_than_the_layer_is_a_config_error():
+    with pytest.raises(ConfigError, match="k"):
+        grid(ReproduceConfig(preset="tiny", ks="4096"))
+
+
+def test_aggregate_gives_mean_and_sample_std_over_seeds():
+    cells = aggregate({"local-k2-s0": {"ioi_edges": 10.0}, "local-k2-s1": {"ioi_edges": 14.0},
+                       "none-s0": {"ioi_edges": 30.0}})
+    by = {c.name: c for c in cells}
+    assert by["local-k2"].seeds == 2 and by["local-k2"].mean["ioi_edges"] == 12.0
+    assert by["local-k2"].std["ioi_edges"] == pytest.approx(2 ** 0.5 * 2)  # sample std of (10, 14)
+    assert by["none"].std["ioi_edges"] == 0.0
+    md = markdown([Cell("local-k2", 2, {"ioi_edges": 12.0}, {"ioi_edges": 2.8284})], "test")
+    assert "| local-k2 | 2 | 12 ± 3 |" in md and "79" in md  # the paper's baseline row is printed beside
+
+
+@pytest.mark.slow
+def test_reproduce_runs_resumes_and_reports(tmp_path, stories_dir, monkeypatch):
+    cfg = tiny_cfg(tmp_path / "run", str(stories_dir))
+    # Interrupt the first run at its first SAE: everything before it must survive.
+    real_sae = reproduce._sae
+
+    def broken(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(reproduce, "STAGES", tuple(s._replace(run=broken) if s.name == "sae" else s
+                                                  for s in reproduce.STAGES))
+    with pytest.raises(KeyboardInterrupt):
+        reproduce.run_reproduce(cfg)
+    out = Path(cfg.out)
+    done = out / "models" / "none-s0" / "done.json"
+    evaluated = out / "eval" / "none-s0.json"
+    stamps = {p: p.stat().st_mtime_ns for p in (done, evaluated, out / "circuits" / "none-s0" / "circuit.json")}
+    assert not (out / "sae").exists()
+
+    monkeypatch.setattr(reproduce, "STAGES", tuple(s._replace(run=real_sae) if s.name == "sae" else s
+                                                  for s in reproduce.STAGES))
+    folder = reproduce.run_reproduce(cfg)
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # finished stages were skipped
+    per_model = json.loads((folder / "per_model.json").read_text())
+    assert set(per_model) == {"none-s0", "local-k2-s0"}
+    for m in per_model.values():
+        assert {"ioi_edges", "sae_l0", "sae_ce_score", "ppl_clean", "weight_l1"} <= set(m)
+    assert "ppl_ablated" in per_model["local-k2-s0"] and "ppl_ablated" not in per_model["none-s0"]
+    table = (folder / "table.md").read_text()
+    assert "| local-k2 |" in table and "| none |" in table and "paper" in table
+    assert (folder / "table.csv").read_text().count("\n") == 2 + 1 + 2  # header, 2 cells, 2 paper rows
+    assert "\\begin{tabular}" in (folder / "table.tex").read_text()
+    for png in ("training_curves", "selection_frequency", "story_masks", "circuits", "sae_frontier",
+                "sparsity_vs_specialisation"):
+        assert (folder / f"{png}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    html = (folder / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 6 and "<table>" in html
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(CHROMIUM is None, reason="needs chromium (Debian package `chromium`; `make test` installs it)")
+def test_report_html_renders_in_headless_chromium(tmp_path):
+    from selfablate.report.html import write_html
+    from selfablate.report.plots import sae_frontier
+
+    png = sae_frontier({"m": [{"l0": 1.0, "ce_loss_score_zero": 0.5}, {"l0": 3.0, "ce_loss_score_zero": 0.8}]},
+                       tmp_path / "f.png")
+    page = write_html(tmp_path / "report.html", "t", "| model | x |\n|---|---|\n| a | 1 |\n| b | 2 |\n",
+                      [("one", png), ("two", png)])
+    dom = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                          "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                          f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000", "--dump-dom",
+                          page.as_uri()], capture_output=True, text=True, timeout=120).stdout
+    assert 'data-images-loaded="2/2"' in dom and 'data-table-rows="2"' in dom
+    assert "2 of 2 figures loaded" in dom
