@@ -17,8 +17,9 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The paper's grid at CPU scale (a baseline, local and global x k in {2, 8}), every evaluation and the report.
 demo: $(STAMP)
-	$(BIN)/selfablate demo --out runs/demo
+	$(BIN)/selfablate reproduce --preset cpu-small --ks 2,8 --out runs/demo
 
 test: $(STAMP) browser
 	$(BIN)/python -m pytest -q

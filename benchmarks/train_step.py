@@ -72,13 +72,19 @@ def rss_mb() -> float:
         return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
 
+def peak_rss_mb() -> float:
+    """VmHWM, the high-water mark of this process's own memory (ru_maxrss would carry over the
+    parent's peak across fork + exec)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
+
+
 def child(name: str, steps: int) -> None:
     step = CONTENDERS[name]()
     setup = rss_mb()
     for _ in range(steps):
         step()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"setup_mb": setup, "peak_mb": peak}))
+    print(json.dumps({"setup_mb": setup, "peak_mb": peak_rss_mb()}))
 
 
 def memory(name: str) -> dict[str, float]:

@@ -132,8 +132,10 @@ class SelfAblatingTransformer(HookedModule):
         """Run the blocks on embeddings x. Masks are (batch, pos, n_layers, width) or None;
         with clean_kv, attention follows the two-stream rule (see `layers.self_ablated_allowed`)."""
         pre, post, kvs = [], [], []
+        # unbind, not [:, :, layer]: each select's backward would zero-fill a whole (B, T, L, W) gradient.
+        per_layer = None if attn_mask is None else list(zip(attn_mask.unbind(2), mlp_mask.unbind(2)))
         for layer, block in enumerate(self.blocks):
-            masks = None if attn_mask is None else BlockMasks(attn_mask[:, :, layer], mlp_mask[:, :, layer])
+            masks = None if per_layer is None else BlockMasks(*per_layer[layer])
             pre.append(x)
             x, kv = block(x, stream, masks, None if clean_kv is None else clean_kv[layer])
             post.append(x)
@@ -153,9 +155,8 @@ class SelfAblatingTransformer(HookedModule):
         mlp_scores = sum(s[1] for s in scores)
         mask_fn, cfg = MASK_FUNCTIONS[self.cfg.mask_fn], self.cfg
         attn_masks, mlp_masks = [], []
-        for layer, block in enumerate(self.blocks):
-            a = block.hook_attn_scores(attn_scores[:, :, layer])
-            m = block.hook_mlp_scores(mlp_scores[:, :, layer])
+        for block, a, m in zip(self.blocks, attn_scores.unbind(2), mlp_scores.unbind(2)):
+            a, m = block.hook_attn_scores(a), block.hook_mlp_scores(m)
             attn_masks.append(block.hook_attn_mask(mask_fn(a, cfg.k_attn, cfg.temperature_attn, cfg.topk_eps)))
             mlp_masks.append(block.hook_mlp_mask(mask_fn(m, cfg.k_mlp, cfg.temperature_mlp, cfg.topk_eps)))
         return torch.stack(attn_masks, dim=2), torch.stack(mlp_masks, dim=2)
