@@ -71,3 +71,21 @@ def test_gpt_neo_with_local_layers_imports_within_its_window():
     assert ours.cfg.n_ctx == 16
     tokens = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(3))
     torch.testing.assert_close(ours(tokens).logits_clean, hf(tokens).logits.detach(), rtol=0, atol=1e-5)
+
+
+def test_compact_vocabulary_exports_back_to_gpt2_ids_exactly():
+    pytest.importorskip("transformer_lens")
+    from selfablate.interop.transformer_lens import to_hooked_transformer
+
+    torch.manual_seed(0)
+    kept = torch.tensor([0, 11, 13, 257, 262, 50256])  # GPT-2 ids the "training data" had
+    model = SelfAblatingTransformer(ModelConfig(**(CFG | {"vocab_size": len(kept) + 1, "compact_vocab": True}))).double().eval()
+    model.vocab_ids.copy_(kept)
+    ht = to_hooked_transformer(model, full_vocab=True)
+    gpt2 = torch.tensor([[257, 11, 999, 262, 13, 40000]])  # 999 and 40000 are not kept: both read <unk>
+    ours = model(model.to_model_ids(gpt2)).logits_clean.log_softmax(-1)  # (1, T, 7)
+    theirs = ht(gpt2).detach().log_softmax(-1)  # (1, T, 50257)
+    torch.testing.assert_close(theirs[..., kept], ours[..., :-1], rtol=0, atol=1e-6)
+    missing = torch.ones(50257, dtype=torch.bool)
+    missing[kept] = False
+    torch.testing.assert_close(theirs[..., missing].logsumexp(-1), ours[..., -1], rtol=0, atol=1e-6)

@@ -4,13 +4,17 @@ TransformerLens 2.x is what the paper's tools (auto-circuit, SAELens) accept; ve
 `HookedTransformer`, so the extra pins transformer-lens >= 2.16, < 3. The exported model runs
 the clean stream; `ablation_hooks` reproduces the ablated stream at one chosen position.
 
-A compact-vocabulary model exports over its own ids (d_vocab = cfg.vocab_size); translate tokens
-with `model.to_model_ids`.
+A compact-vocabulary model exports over its own ids (d_vocab = cfg.vocab_size; translate tokens
+with `model.to_model_ids`), or with full_vocab=True back over GPT-2's 50257 ids, exactly: every id
+the model lacks reads <unk>'s embedding, and its logit is <unk>'s minus log(number of such ids)
+(through the unembedding bias b_U), so together they carry <unk>'s probability and every kept
+id's probability is unchanged.
 """
 
 from __future__ import annotations
 
 import importlib
+import math
 from typing import Any, Callable
 
 import torch
@@ -18,6 +22,8 @@ from torch import Tensor
 
 from ..errors import SelfAblateError
 from ..model import SelfAblatingTransformer
+
+GPT2_VOCAB = 50257
 
 
 def _transformer_lens() -> Any:
@@ -28,24 +34,37 @@ def _transformer_lens() -> Any:
                               f"(transformer-lens >= 2.16, < 3): {e}") from None
 
 
-def hooked_transformer_config(model: SelfAblatingTransformer, **overrides: Any) -> Any:
+def hooked_transformer_config(model: SelfAblatingTransformer, full_vocab: bool = False, **overrides: Any) -> Any:
     """The HookedTransformerConfig of our clean stream: GPT-Neo-style, unscaled attention."""
     c = model.cfg
     kwargs = dict(n_layers=c.n_layers, d_model=c.d_model, n_ctx=c.n_ctx, d_head=c.d_head, n_heads=c.n_heads,
-                  d_mlp=c.d_mlp, d_vocab=c.vocab_size, act_fn="gelu_new", normalization_type="LN", eps=c.ln_eps,
+                  d_mlp=c.d_mlp, d_vocab=GPT2_VOCAB if full_vocab else c.vocab_size, act_fn="gelu_new", normalization_type="LN", eps=c.ln_eps,
                   use_attn_scale=False, positional_embedding_type="standard", default_prepend_bos=False,
                   original_architecture="GPTNeoForCausalLM", dtype=model.wte.weight.dtype)
     return _transformer_lens().HookedTransformerConfig(**(kwargs | overrides))
 
 
-def hooked_transformer_state_dict(model: SelfAblatingTransformer) -> dict[str, Tensor]:
+def _embedding(model: SelfAblatingTransformer, full_vocab: bool) -> tuple[Tensor, Tensor]:
+    """(vocab, d_model) embedding and (vocab,) unembedding bias, over GPT-2's ids if full_vocab."""
+    w = model.wte.weight
+    if not full_vocab or not model.cfg.compact_vocab:
+        return w, w.new_zeros(w.shape[0])
+    lookup = torch.as_tensor(model.token_lookup(), device=w.device)  # GPT-2 id -> model id
+    missing = lookup == model.unk_id
+    bias = w.new_zeros(GPT2_VOCAB)
+    bias[missing] = -math.log(int(missing.sum()))  # the missing ids share <unk>'s probability
+    return w[lookup], bias
+
+
+def hooked_transformer_state_dict(model: SelfAblatingTransformer, full_vocab: bool = False) -> dict[str, Tensor]:
     """Our weights under TransformerLens's names and layouts (W_Q: (n_heads, d_model, d_head),
     W_O: (n_heads, d_head, d_model), W_in: (d_model, d_mlp), W_U: (d_model, d_vocab))."""
     c = model.cfg
     H, Dh, D = c.n_heads, c.d_head, c.d_model
-    sd = {"embed.W_E": model.wte.weight, "pos_embed.W_pos": model.wpe.weight,
+    emb, bias = _embedding(model, full_vocab)
+    sd = {"embed.W_E": emb, "pos_embed.W_pos": model.wpe.weight,
           "ln_final.w": model.ln_final.weight, "ln_final.b": model.ln_final.bias,
-          "unembed.W_U": model.wte.weight.T, "unembed.b_U": model.wte.weight.new_zeros(c.vocab_size)}
+          "unembed.W_U": emb.T, "unembed.b_U": bias}
     for l, block in enumerate(model.blocks):
         p, attn = f"blocks.{l}.", block.attn
         for name, proj in (("Q", attn.q_proj), ("K", attn.k_proj), ("V", attn.v_proj)):
@@ -60,13 +79,14 @@ def hooked_transformer_state_dict(model: SelfAblatingTransformer) -> dict[str, T
     return {k: v.detach().clone().contiguous() for k, v in sd.items()}
 
 
-def to_hooked_transformer(model: SelfAblatingTransformer, **cfg_overrides: Any) -> Any:
+def to_hooked_transformer(model: SelfAblatingTransformer, full_vocab: bool = False, **cfg_overrides: Any) -> Any:
     """A HookedTransformer computing our clean stream (logits equal to ours to float rounding).
+    full_vocab: a compact-vocabulary model over GPT-2's ids (see the module docstring).
     cfg_overrides go to HookedTransformerConfig, e.g. use_attn_result=True, use_split_qkv_input=True,
     use_hook_mlp_in=True for auto-circuit."""
     tl = _transformer_lens()
-    ht = tl.HookedTransformer(hooked_transformer_config(model, **cfg_overrides))
-    missing, unexpected = ht.load_state_dict(hooked_transformer_state_dict(model), strict=False)
+    ht = tl.HookedTransformer(hooked_transformer_config(model, full_vocab, **cfg_overrides))
+    missing, unexpected = ht.load_state_dict(hooked_transformer_state_dict(model, full_vocab), strict=False)
     buffers = {name for name, _ in ht.named_buffers()}
     if unexpected or set(missing) - buffers:
         raise SelfAblateError(f"TransformerLens layout mismatch: missing {sorted(set(missing) - buffers)[:5]}, "
