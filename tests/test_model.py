@@ -225,3 +225,20 @@ def test_straight_through_mask_without_autograd_is_the_hard_mask():
         fast = hard_topk_soft_grad(s.clone().requires_grad_(), 4, 0.1)
     torch.testing.assert_close(fast, hard_topk(s, 4), rtol=0, atol=0)
     assert (hard_topk_soft_grad(s, 12, 0.1) == 1).all()
+
+
+def test_self_key_attention_equals_the_masked_two_stream_form_with_gradients():
+    from selfablate.model.hooks import HookPoint
+    from selfablate.model.layers import KV, attend, attend_self_ablated, self_ablated_allowed
+
+    g = torch.Generator().manual_seed(0)
+    q, kc, vc, ka, va = (torch.randn(2, 3, 7, 4, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(5))
+    fast = attend_self_ablated(q, KV(kc, vc), KV(ka, va))
+    slow = attend(q, torch.cat([kc, ka], 2), torch.cat([vc, va], 2), self_ablated_allowed(7, q.device), HookPoint())
+    torch.testing.assert_close(fast, slow, rtol=0, atol=1e-12)
+    w = torch.randn(fast.shape, generator=g, dtype=torch.float64)
+    for a, b in zip(torch.autograd.grad((fast * w).sum(), (q, kc, vc, ka, va)),
+                    torch.autograd.grad((slow * w).sum(), (q, kc, vc, ka, va))):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    # Position 0 has no clean past: it sees only its own ablated value.
+    torch.testing.assert_close(fast[:, :, 0], va[:, :, 0])

@@ -37,6 +37,28 @@ def attend(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None, pattern: Hoo
     return pattern(scores.softmax(dim=-1)) @ v
 
 
+def attend_self_ablated(q: Tensor, clean: KV, own: KV) -> Tensor:
+    """The two-stream rule in one causal fused call over pos + 1 keys instead of a masked one over
+    2 * pos (same result; tested against the masked form).
+
+    Query t must see the clean keys j < t and its own ablated key t. Put a "self" key first,
+    k* = [0, ..., 0, 1], and give each query one more dimension holding its own-key score
+    q_t . k_own_t: then q~_t . k* is that score and q~_t . [k_j, 0] = q_t . k_j, and top-left
+    causal masking lets query t see exactly k* and the clean keys 0..t-1. The self key's value
+    [0, ..., 0, 1] returns its softmax weight w_t in the last output column, so
+    z_t = sum_j<t p_tj v_j + w_t * v_own_t. q and the KVs: (B, H, pos, Dh) -> (B, H, pos, Dh).
+    """
+    B, H, T, Dh = q.shape
+    own_score = (q * own.k).sum(-1, keepdim=True)  # (B, H, T, 1)
+    self_key = q.new_zeros(B, H, 1, Dh + 1)
+    self_key[..., Dh] = 1.0
+    zero = q.new_zeros(B, H, T, 1)
+    keys = torch.cat([self_key, torch.cat([clean.k, zero], -1)], dim=2)  # (B, H, T + 1, Dh + 1)
+    values = torch.cat([self_key, torch.cat([clean.v, zero], -1)], dim=2)  # (B, H, T + 1, Dh + 1)
+    z = F.scaled_dot_product_attention(torch.cat([q, own_score], -1), keys, values, is_causal=True, scale=1.0)
+    return z[..., :Dh] + z[..., Dh:] * own.v  # (B, H, T, Dh)
+
+
 def self_ablated_allowed(pos: int, device: torch.device) -> Tensor:
     """Which keys an ablated query may see, over [clean keys | ablated keys]: (pos, 2 * pos).
 
@@ -76,7 +98,9 @@ class Attention(nn.Module):
         pattern = hook(self, "hook_pattern", stream)
         if clean_kv is None:
             z = attend(q, k, v, None, pattern)
-        else:
+        elif not pattern.active:
+            z = attend_self_ablated(q, clean_kv, KV(k, v))
+        else:  # a hooked pattern is materialised over [clean keys | ablated keys]: (pos, 2 * pos)
             keys = torch.cat([clean_kv.k, k], dim=2)  # (B, H, 2T, Dh)
             values = torch.cat([clean_kv.v, v], dim=2)  # (B, H, 2T, Dh)
             z = attend(q, keys, values, self_ablated_allowed(T, x.device), pattern)
