@@ -166,14 +166,6 @@ def cmd_info(ns: argparse.Namespace) -> None:
     print("model: " + ", ".join(f"{k}={v}" for k, v in header["model"].items()))
 
 
-def cmd_demo(ns: argparse.Namespace) -> None:
-    from .demo import DemoConfig, format_demo, run_demo
-
-    cfg = build(DemoConfig, ns)
-    rows, entropy = run_demo(cfg)
-    print(format_demo(rows, entropy, cfg.preset))
-
-
 def cmd_evaluate(ns: argparse.Namespace) -> None:
     from .eval.evaluate import EvalConfig, evaluate_many, format_summary
 
@@ -261,12 +253,6 @@ def _eval_config_cls() -> type:
     return EvalConfig
 
 
-def _demo_config_cls() -> type:
-    from .demo import DemoConfig
-
-    return DemoConfig
-
-
 # -- parser -----------------------------------------------------------------------------------
 
 
@@ -284,8 +270,6 @@ def make_parser() -> argparse.ArgumentParser:
          [(_circuit_config_cls(), "circuits")], True),
         ("sae", "train an SAE on a hook point (sae train), or a frontier of them (sae sweep)", cmd_sae,
          [(_sae_config_cls(), "sae")], False),
-        ("demo", "train and compare a baseline, a local and a global model", cmd_demo,
-         [(_demo_config_cls(), "demo")], False),
         ("reproduce", "the paper's grid end to end (train, evaluate, circuits, SAEs, report); resumable",
          cmd_reproduce, [(_reproduce_config_cls(), "reproduce")], False),
         ("report", "rebuild the report of a reproduce folder", cmd_report, [], False),

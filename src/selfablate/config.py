@@ -223,8 +223,7 @@ def paper() -> tuple[ModelConfig, TrainConfig]:
 def cpu_small() -> tuple[ModelConfig, TrainConfig]:
     """A few-minute CPU run per model: 4 layers x 64 wide, context 128, a compact vocabulary
     (the LM head dominates at this width), 600 steps of 16 x 128 tokens (about one pass over the
-    shared 1.5 M-token sample). Sized so that `make demo` (three models) takes about 15 minutes
-    on 2 cores."""
+    shared 1.5 M-token sample): 2 to 5 minutes of training per model on 2 cores."""
     model = ModelConfig(n_ctx=128, d_model=64, n_layers=4, n_heads=8, d_mlp=256, k_attn=16, k_mlp=32,
                         compact_vocab=True)
     train = TrainConfig(batch_size=16, lr=3e-3, max_steps=600, warmup_steps=50, eval_interval=200,
