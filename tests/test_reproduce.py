@@ -108,3 +108,11 @@ def test_report_html_renders_in_headless_chromium(tmp_path):
                           page.as_uri()], capture_output=True, text=True, timeout=120).stdout
     assert 'data-images-loaded="2/2"' in dom and 'data-table-rows="2"' in dom
     assert "2 of 2 figures loaded" in dom
+
+
+def test_report_of_a_folder_that_is_not_a_reproduction_is_a_one_line_error(tmp_path, capsys):
+    from selfablate.cli import main
+
+    assert main(["report", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("selfablate: error:") and "reproduce.json" in err and "\n" not in err

@@ -110,7 +110,7 @@ def run_circuits(checkpoint: str, cfg: CircuitConfig, device: torch.device) -> d
         "prompts_sample": batch.texts[:4], "kl_all_edges_patched": kl_empty,
         "acdc": {"tau": cfg.tau, "edges": main["edges"], "kl": main["kl"], "seconds": main["seconds"],
                  "circuit": main["circuit"]},
-        "sweep": [{k: v for k, v in r.items() if k != "circuit"} for r in runs.values()],
+        "sweep": list(runs.values()),
         "faithfulness_auc": faithfulness_auc([(r["edges"], r["kl"]) for r in runs.values()], g.n_edges, kl_empty),
         "eap": {"seconds": eap_seconds, "top": ranked(g, eap, cfg.top_edges)},
         "eap_ig": {"steps": cfg.ig_steps, "sum": float(ig.sum()), "top": ranked(g, ig, cfg.top_edges)},

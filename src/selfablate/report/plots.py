@@ -76,23 +76,42 @@ def story_masks(model: Any, tokens: torch.Tensor, labels: list[str], path: Path)
     return _save(fig, path)
 
 
+def _shown_circuit(r: dict[str, Any]) -> tuple[float, list[dict[str, Any]]]:
+    """The circuit at the main tau, or, when that is empty (a model that barely does the task),
+    at the lowest tau of the sweep that keeps an edge."""
+    if r["acdc"]["circuit"]:
+        return r["acdc"]["tau"], r["acdc"]["circuit"]
+    kept = sorted((s for s in r.get("sweep", []) if s.get("circuit")), key=lambda s: s["tau"])
+    return (kept[0]["tau"], kept[0]["circuit"]) if kept else (r["acdc"]["tau"], [])
+
+
 def circuits(results: dict[str, dict[str, Any]], path: Path) -> Path:
-    """The ACDC circuits side by side: nodes by layer, kept edges coloured by destination."""
-    fig, axes = plt.subplots(1, len(results), figsize=(4 * len(results), 5), squeeze=False)
+    """The ACDC circuits side by side: heads (circles) and MLPs (squares) by layer, the embedding
+    at the bottom and the final residual at the top; kept edges coloured by what they feed."""
+    fig, axes = plt.subplots(1, len(results), figsize=(4.5 * len(results), 5.5), squeeze=False)
     colour = {"q": "#d62728", "k": "#2ca02c", "v": "#1f77b4"}
     for ax, (name, r) in zip(axes[0], results.items()):
         L, H = r["config"]["n_layers"], r["config"]["n_heads"]
-        nodes = ["embed", "final"] + [f"L{l}.H{h}" for l in range(L) for h in range(H)] + [f"L{l}.MLP" for l in range(L)]
-        for e in r["acdc"]["circuit"]:
+        tau, edges = _shown_circuit(r)
+        for e in edges:
             kind = e["dest"][-1] if e["dest"][-2:] in (".q", ".k", ".v") else ""
             dest = e["dest"][:-2] if kind else e["dest"]
             (x1, y1), (x2, y2) = node_xy(e["source"], L, H), node_xy(dest, L, H)
-            ax.plot([x1, x2], [y1, y2], color=colour.get(kind, "#555"), alpha=0.7, lw=1)
-        xy = np.array([node_xy(n, L, H) for n in nodes])
-        ax.scatter(xy[:, 0], xy[:, 1], s=30, facecolor="white", edgecolor="black", zorder=3)
-        ax.set_title(f"{name}: {r['acdc']['edges']} edges (tau={r['acdc']['tau']})", fontsize=9)
+            ax.plot([x1, x2], [y1, y2], color=colour.get(kind, "#555"), alpha=0.7, lw=1.2)
+        heads = np.array([node_xy(f"L{l}.H{h}", L, H) for l in range(L) for h in range(H)])
+        other = np.array([node_xy(n, L, H) for n in ["embed", "final"] + [f"L{l}.MLP" for l in range(L)]])
+        ax.scatter(heads[:, 0], heads[:, 1], s=25, facecolor="white", edgecolor="black", zorder=3)
+        ax.scatter(other[:, 0], other[:, 1], s=45, marker="s", facecolor="#ddd", edgecolor="black", zorder=3)
+        for label in ["embed", "final"]:
+            x, y = node_xy(label, L, H)
+            ax.annotate(label, (x, y), xytext=(8, -3), textcoords="offset points", fontsize=7)
+        for l in range(L):
+            ax.annotate(f"L{l}", node_xy(f"L{l}.H0", L, H), xytext=(-22, -3), textcoords="offset points", fontsize=7)
+        ax.set_title(f"{name}: {len(edges)} edges at tau={tau:g}", fontsize=9)
         ax.invert_yaxis()
         ax.axis("off")
+    fig.legend(handles=[plt.Line2D([], [], color=c, label=f"-> {k}") for k, c in colour.items()]
+               + [plt.Line2D([], [], color="#555", label="-> MLP / final")], loc="lower center", ncol=4, fontsize=8)
     return _save(fig, path)
 
 

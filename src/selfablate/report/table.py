@@ -16,6 +16,7 @@ import numpy as np
 COLUMNS: tuple[tuple[str, str, str], ...] = (
     # key, header, format
     ("ioi_edges", "IOI edges (ACDC)", "{:.0f}"),
+    ("ioi_edges_low_tau", "IOI edges, lowest tau", "{:.0f}"),
     ("sae_l0", "SAE L0", "{:.2f}"),
     ("sae_ce_score", "SAE CE score", "{:.3f}"),
     ("ppl_clean", "ppl clean", "{:.2f}"),
@@ -27,8 +28,10 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("selectivity", "selectivity", "{:.3f}"),
     ("probe_mask_share", "probe: mask share", "{:.2f}"),
 )
-"""localisation: fraction of units needed for 90% of the loss improvement; probe: share of the
-clean residual's decodable next-token information the mask bits carry."""
+"""IOI edges at the paper's tau (0.03) and at the lowest tau of the sweep (0.003 by default: small
+models that barely do IOI keep no edge at 0.03); localisation: fraction of units needed for 90% of
+the loss improvement; probe: share of the clean residual's decodable next-token information the
+mask bits carry."""
 
 
 def model_metrics(out: Path, name: str) -> dict[str, float]:
@@ -48,6 +51,7 @@ def model_metrics(out: Path, name: str) -> dict[str, float]:
     circ = _load(out / "circuits" / name / "circuit.json")
     if circ:
         m["ioi_edges"] = circ["acdc"]["edges"]
+        m["ioi_edges_low_tau"] = min(circ["sweep"], key=lambda r: r["tau"])["edges"]
         m["faithfulness_auc"] = circ["faithfulness_auc"]
         m["ioi_accuracy"] = circ["ioi"]["clean"]["accuracy"]
     sae = _load(out / "sae" / name / "frontier.json")
