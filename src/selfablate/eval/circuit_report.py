@@ -119,7 +119,8 @@ def run_circuits(checkpoint: str, cfg: CircuitConfig, device: torch.device) -> d
 
 
 def node_xy(name: str, n_layers: int, n_heads: int) -> tuple[float, float]:
-    """Drawing position: the embedding at the bottom, a row of heads then the MLP per layer."""
+    """Drawing position: the embedding at the bottom, per layer a row of heads with its MLP to
+    their right, the final residual at the top."""
     width = 60 * (n_heads + 1)
     if name == "embed":
         return width / 2, 60 + 120 * n_layers + 60
@@ -127,8 +128,8 @@ def node_xy(name: str, n_layers: int, n_heads: int) -> tuple[float, float]:
         return width / 2, 30
     layer, rest = name.split(".", 1)
     y = 60 + 120 * (n_layers - 1 - int(layer[1:]))
-    if rest.startswith("MLP"):
-        return width / 2, y
+    if rest.startswith("MLP"):  # right of the layer's heads, half a row above them
+        return 30 + 60 * n_heads, y + 30
     return 30 + 60 * int(rest.split(".")[0][1:]), y + 60
 
 

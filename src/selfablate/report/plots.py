@@ -28,16 +28,20 @@ def _jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def training_curves(models: dict[str, Path], path: Path) -> Path:
-    """Held-out clean (solid) and ablated (dashed) loss against step, one colour per model."""
+    """Training CE of the clean (solid) and ablated (dashed) stream against step, one colour per
+    model (logged every log_interval steps), with the held-out evaluations as dots."""
     fig, ax = plt.subplots(figsize=(7, 4))
     for i, (name, folder) in enumerate(models.items()):
-        rows = [r for r in _jsonl(folder / "metrics.jsonl") if "val_loss_clean" in r]
-        colour = f"C{i % 10}"
-        ax.plot([r["step"] for r in rows], [r["val_loss_clean"] for r in rows], color=colour, label=name)
-        abl = [r for r in rows if r.get("val_loss_ablated") is not None]
+        rows, colour = _jsonl(folder / "metrics.jsonl"), f"C{i % 10}"
+        steps = [r for r in rows if "loss_clean" in r]
+        ax.plot([r["step"] for r in steps], [r["loss_clean"] for r in steps], color=colour, label=name, lw=1)
+        abl = [r for r in steps if r.get("loss_ablated") is not None]
         if abl:
-            ax.plot([r["step"] for r in abl], [r["val_loss_ablated"] for r in abl], color=colour, ls="--")
-    ax.set(xlabel="step", ylabel="held-out CE (nats/token)", title="Training curves (dashed: ablated stream)")
+            ax.plot([r["step"] for r in abl], [r["loss_ablated"] for r in abl], color=colour, ls="--", lw=1)
+        val = [r for r in rows if "val_loss_clean" in r]
+        ax.scatter([r["step"] for r in val], [r["val_loss_clean"] for r in val], color=colour, s=12, zorder=3)
+    ax.set(xlabel="step", ylabel="CE (nats/token)", title="Training CE (dashed: ablated stream; dots: held-out clean)")
+    ax.set_ylim(top=min(ax.get_ylim()[1], 7.0))
     ax.legend(fontsize=7)
     return _save(fig, path)
 
