@@ -30,15 +30,19 @@ browser:
 	  { apt-get install -y -qq chromium >/dev/null 2>&1 || { apt-get update -qq >/dev/null 2>&1 && \
 	    apt-get install -y -qq chromium >/dev/null 2>&1; }; } || echo "no chromium: the report's browser test will be skipped"; }
 
-# Cross-check circuit discovery against auto-circuit (the paper's tool) in a venv of its own:
-# auto-circuit needs transformer-lens 2.18, numpy < 2 and pyarrow < 23 (about 2.5 GB).
+# Cross-checks against auto-circuit (the paper's tool) and SAELens, and the TransformerLens interop
+# tests, in a venv of their own: auto-circuit needs transformer-lens 2.18, numpy < 2 and pyarrow < 23
+# (about 2.5 GB).
 CROSS := .venv-crosscheck
 crosscheck:
 	test -x $(CROSS)/bin/python || $(PY) -m venv $(CROSS)
 	$(CROSS)/bin/pip install -q $(TORCH)
 	$(CROSS)/bin/pip install -q 'auto-circuit==1.0.1' 'transformer-lens==2.18.*' 'numpy<2' 'pyarrow<23'
+	$(CROSS)/bin/pip install -q 'sae-lens==6.54.*' pytest 'numpy<2' 'pyarrow<23'
 	$(CROSS)/bin/pip install -q -e .
+	$(CROSS)/bin/python -m pytest -q tests/test_interop.py
 	$(CROSS)/bin/python benchmarks/crosscheck_auto_circuit.py
+	$(CROSS)/bin/python benchmarks/crosscheck_saelens.py
 
 clean:
 	rm -rf $(VENV) $(CROSS) runs .pytest_cache

@@ -1,6 +1,6 @@
 """Cross-check our SAE metrics against SAELens's evaluation code on the same SAE, model and
-tokens. Not part of `make test`: sae-lens 6.54 needs transformer-lens 2.x (install it beside
-auto-circuit: `make crosscheck` builds that venv; then `pip install 'sae-lens==6.54.*'` in it).
+tokens. Not part of `make test`: sae-lens 6.54 needs transformer-lens 2.x; `make crosscheck` builds
+a venv with both and runs this script.
 
 SAELens computes sparsity and variance on every position of its batch, and CE on every position
 but the last (whose next token it lacks). So SAELens gets the held-out windows of T + 1 tokens for
