@@ -116,3 +116,16 @@ def test_report_of_a_folder_that_is_not_a_reproduction_is_a_one_line_error(tmp_p
     assert main(["report", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("selfablate: error:") and "reproduce.json" in err and "\n" not in err
+
+
+def test_a_changed_config_is_named_when_finished_stages_are_kept(tmp_path, capsys):
+    from selfablate.reproduce import warn_changed, write_json
+
+    import dataclasses
+
+    cfg = ReproduceConfig(out=str(tmp_path), ks="2,8")
+    assert warn_changed(tmp_path / "reproduce.json", cfg) == []
+    write_json(tmp_path / "reproduce.json", {"config": dataclasses.asdict(cfg)})
+    assert warn_changed(tmp_path / "reproduce.json", dataclasses.replace(cfg, progress=False)) == []
+    assert warn_changed(tmp_path / "reproduce.json", dataclasses.replace(cfg, ks="2", tau=0.01)) == ["ks", "tau"]
+    assert "ks, tau differ" in capsys.readouterr().err

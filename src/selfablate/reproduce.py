@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
@@ -184,12 +185,26 @@ STAGES = (
 )
 
 
+def warn_changed(meta: Path, cfg: ReproduceConfig) -> list[str]:
+    """Finished stages are skipped whatever the config says now: name the settings that differ
+    from the earlier run's, so that nobody mistakes old results for new ones."""
+    if not meta.exists():
+        return []
+    old = json.loads(meta.read_text()).get("config", {})
+    changed = [k for k, v in dataclasses.asdict(cfg).items() if k not in ("progress", "out") and old.get(k, v) != v]
+    if changed:
+        print(f"selfablate: warning: {', '.join(changed)} differ from the earlier run in {meta.parent}; its finished "
+              "stages are kept (delete a stage's folder to redo it)", file=sys.stderr)
+    return changed
+
+
 def run_reproduce(cfg: ReproduceConfig) -> Path:
     """Run every missing stage of every model, then write the report. Returns the report folder."""
     from .report.build import write_report
 
     out = Path(cfg.out)
     specs = grid(cfg)
+    warn_changed(out / "reproduce.json", cfg)
     write_json(out / "reproduce.json", {"config": dataclasses.asdict(cfg), "models": [s.name for s in specs]})
     todo = [(spec, stage) for spec in specs for stage in STAGES]
     bar = tqdm(todo, desc="reproduce", disable=not cfg.progress, dynamic_ncols=True)
