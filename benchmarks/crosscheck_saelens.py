@@ -21,6 +21,7 @@ from sae_lens.training.activation_scaler import ActivationScaler
 from selfablate import ModelConfig, SelfAblatingTransformer, load_checkpoint
 from selfablate.data.dataset import tokenize_split
 from selfablate.data.sources import resolve_source
+from selfablate.errors import DataError
 from selfablate.interop.transformer_lens import to_hooked_transformer
 from selfablate.sae.buffer import hook_activations
 from selfablate.sae.model import SAE, SAEConfig, load_sae
@@ -53,6 +54,7 @@ def main() -> None:
     p.add_argument("--hook", default="blocks.1.hook_mlp_out")
     p.add_argument("--sae", default="", help="a trained SAE folder (selfablate sae train --out); default: a synthetic one")
     p.add_argument("--windows", type=int, default=16)
+    p.add_argument("--data", default="", help="held-out text (as for train); empty: the default")
     args = p.parse_args()
     torch.manual_seed(0)
     if args.checkpoint:
@@ -65,7 +67,12 @@ def main() -> None:
                 if "blocks" in name:
                     w.add_(torch.randn_like(w) * 0.1)
     T = min(64, model.cfg.n_ctx) - 1  # SAELens reads T + 1 tokens
-    raw = torch.from_numpy(tokenize_split(resolve_source(""), "valid", progress=False)[: args.windows * (T + 1)].astype("int64"))
+    n = args.windows * (T + 1)
+    try:
+        raw = torch.from_numpy(tokenize_split(resolve_source(args.data), "valid", progress=False)[:n].astype("int64"))
+    except DataError as e:  # the cross-check is of metric definitions: any tokens will do
+        print(f"no held-out text ({e}); using random GPT-2 token ids")
+        raw = torch.randint(0, 50257, (n,), generator=torch.Generator().manual_seed(0))
     full = model.to_model_ids(raw.view(args.windows, T + 1))  # (windows, T + 1)
 
     # An SAE with some structure: decoder rows from real activations, a negative encoder bias.
