@@ -19,6 +19,7 @@ from typing import Any, Callable, NamedTuple
 from tqdm.auto import tqdm
 
 from .config import ModelConfig, TrainConfig, get_preset, require
+from .errors import ConfigError
 
 ABLATIONS = ("local", "global", "both")
 
@@ -68,7 +69,7 @@ class ReproduceConfig:
             try:
                 self._numbers(name)
             except ValueError:
-                raise_config(f"{name} must be comma-separated numbers, got {getattr(self, name)!r}")
+                raise ConfigError(f"{name} must be comma-separated numbers, got {getattr(self, name)!r}") from None
         require(all(k >= 1 for k in self.k_list()), f"every k must be >= 1, got {self.ks!r}")
         require(self.max_steps >= 0 and self.eval_max_tokens >= 0 and self.sae_steps >= 1 and self.sae_eval_tokens >= 1,
                 "max_steps and eval_max_tokens must be >= 0, sae_steps and sae_eval_tokens >= 1")
@@ -88,12 +89,6 @@ class ReproduceConfig:
 
     def sae_coefs(self) -> list[float]:
         return sorted({5.0, *self._numbers("sae_sweep")})
-
-
-def raise_config(message: str) -> None:
-    from .errors import ConfigError
-
-    raise ConfigError(message)
 
 
 class RunSpec(NamedTuple):

@@ -104,9 +104,9 @@ class ACDCResult(NamedTuple):
 @torch.no_grad()
 def acdc(task: CircuitTask, tau: float, progress: bool = False, order: Sequence[int] | None = None) -> ACDCResult:
     """ACDC (Conmy et al. 2023) with exact edge patching: visit edges in reverse topological
-    order (or the given order of edge indices, which must visit every edge after all edges
-    downstream of it) and patch each; keep it patched (prune it) if the KL rises by less than
-    tau. Only the layers from the destination's onward are recomputed."""
+    order (or in `order`: every edge index once, destinations' layers never increasing, e.g.
+    auto-circuit's) and patch each; keep it patched (prune it) if the KL rises by less than tau.
+    Only the layers from the destination's onward are recomputed."""
     g = task.graph
     mask = torch.zeros(g.n_edges, dtype=task.clean_logp.dtype, device=task.clean.device)
     delta = torch.zeros_like(mask)
