@@ -50,7 +50,7 @@ def gpt_neo():
                      attention_types=[[["global"], 8]], intermediate_size=512, activation_function="gelu_new",
                      embed_dropout=0.0, attention_dropout=0.0, resid_dropout=0.0, window_size=POS)
     model = GPTNeoForCausalLM(c).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)  # the same AdamW kernel as ours
     x = torch.randint(0, 50257, (BATCH, POS))
 
     def step():

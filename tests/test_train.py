@@ -161,3 +161,33 @@ def test_bf16_autocast_step_runs_and_tracks_float32():
     assert math.isfinite(losses["bfloat16"].loss)
     assert losses["bfloat16"].loss_clean == pytest.approx(losses["float32"].loss_clean, rel=0.02)
     assert autocast_for(torch.device("cpu"), "auto") is contextlib.nullcontext
+
+
+def test_fused_adamw_step_equals_the_plain_one():
+    import torch
+
+    from selfablate import ModelConfig, SelfAblatingTransformer
+    from selfablate.config import TrainConfig
+    from selfablate.train import make_optimizer
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=100, n_ctx=8, d_model=16, n_layers=1, n_heads=2, d_mlp=32, ablation="local",
+                      k_attn=4, k_mlp=8)
+    a, b = SelfAblatingTransformer(cfg), SelfAblatingTransformer(cfg)
+    b.load_state_dict(a.state_dict())
+    before = {n: p.detach().clone() for n, p in a.named_parameters()}
+    tcfg = TrainConfig(lr=1e-2, weight_decay=0.1)
+    fast = make_optimizer(a, tcfg)
+    assert fast.defaults.get("fused")
+    twin = dict(zip((id(p) for p in a.parameters()), b.parameters()))  # a's parameter -> b's
+    plain = torch.optim.AdamW([{"params": [twin[id(p)] for p in g["params"]], "weight_decay": g["weight_decay"]}
+                               for g in fast.param_groups], lr=tcfg.lr, betas=(tcfg.beta1, tcfg.beta2), foreach=False)
+    for _ in range(3):
+        for p, q in zip(a.parameters(), b.parameters()):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        fast.step()
+        plain.step()
+    for (n, p), q in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7, msg=n)
+        assert not torch.equal(p, before[n])  # the steps moved every parameter
