@@ -34,12 +34,14 @@ def test_transformer_lens_export_matches_both_streams(model):
 
 
 def test_transformer_lens_missing_is_a_one_line_error(model, monkeypatch):
+    import importlib
+
     import selfablate.interop.transformer_lens as tl_export
 
     def missing(name):
         raise ImportError(f"No module named '{name}'")
 
-    monkeypatch.setattr(tl_export.importlib, "import_module", missing)
+    monkeypatch.setattr(importlib, "import_module", missing)
     with pytest.raises(SelfAblateError, match=r"selfablate\[tl\]"):
         tl_export.to_hooked_transformer(model)
 

@@ -133,17 +133,27 @@ def node_xy(name: str, n_layers: int, n_heads: int) -> tuple[float, float]:
     return 30 + 60 * int(rest.split(".")[0][1:]), y + 60
 
 
+EDGE_COLOURS = {"q": "#d62728", "k": "#2ca02c", "v": "#1f77b4", "": "#555"}
+"""Edge colour by what it feeds: a head's query, key or value, or ("") an MLP or the final residual."""
+
+
+def edge_geometry(edge: dict[str, Any], n_layers: int, n_heads: int) -> tuple[tuple[float, float], tuple[float, float], str]:
+    """A circuit edge's drawing: source position, destination node position and what it feeds
+    ("q", "k", "v", or "" for an MLP or the final residual)."""
+    dest = edge["dest"]
+    kind = dest[-1] if dest[-2:] in (".q", ".k", ".v") else ""
+    return node_xy(edge["source"], n_layers, n_heads), node_xy(dest[:-2] if kind else dest, n_layers, n_heads), kind
+
+
 def circuit_svg(result: dict[str, Any]) -> str:
     """The ACDC circuit: heads and MLPs by layer, kept edges coloured by destination (q/k/v/MLP/final)."""
     L, H = result["config"]["n_layers"], result["config"]["n_heads"]
-    colour = {"q": "#d62728", "k": "#2ca02c", "v": "#1f77b4"}
     width, height = 60 * (H + 1), 120 * L + 180
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="10">',
              f'<text x="5" y="14">ACDC circuit, tau={result["acdc"]["tau"]}: {result["acdc"]["edges"]} of {result["graph"]["edges"]} edges</text>']
     for e in result["acdc"]["circuit"]:
-        (x1, y1), (x2, y2) = node_xy(e["source"], L, H), node_xy(e["dest"].rsplit(".", 1)[0] if e["dest"][-2:] in (".q", ".k", ".v") else e["dest"], L, H)
-        c = colour.get(e["dest"][-1], "#555") if e["dest"][-2:] in (".q", ".k", ".v") else "#555"
-        parts.append(f'<line x1="{x1}" y1="{y1}" x2="{x2}" y2="{y2}" stroke="{c}" stroke-opacity="0.7"/>')
+        (x1, y1), (x2, y2), kind = edge_geometry(e, L, H)
+        parts.append(f'<line x1="{x1}" y1="{y1}" x2="{x2}" y2="{y2}" stroke="{EDGE_COLOURS[kind]}" stroke-opacity="0.7"/>')
     names = ["embed", "final"] + [f"L{l}.H{h}" for l in range(L) for h in range(H)] + [f"L{l}.MLP" for l in range(L)]
     for n in names:
         x, y = node_xy(n, L, H)

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..model import SelfAblatingTransformer
+from ..model.hooks import Stream
 
 
 @dataclass(frozen=True)
@@ -238,10 +239,9 @@ def _attention_sources(model: SelfAblatingTransformer, layer: int, sources: list
                        corrupt: RunCache | None, block: Tensor, bias: Tensor, reuse: _Reuse | None) -> list[Tensor]:
     """The head outputs of one layer, block (3H, n) its q/k/v mask rows."""
     H, n = model.cfg.n_heads, block.shape[1]
-    heads = torch.arange(H)
     if reuse is None:
-        rows = torch.arange(3 * H)
-        return list(_heads(model, layer, _project(model, layer, _patched(sources, running, corrupt, block, bias), rows), heads))
+        qkv = _project(model, layer, _patched(sources, running, corrupt, block, bias), torch.arange(3 * H))
+        return list(_heads(model, layer, qkv, torch.arange(H)))
     out, todo = reuse.pick(n, block.view(3, H, n).transpose(0, 1).bool())  # per head: (H, 3, n)
     if len(todo):
         rows = torch.cat([todo, todo + H, todo + 2 * H])
@@ -260,8 +260,8 @@ def _mlp_source(model: SelfAblatingTransformer, layer: int, sources: list[Tensor
         if out is not None:
             return out
     x = _patched(sources, running, corrupt, block, bias)[0]
-    mlp = model.blocks[layer].mlp
-    return mlp.fc_out(F.gelu(mlp.fc_in(model.blocks[layer].ln_2(x)), approximate="tanh"))
+    b = model.blocks[layer]
+    return b.mlp(b.ln_2(x), Stream.CLEAN)
 
 
 def patched_forward(model: SelfAblatingTransformer, tokens: Tensor, mask: Tensor,

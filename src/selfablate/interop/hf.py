@@ -10,7 +10,6 @@ bias to give the ids it lacks their share of <unk>'s probability.
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
 import torch
@@ -18,13 +17,11 @@ import torch
 from ..config import ModelConfig
 from ..errors import SelfAblateError
 from ..model import SelfAblatingTransformer
+from . import optional_import
 
 
 def _transformers() -> Any:
-    try:
-        return importlib.import_module("transformers")
-    except ImportError as e:
-        raise SelfAblateError(f"Hugging Face interop needs `pip install 'selfablate[hf]'`: {e}") from None
+    return optional_import("transformers", "hf", "Hugging Face interop")
 
 
 def _pairs(n_layers: int) -> list[tuple[str, str]]:

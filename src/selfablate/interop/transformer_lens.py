@@ -13,32 +13,27 @@ id's probability is unchanged.
 
 from __future__ import annotations
 
-import importlib
 import math
 from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
+from ..data.tokenizer import VOCAB_SIZE
 from ..errors import SelfAblateError
 from ..model import SelfAblatingTransformer
-
-GPT2_VOCAB = 50257
+from . import optional_import
 
 
 def _transformer_lens() -> Any:
-    try:
-        return importlib.import_module("transformer_lens")
-    except ImportError as e:
-        raise SelfAblateError("exporting to TransformerLens needs `pip install 'selfablate[tl]'` "
-                              f"(transformer-lens >= 2.16, < 3): {e}") from None
+    return optional_import("transformer_lens", "tl", "exporting to TransformerLens (transformer-lens >= 2.16, < 3)")
 
 
 def hooked_transformer_config(model: SelfAblatingTransformer, full_vocab: bool = False, **overrides: Any) -> Any:
     """The HookedTransformerConfig of our clean stream: GPT-Neo-style, unscaled attention."""
     c = model.cfg
     kwargs = dict(n_layers=c.n_layers, d_model=c.d_model, n_ctx=c.n_ctx, d_head=c.d_head, n_heads=c.n_heads,
-                  d_mlp=c.d_mlp, d_vocab=GPT2_VOCAB if full_vocab else c.vocab_size, act_fn="gelu_new", normalization_type="LN", eps=c.ln_eps,
+                  d_mlp=c.d_mlp, d_vocab=VOCAB_SIZE if full_vocab else c.vocab_size, act_fn="gelu_new", normalization_type="LN", eps=c.ln_eps,
                   use_attn_scale=False, positional_embedding_type="standard", default_prepend_bos=False,
                   original_architecture="GPTNeoForCausalLM", dtype=model.wte.weight.dtype)
     return _transformer_lens().HookedTransformerConfig(**(kwargs | overrides))
@@ -51,7 +46,7 @@ def _embedding(model: SelfAblatingTransformer, full_vocab: bool) -> tuple[Tensor
         return w, w.new_zeros(w.shape[0])
     lookup = torch.as_tensor(model.token_lookup(), device=w.device)  # GPT-2 id -> model id
     missing = lookup == model.unk_id
-    bias = w.new_zeros(GPT2_VOCAB)
+    bias = w.new_zeros(VOCAB_SIZE)
     bias[missing] = -math.log(int(missing.sum()))  # the missing ids share <unk>'s probability
     return w[lookup], bias
 

@@ -8,19 +8,14 @@ from typing import Any
 
 from . import plots
 from .html import write_html
-from .table import aggregate, model_metrics, write_tables
-
-
-def _models(out: Path) -> list[str]:
-    meta = json.loads((out / "reproduce.json").read_text())
-    return meta["models"]
+from .table import aggregate, cell_name, load_json, model_metrics, write_tables
 
 
 def _first_seed(names: list[str]) -> list[str]:
     """One model per grid cell (the lowest seed), for the figures that show single models."""
     seen, keep = set(), []
     for n in sorted(names, key=lambda n: int(n.rsplit("-s", 1)[1])):
-        cell = n.rsplit("-s", 1)[0]
+        cell = cell_name(n)
         if cell not in seen:
             seen.add(cell)
             keep.append(n)
@@ -28,11 +23,11 @@ def _first_seed(names: list[str]) -> list[str]:
 
 
 def _load_all(out: Path, names: list[str], sub: str) -> dict[str, Any]:
-    found = {n: out / sub.format(n) for n in names}
-    return {n: json.loads(p.read_text()) for n, p in found.items() if p.exists()}
+    found = {n: load_json(out / sub.format(n)) for n in names}
+    return {n: r for n, r in found.items() if r is not None}
 
 
-def story(out: Path, cfg_data: str, n_tokens: int = 40):
+def story(cfg_data: str, n_tokens: int = 40):
     """The first n_tokens of the held-out split, as (tokens, labels)."""
     from ..data.dataset import tokenize_split
     from ..data.sources import resolve_source
@@ -60,7 +55,7 @@ def figures(out: Path, names: list[str], per_model: dict[str, dict[str, float]],
     ablating = [n for n in shown if not n.startswith("none")]
     if ablating:
         model = load_checkpoint(out / "models" / ablating[0] / "checkpoint").eval()
-        ids, labels = story(out, data, min(40, model.cfg.n_ctx))
+        ids, labels = story(data, min(40, model.cfg.n_ctx))
         tokens = model.to_model_ids(torch.tensor(ids))
         figs.append((f"Masks of each token of a held-out story ({ablating[0]})",
                      plots.story_masks(model, tokens, labels, folder / "story_masks.png")))

@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from ..eval.circuit_report import node_xy  # noqa: E402
+from ..eval.circuit_report import EDGE_COLOURS, edge_geometry, node_xy  # noqa: E402
 
 
 def _save(fig: Any, path: Path) -> Path:
@@ -93,15 +93,12 @@ def circuits(results: dict[str, dict[str, Any]], path: Path) -> Path:
     """The ACDC circuits side by side: heads (circles) and MLPs (squares) by layer, the embedding
     at the bottom and the final residual at the top; kept edges coloured by what they feed."""
     fig, axes = plt.subplots(1, len(results), figsize=(4.5 * len(results), 5.5), squeeze=False)
-    colour = {"q": "#d62728", "k": "#2ca02c", "v": "#1f77b4"}
     for ax, (name, r) in zip(axes[0], results.items()):
         L, H = r["config"]["n_layers"], r["config"]["n_heads"]
         tau, edges = _shown_circuit(r)
         for e in edges:
-            kind = e["dest"][-1] if e["dest"][-2:] in (".q", ".k", ".v") else ""
-            dest = e["dest"][:-2] if kind else e["dest"]
-            (x1, y1), (x2, y2) = node_xy(e["source"], L, H), node_xy(dest, L, H)
-            ax.plot([x1, x2], [y1, y2], color=colour.get(kind, "#555"), alpha=0.7, lw=1.2)
+            (x1, y1), (x2, y2), kind = edge_geometry(e, L, H)
+            ax.plot([x1, x2], [y1, y2], color=EDGE_COLOURS[kind], alpha=0.7, lw=1.2)
         heads = np.array([node_xy(f"L{l}.H{h}", L, H) for l in range(L) for h in range(H)])
         other = np.array([node_xy(n, L, H) for n in ["embed", "final"] + [f"L{l}.MLP" for l in range(L)]])
         ax.scatter(heads[:, 0], heads[:, 1], s=25, facecolor="white", edgecolor="black", zorder=3)
@@ -114,8 +111,8 @@ def circuits(results: dict[str, dict[str, Any]], path: Path) -> Path:
         ax.set_title(f"{name}: {len(edges)} edges at tau={tau:g}", fontsize=9)
         ax.invert_yaxis()
         ax.axis("off")
-    fig.legend(handles=[plt.Line2D([], [], color=c, label=f"-> {k}") for k, c in colour.items()]
-               + [plt.Line2D([], [], color="#555", label="-> MLP / final")], loc="lower center", ncol=4, fontsize=8)
+    fig.legend(handles=[plt.Line2D([], [], color=c, label=f"-> {k or 'MLP / final'}") for k, c in EDGE_COLOURS.items()],
+               loc="lower center", ncol=4, fontsize=8)
     return _save(fig, path)
 
 

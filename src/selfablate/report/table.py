@@ -37,7 +37,7 @@ mask bits carry."""
 def model_metrics(out: Path, name: str) -> dict[str, float]:
     """The headline numbers of one trained model, read from its stage results (missing: absent)."""
     m: dict[str, float] = {}
-    ev = _load(out / "eval" / f"{name}.json")
+    ev = load_json(out / "eval" / f"{name}.json")
     if ev:
         m["ppl_clean"] = ev["lm"]["clean"]["ppl"]
         if "ablated" in ev["lm"]:
@@ -48,20 +48,21 @@ def model_metrics(out: Path, name: str) -> dict[str, float]:
         m["hoyer"] = float(np.mean(ev["sparsity"]["mlp_activations"]["hoyer"]))
         if "mask_share_of_residual_gain" in ev.get("leakage", {}):
             m["probe_mask_share"] = ev["leakage"]["mask_share_of_residual_gain"]
-    circ = _load(out / "circuits" / name / "circuit.json")
+    circ = load_json(out / "circuits" / name / "circuit.json")
     if circ:
         m["ioi_edges"] = circ["acdc"]["edges"]
         m["ioi_edges_low_tau"] = min(circ["sweep"], key=lambda r: r["tau"])["edges"]
         m["faithfulness_auc"] = circ["faithfulness_auc"]
         m["ioi_accuracy"] = circ["ioi"]["clean"]["accuracy"]
-    sae = _load(out / "sae" / name / "frontier.json")
+    sae = load_json(out / "sae" / name / "frontier.json")
     if sae:
         at5 = min(sae["points"], key=lambda p: abs(p["l1_coef"] - 5.0))
         m["sae_l0"], m["sae_ce_score"] = at5["l0"], at5["ce_loss_score_zero"]
     return m
 
 
-def _load(path: Path) -> dict[str, Any] | None:
+def load_json(path: Path) -> dict[str, Any] | None:
+    """A stage's JSON result, or None when the stage has not run."""
     return json.loads(path.read_text()) if path.exists() else None
 
 
