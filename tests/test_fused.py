@@ -23,6 +23,28 @@ def test_fused_linear_cross_entropy_matches_plain(chunk_rows):
     torch.testing.assert_close(fw, gw, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("scale", [1.0, 300.0])
+def test_float32_fast_path_is_as_accurate_as_plain_float32(scale):
+    """float32 takes the reused-buffer, base-2 path. Against a float64 reference its error must be
+    no worse than plain float32 F.cross_entropy's (scale 300 gives logits in the thousands, where
+    an unshifted exp would overflow and float32 rounding of the logits themselves dominates)."""
+    torch.manual_seed(3)
+    h64, w64 = torch.randn(300, 32, dtype=torch.float64) * scale, torch.randn(1000, 32, dtype=torch.float64) / 8
+    y = torch.randint(0, 1000, (300,))
+
+    def value_and_grads(fn, h, w):
+        h, w = h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+        loss = fn(h, w)
+        return [t.double() for t in (loss, *torch.autograd.grad(loss, (h, w)))]
+
+    ref = value_and_grads(lambda h, w: F.cross_entropy(h @ w.T, y), h64, w64)
+    plain = value_and_grads(lambda h, w: F.cross_entropy(h @ w.T, y), h64.float(), w64.float())
+    fused = value_and_grads(lambda h, w: linear_cross_entropy(h, w, y, 64), h64.float(), w64.float())
+    assert torch.isfinite(fused[0])
+    for f, p, r in zip(fused, plain, ref):
+        assert (f - r).abs().max() <= 2 * (p - r).abs().max() + 1e-6
+
+
 def test_fused_loss_gradcheck():
     torch.manual_seed(1)
     h = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)

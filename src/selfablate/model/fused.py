@@ -8,11 +8,31 @@ its gradients with respect to h and W, while the chunk is still in cache.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
 IGNORE_INDEX = -100
 CHUNK_ELEMENTS = 1 << 23  # logits per chunk at most (32 MB in float32)
+
+
+LOG2E, LN2 = math.log2(math.e), math.log(2.0)
+
+
+def _logits_buffer(h: Tensor, weight: Tensor, chunk_rows: int, acc: torch.dtype) -> Tensor | None:
+    """One (vocab, chunk_rows) buffer for every full chunk's logits, when the GEMM's own dtype is
+    the accumulation dtype (not under autocast, which picks the GEMM's dtype itself)."""
+    if h.dtype != acc or weight.dtype != acc or torch.is_autocast_enabled(h.device.type):
+        return None
+    return torch.empty(weight.shape[0], chunk_rows, dtype=acc, device=h.device)
+
+
+def _chunk_logits(weight: Tensor, h_chunk: Tensor, buf: Tensor | None, acc: torch.dtype) -> Tensor:
+    """weight @ h_chunk^T: (vocab, n), in the reused buffer when there is one and the chunk is full."""
+    if buf is not None and h_chunk.shape[0] == buf.shape[1]:
+        return torch.mm(weight, h_chunk.T, out=buf)
+    return (weight @ h_chunk.T).to(acc)
 
 
 def chunk_rows_for(vocab: int) -> int:
@@ -25,7 +45,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """Chunks of rows; each chunk's logits are laid out (vocab, rows), so that both the logits
     GEMM (W @ h^T) and grad_W (G @ h) have the vocabulary as their long dimension, and the
     softmax is taken in place with a single exp pass (measured 1.6x faster than (rows, vocab)
-    chunks with a separate logsumexp)."""
+    chunks with a separate logsumexp).
+
+    Two more measured choices (benchmarks/lm_head.py): the logits are in base-2 units, h scaled
+    by log2(e), because exp2 runs about 4x faster than exp on these CPUs (softmax is unchanged:
+    2^(l log2 e) = e^l); and every chunk writes into one reused buffer, because a fresh 25 MB
+    tensor per chunk costs page faults on first touch.
+    """
 
     @staticmethod
     def forward(ctx, h: Tensor, weight: Tensor, targets: Tensor, chunk_rows: int, grads: bool) -> Tensor:  # type: ignore[override]
@@ -36,17 +62,19 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_h = torch.empty_like(h) if need_h else None
         grad_w = torch.zeros_like(weight, dtype=acc) if need_w else None
         total = torch.zeros((), dtype=acc, device=h.device)
+        h2 = h * LOG2E  # base-2 logits: log2-sum-exp2 = logsumexp / ln 2
+        buf = _logits_buffer(h, weight, chunk_rows, acc)
         for start in range(0, h.shape[0], chunk_rows):
             hc, tc = h[start : start + chunk_rows], targets[start : start + chunk_rows]
             cols = torch.arange(hc.shape[0], device=h.device)
             valid = (tc != IGNORE_INDEX).to(acc)
             tgt = tc.clamp(min=0)
-            logits = (weight @ hc.T).to(acc)  # (vocab, n)
+            logits = _chunk_logits(weight, h2[start : start + chunk_rows], buf, acc)  # (vocab, n), base 2
             top = logits.amax(0)  # (n,)
             picked = logits[tgt, cols]  # (n,) the targets' logits, before the in-place softmax
-            probs = logits.sub_(top).exp_()  # unnormalised softmax, in place
+            probs = logits.sub_(top).exp2_()  # unnormalised softmax, in place
             z = probs.sum(0)
-            total += ((top + z.log() - picked) * valid).sum()
+            total += ((top + z.log2() - picked) * valid).sum() * LN2  # back to nats
             if not (need_h or need_w):
                 continue
             # d(mean CE)/d(logits) = (softmax - onehot(target)) / n_valid, on valid rows only.
