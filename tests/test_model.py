@@ -110,6 +110,33 @@ def test_masks_have_documented_shapes_and_k_ones():
     assert out.logits_ablated.shape == (3, 7, SMALL["vocab_size"])
 
 
+@pytest.mark.parametrize("ablation", ["local", "global", "both"])
+def test_per_layer_mask_path_equals_the_stacked_public_path(ablation):
+    """forward() keeps masks per layer; composing the public pieces with stacked
+    (batch, pos, n_layers, width) masks must give the same ablated loss and parameter gradients."""
+    from selfablate.model.hooks import Stream
+    from selfablate.model.losses import cross_entropy
+
+    model = make(ablation)
+    x, y = tokens(), tokens(seed=2)
+    fast = model(x, y).loss_ablated
+    fast_grads = torch.autograd.grad(fast, list(model.parameters()), allow_unused=True)
+    emb = model.embed(x)
+    clean = model.run_stream(emb, Stream.CLEAN)
+    masks = model.compute_masks(clean)
+    a, m = torch.stack([b.attn for b in masks], 2), torch.stack([b.mlp for b in masks], 2)
+    ablated = model.run_stream(emb, Stream.ABLATED, a, m, clean_kv=clean.kv)
+    ref = cross_entropy(model.unembed(ablated.final), y)
+    ref_grads = torch.autograd.grad(ref, list(model.parameters()), allow_unused=True)
+    torch.testing.assert_close(fast, ref, rtol=1e-12, atol=1e-12)
+    for (name, _), g, r in zip(model.named_parameters(), fast_grads, ref_grads):
+        assert (g is None) == (r is None), name
+        if g is not None:
+            torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-12, msg=name)
+    assert any("mask_head" in n and g is not None and g.abs().sum() > 0
+               for (n, _), g in zip(model.named_parameters(), fast_grads))
+
+
 def test_mask_depends_only_on_the_past():
     model = make("global")
     toks = tokens(B=1, T=10)

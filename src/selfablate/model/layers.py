@@ -140,12 +140,12 @@ class MaskHead(nn.Module):
         self.attn = nn.Linear(d_model, n_layers * d_attn)
         self.mlp = nn.Linear(d_model, n_layers * d_mlp)
 
-    def forward(self, resid: Tensor) -> tuple[Tensor, Tensor]:
-        """resid (B, T, d_model) -> scores (B, T, n_layers, d_model) and (B, T, n_layers, d_mlp)."""
+    def forward(self, resid: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """resid (B, T, d_model) -> per layer, scores (B, T, d_model) and (B, T, d_mlp)."""
         B, T, _ = resid.shape
         attn = self.attn(resid).view(B, T, self.n_layers, -1)  # (B, T, L, d_model)
         mlp = self.mlp(resid).view(B, T, self.n_layers, -1)  # (B, T, L, d_mlp)
-        return attn, mlp
+        return list(zip(attn.unbind(2), mlp.unbind(2)))
 
 
 class BlockMasks(NamedTuple):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, NamedTuple
 
 import torch
@@ -65,18 +66,21 @@ class FinalNorm(nn.LayerNorm):
         return hook(self, "hook_normalized", stream)(super().forward(x))
 
 
-def _local_scores(model: "SelfAblatingTransformer", clean: StreamRun) -> tuple[Tensor, Tensor]:
+LayerScores = list[tuple[Tensor, Tensor]]
+"""Per layer, the attention-unit scores (batch, pos, d_model) and neuron scores (batch, pos, d_mlp)."""
+
+
+def _local_scores(model: "SelfAblatingTransformer", clean: StreamRun) -> LayerScores:
     """Each block's head reads the clean residual at that block's input."""
-    per_layer = [block.mask_head(x) for block, x in zip(model.blocks, clean.resid_pre)]
-    return torch.cat([a for a, _ in per_layer], dim=2), torch.cat([m for _, m in per_layer], dim=2)
+    return [block.mask_head(x)[0] for block, x in zip(model.blocks, clean.resid_pre)]
 
 
-def _global_scores(model: "SelfAblatingTransformer", clean: StreamRun) -> tuple[Tensor, Tensor]:
+def _global_scores(model: "SelfAblatingTransformer", clean: StreamRun) -> LayerScores:
     """One head reads the final (normalised) clean residual and scores every layer at once."""
     return model.global_mask_head(clean.final)
 
 
-ScoreSource = Callable[["SelfAblatingTransformer", StreamRun], tuple[Tensor, Tensor]]
+ScoreSource = Callable[["SelfAblatingTransformer", StreamRun], LayerScores]
 SCORE_SOURCES: dict[str, tuple[ScoreSource, ...]] = {
     "none": (),
     "local": (_local_scores,),
@@ -131,13 +135,19 @@ class SelfAblatingTransformer(HookedModule):
                    mlp_mask: Tensor | None = None, clean_kv: list[KV] | None = None) -> StreamRun:
         """Run the blocks on embeddings x. Masks are (batch, pos, n_layers, width) or None;
         with clean_kv, attention follows the two-stream rule (see `layers.self_ablated_allowed`)."""
+        masks = None if attn_mask is None else [BlockMasks(a, m) for a, m in zip(attn_mask.unbind(2), mlp_mask.unbind(2))]
+        return self._run_blocks(x, stream, masks, clean_kv)
+
+    def _run_blocks(self, x: Tensor, stream: Stream, masks: list[BlockMasks] | None,
+                    clean_kv: list[KV] | None) -> StreamRun:
+        """run_stream with per-layer masks. Per-layer lists all the way from the mask heads to the
+        blocks, because a (batch, pos, n_layers, width) tensor on the loss path costs a strided
+        copy of all masks in each direction, and another of their gradients, a step."""
         pre, post, kvs = [], [], []
-        # unbind, not [:, :, layer]: each select's backward would zero-fill a whole (B, T, L, W) gradient.
-        per_layer = None if attn_mask is None else list(zip(attn_mask.unbind(2), mlp_mask.unbind(2)))
         for layer, block in enumerate(self.blocks):
-            masks = None if per_layer is None else BlockMasks(*per_layer[layer])
             pre.append(x)
-            x, kv = block(x, stream, masks, None if clean_kv is None else clean_kv[layer])
+            x, kv = block(x, stream, None if masks is None else masks[layer],
+                          None if clean_kv is None else clean_kv[layer])
             post.append(x)
             kvs.append(kv)
         return StreamRun(pre, post, kvs, self.ln_final(x, stream))
@@ -146,20 +156,19 @@ class SelfAblatingTransformer(HookedModule):
         """Tied LM head: final residual (batch, pos, d_model) -> logits (batch, pos, vocab)."""
         return final @ self.wte.weight.T
 
-    def compute_masks(self, clean: StreamRun) -> tuple[Tensor, Tensor]:
-        """Relevance scores from the clean stream -> k-winners-take-all masks, both
-        (batch, pos, n_layers, width). Scores and masks pass through each block's hook points."""
-        sources = SCORE_SOURCES[self.cfg.ablation]
-        scores = [src(self, clean) for src in sources]
-        attn_scores = sum(s[0] for s in scores)
-        mlp_scores = sum(s[1] for s in scores)
+    def compute_masks(self, clean: StreamRun) -> list[BlockMasks]:
+        """Relevance scores from the clean stream -> each layer's k-winners-take-all masks,
+        (batch, pos, d_model) and (batch, pos, d_mlp). Scores and masks pass through each block's
+        hook points."""
+        per_source = [src(self, clean) for src in SCORE_SOURCES[self.cfg.ablation]]
         mask_fn, cfg = MASK_FUNCTIONS[self.cfg.mask_fn], self.cfg
-        attn_masks, mlp_masks = [], []
-        for block, a, m in zip(self.blocks, attn_scores.unbind(2), mlp_scores.unbind(2)):
-            a, m = block.hook_attn_scores(a), block.hook_mlp_scores(m)
-            attn_masks.append(block.hook_attn_mask(mask_fn(a, cfg.k_attn, cfg.temperature_attn, cfg.topk_eps)))
-            mlp_masks.append(block.hook_mlp_mask(mask_fn(m, cfg.k_mlp, cfg.temperature_mlp, cfg.topk_eps)))
-        return torch.stack(attn_masks, dim=2), torch.stack(mlp_masks, dim=2)
+        masks = []
+        for block, layer_scores in zip(self.blocks, zip(*per_source)):
+            a = block.hook_attn_scores(functools.reduce(torch.add, (s[0] for s in layer_scores)))
+            m = block.hook_mlp_scores(functools.reduce(torch.add, (s[1] for s in layer_scores)))
+            masks.append(BlockMasks(block.hook_attn_mask(mask_fn(a, cfg.k_attn, cfg.temperature_attn, cfg.topk_eps)),
+                                    block.hook_mlp_mask(mask_fn(m, cfg.k_mlp, cfg.temperature_mlp, cfg.topk_eps))))
+        return masks
 
     # -- entry points -----------------------------------------------------------------------
 
@@ -177,8 +186,10 @@ class SelfAblatingTransformer(HookedModule):
         ce_clean = None if targets is None else self._lm_loss(clean.final, logits_clean, targets)
         if not self.cfg.self_ablating:
             return ForwardOutput(logits_clean, None, None, None, ce_clean, ce_clean, None, None)
-        attn_mask, mlp_mask = self.compute_masks(clean)
-        ablated = self.run_stream(x, Stream.ABLATED, attn_mask, mlp_mask, clean_kv=clean.kv)
+        masks = self.compute_masks(clean)
+        ablated = self._run_blocks(x, Stream.ABLATED, masks, clean_kv=clean.kv)
+        # Off the loss path, so the stacks cost a forward copy and nothing in the backward pass.
+        attn_mask, mlp_mask = (torch.stack([getattr(m, f) for m in masks], dim=2) for f in BlockMasks._fields)
         logits_ablated = self.unembed(ablated.final) if return_logits else None
         if targets is None:
             return ForwardOutput(logits_clean, logits_ablated, attn_mask, mlp_mask, None, None, None, None)
