@@ -254,14 +254,15 @@ def test_straight_through_mask_without_autograd_is_the_hard_mask():
     assert (hard_topk_soft_grad(s, 12, 0.1) == 1).all()
 
 
-def test_self_key_attention_equals_the_masked_two_stream_form_with_gradients():
-    from selfablate.model.hooks import HookPoint
-    from selfablate.model.layers import KV, attend, attend_self_ablated, self_ablated_allowed
+@pytest.mark.parametrize("T, d_head", [(7, 4), (1, 8), (9, 15), (5, 16)])
+def test_self_key_attention_equals_the_masked_two_stream_form_with_gradients(T, d_head):
+    from selfablate.model.layers import KV, attend_self_ablated, self_ablated_allowed
 
     g = torch.Generator().manual_seed(0)
-    q, kc, vc, ka, va = (torch.randn(2, 3, 7, 4, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(5))
+    q, kc, vc, ka, va = (torch.randn(2, 3, T, d_head, generator=g, dtype=torch.float64, requires_grad=True)
+                         for _ in range(5))
     fast = attend_self_ablated(q, KV(kc, vc), KV(ka, va))
-    slow = attend(q, torch.cat([kc, ka], 2), torch.cat([vc, va], 2), self_ablated_allowed(7, q.device), HookPoint())
+    slow = naive_attention(q, torch.cat([kc, ka], 2), torch.cat([vc, va], 2), self_ablated_allowed(T, q.device))
     torch.testing.assert_close(fast, slow, rtol=0, atol=1e-12)
     w = torch.randn(fast.shape, generator=g, dtype=torch.float64)
     for a, b in zip(torch.autograd.grad((fast * w).sum(), (q, kc, vc, ka, va)),
@@ -269,3 +270,25 @@ def test_self_key_attention_equals_the_masked_two_stream_form_with_gradients():
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
     # Position 0 has no clean past: it sees only its own ablated value.
     torch.testing.assert_close(fast[:, :, 0], va[:, :, 0])
+
+
+def naive_attention(q, k, v, allowed):
+    """Unscaled softmax attention, written out: the reference for the fused (padded) kernel calls."""
+    scores = (q @ k.transpose(-1, -2)).masked_fill(~allowed, float("-inf"))
+    return scores.softmax(-1) @ v
+
+
+@pytest.mark.parametrize("T, d_head", [(6, 8), (1, 4), (5, 16), (4, 17)])
+def test_fused_causal_attention_equals_the_naive_one_with_gradients(T, d_head):
+    from selfablate.model.hooks import HookPoint
+    from selfablate.model.layers import attend
+
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, 3, T, d_head, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    fast = attend(q, k, v, None, HookPoint())
+    slow = naive_attention(q, k, v, torch.ones(T, T, dtype=torch.bool).tril())
+    assert fast.shape == (2, 3, T, d_head)
+    torch.testing.assert_close(fast, slow, rtol=0, atol=1e-12)
+    w = torch.randn(fast.shape, generator=g, dtype=torch.float64)
+    for a, b in zip(torch.autograd.grad((fast * w).sum(), (q, k, v)), torch.autograd.grad((slow * w).sum(), (q, k, v))):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
