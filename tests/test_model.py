@@ -42,16 +42,26 @@ def test_hard_mask_has_exactly_k_ones_per_row(k):
     assert (scores.detach()[m.bool()].view(4, 6, k) >= kth).all()
 
 
-def test_straight_through_gradient_equals_soft_topk_gradient():
+@pytest.mark.parametrize("shape, k", [((5, 20), 6), ((2, 3, 9), 1), ((4, 7), 6), ((3, 2, 512), 32)])
+def test_straight_through_gradient_equals_soft_topk_gradient(shape, k):
+    """The hand-written backward of hard_topk_soft_grad against autograd through soft_topk (and
+    the autograd reference), whose gradient it must be, down to rounding."""
+    from selfablate.model.masks import hard_topk_soft_grad_reference
+
     torch.manual_seed(0)
-    scores = torch.randn(5, 20, dtype=torch.float64)
-    w = torch.randn(5, 20, dtype=torch.float64)
-    s1 = scores.clone().requires_grad_()
-    (hard_topk_soft_grad(s1, 6, 0.3, 1e-12) * w).sum().backward()
-    s2 = scores.clone().requires_grad_()
-    (soft_topk(s2, 6, 0.3, 1e-12) * w).sum().backward()
-    assert s1.grad.abs().sum() > 0
-    torch.testing.assert_close(s1.grad, s2.grad, rtol=0, atol=0)
+    scores = torch.randn(*shape, dtype=torch.float64)
+    w = torch.randn(*shape, dtype=torch.float64)
+    grads = []
+    for fn in (hard_topk_soft_grad, soft_topk, hard_topk_soft_grad_reference):
+        s = scores.clone().requires_grad_()
+        out = fn(s, k, 0.3, 1e-12)
+        (out * w).sum().backward()
+        grads.append(s.grad)
+        if fn is not soft_topk:
+            assert torch.equal(out.detach(), hard_topk(scores, k))
+    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grads[2], grads[1], rtol=0, atol=0)
 
 
 def test_soft_topk_matches_formula_and_finite_differences():
