@@ -10,25 +10,26 @@ to a multiple of 16 (`layers.HEAD_ALIGN`, what the model uses).
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+from typing import Callable
 
 import torch
 
 from selfablate.model import layers
 from selfablate.model.hooks import HookPoint
+from timing import interleaved_ms
 
 B, H, POS, DH = 8, 16, 256, 8
 
 
-def median_ms(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
+def with_align(align: int, fn: Callable[[], object]) -> Callable[[], object]:
+    """fn, run with layers.HEAD_ALIGN set to `align` (1: no padding)."""
+    def run() -> object:
+        saved, layers.HEAD_ALIGN = layers.HEAD_ALIGN, align
+        try:
+            return fn()
+        finally:
+            layers.HEAD_ALIGN = saved
+    return run
 
 
 def main() -> None:
@@ -48,11 +49,8 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; batch {B}, {H} heads, pos {POS}, d_head {DH}; "
           "forward + backward, median ms")
     for name, (fn, inputs) in calls.items():
-        ms = {}
-        for a in (1, align):
-            layers.HEAD_ALIGN = a
-            ms[a] = median_ms(lambda: torch.autograd.grad(fn(), inputs, grad), args.repeats)
-        layers.HEAD_ALIGN = align
+        ms = interleaved_ms({a: with_align(a, lambda: torch.autograd.grad(fn(), inputs, grad)) for a in (1, align)},
+                            args.repeats)
         print(f"{name:<20} unpadded {ms[1]:6.1f}   padded to x{align} {ms[align]:6.1f}   ({ms[1] / ms[align]:.2f}x)")
 
 

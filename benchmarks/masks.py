@@ -10,24 +10,13 @@ At the paper's widths (attention units 128, neurons 512; k 32; batch 8 x 256 pos
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
 from selfablate.model.masks import hard_topk_soft_grad, hard_topk_soft_grad_reference
+from timing import interleaved_ms
 
 B, POS, K = 8, 256, 32
-
-
-def median_ms(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
 
 
 def main() -> None:
@@ -39,9 +28,11 @@ def main() -> None:
     for width in (128, 512):
         s = torch.randn(B, POS, width, requires_grad=True)
         g = torch.randn(B, POS, width)
-        ms = [median_ms(lambda: torch.autograd.grad(fn(s, K, 0.1, 1e-12), s, g), args.repeats)
-              for fn in (hard_topk_soft_grad_reference, hard_topk_soft_grad)]
-        print(f"width {width:>4}: autograd reference {ms[0]:6.2f}   hand-written backward {ms[1]:6.2f}   ({ms[0] / ms[1]:.2f}x)")
+        ms = interleaved_ms({name: (lambda fn=fn: torch.autograd.grad(fn(s, K, 0.1, 1e-12), s, g))
+                             for name, fn in (("ref", hard_topk_soft_grad_reference), ("fast", hard_topk_soft_grad))},
+                            args.repeats)
+        print(f"width {width:>4}: autograd reference {ms['ref']:6.2f}   hand-written backward {ms['fast']:6.2f}   "
+              f"({ms['ref'] / ms['fast']:.2f}x)")
 
 
 if __name__ == "__main__":

@@ -56,7 +56,7 @@ def hard_topk_soft_grad_reference(scores: Tensor, k: int, temperature: float, ep
 class _HardTopkSoftGrad(torch.autograd.Function):
     """`hard_topk_soft_grad_reference` with a hand-written backward: the forward pass computes only
     the hard mask, and the backward pass the soft top-k's vector-Jacobian product in a few fused
-    passes (1.25x at width 128, 1.9x at 512: benchmarks/masks.py).
+    passes (about 1.3x faster at the paper's widths: benchmarks/masks.py).
 
     With a = s_(k), b = s_(k+1), D = T (a - b) + eps, u = (s - (a + b) / 2) / D, w = sigmoid(u),
     soft = k w / sum(w), and g the incoming gradient:

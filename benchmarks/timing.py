@@ -1,0 +1,21 @@
+"""Side-by-side timing for the micro-benchmarks: contenders alternate call by call, so that a
+machine that speeds up or slows down mid-run (these shared cores do) affects all of them alike."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable
+
+
+def interleaved_ms(contenders: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median milliseconds per call of each contender, after one warm-up call each."""
+    for fn in contenders.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in contenders}
+    for _ in range(repeats):
+        for name, fn in contenders.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: 1e3 * statistics.median(t) for name, t in times.items()}
