@@ -9,33 +9,17 @@ to a multiple of 16 (`layers.HEAD_ALIGN`, what the model uses).
 
 from __future__ import annotations
 
-import argparse
-from typing import Callable
-
 import torch
 
 from selfablate.model import layers
 from selfablate.model.hooks import HookPoint
-from timing import interleaved_ms
+from timing import interleaved_ms, patched, repeats_from_argv
 
 B, H, POS, DH = 8, 16, 256, 8
 
 
-def with_align(align: int, fn: Callable[[], object]) -> Callable[[], object]:
-    """fn, run with layers.HEAD_ALIGN set to `align` (1: no padding)."""
-    def run() -> object:
-        saved, layers.HEAD_ALIGN = layers.HEAD_ALIGN, align
-        try:
-            return fn()
-        finally:
-            layers.HEAD_ALIGN = saved
-    return run
-
-
 def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--repeats", type=int, default=10)
-    args = p.parse_args()
+    repeats = repeats_from_argv(__doc__, 10)
     torch.manual_seed(0)
     # (B, H, T, Dh) views of (B, T, H, Dh) tensors, as the model's projections give them.
     q, k, v, k_own, v_own = (torch.randn(B, POS, H, DH).transpose(1, 2).requires_grad_() for _ in range(5))
@@ -49,8 +33,8 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; batch {B}, {H} heads, pos {POS}, d_head {DH}; "
           "forward + backward, median ms")
     for name, (fn, inputs) in calls.items():
-        ms = interleaved_ms({a: with_align(a, lambda: torch.autograd.grad(fn(), inputs, grad)) for a in (1, align)},
-                            args.repeats)
+        ms = interleaved_ms({a: patched(layers, "HEAD_ALIGN", a, lambda: torch.autograd.grad(fn(), inputs, grad)) for a in (1, align)},
+                            repeats)
         print(f"{name:<20} unpadded {ms[1]:6.1f}   padded to x{align} {ms[align]:6.1f}   ({ms[1] / ms[align]:.2f}x)")
 
 

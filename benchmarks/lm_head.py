@@ -9,41 +9,26 @@ reused buffer, and exp vs exp2 on one (vocab, 128) chunk: the measurements behin
 
 from __future__ import annotations
 
-import argparse
-from typing import Callable
-
 import torch
 import torch.nn.functional as F
 
 from selfablate.model import fused as fused_module
 from selfablate.model.fused import chunk_rows_for, linear_cross_entropy
-from timing import interleaved_ms
+from timing import interleaved_ms, patched, repeats_from_argv
 
 ROWS, D, VOCAB = 2048, 128, 50257
 
 
-def fresh_buffers(fn: Callable[[], object]) -> Callable[[], object]:
-    """fn, run with a fresh (vocab, rows) logits tensor per chunk instead of the reused buffer."""
-    def run() -> object:
-        saved, fused_module._logits_buffer = fused_module._logits_buffer, lambda *a: None
-        try:
-            return fn()
-        finally:
-            fused_module._logits_buffer = saved
-    return run
-
-
 def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--repeats", type=int, default=5)
-    args = p.parse_args()
+    repeats = repeats_from_argv(__doc__, 5)
     torch.manual_seed(0)
     w = (torch.randn(VOCAB, D) * 0.02).requires_grad_()
     h = torch.randn(ROWS, D).requires_grad_()
     y = torch.randint(0, VOCAB, (ROWS,))
     fused = lambda: torch.autograd.grad(linear_cross_entropy(h, w, y), (h, w))  # noqa: E731
     ms = interleaved_ms({"plain": lambda: torch.autograd.grad(F.cross_entropy(h @ w.T, y), (h, w)),
-                         "fused": fused, "fresh": fresh_buffers(fused)}, args.repeats)
+                         "fused": fused, # a fresh (vocab, rows) logits tensor per chunk instead of the reused buffer
+                         "fresh": patched(fused_module, "_logits_buffer", lambda *a: None, fused)}, repeats)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {ROWS} rows x {D} -> {VOCAB}, forward + backward")
     print(f"plain F.cross_entropy(h @ W.T)   {ms['plain']:8.1f} ms")
     print(f"chunked linear_cross_entropy     {ms['fused']:8.1f} ms   ({ms['plain'] / ms['fused']:.2f}x)")
@@ -52,7 +37,7 @@ def main() -> None:
     rows = chunk_rows_for(VOCAB)
     hc, wd = h.detach()[:rows], w.detach()
     logits = wd @ hc.T  # (vocab, rows)
-    ms = interleaved_ms({"exp": lambda: logits.exp(), "exp2": lambda: logits.exp2()}, 5 * args.repeats)
+    ms = interleaved_ms({"exp": lambda: logits.exp(), "exp2": lambda: logits.exp2()}, 5 * repeats)
     print(f"one ({VOCAB}, {rows}) chunk: exp {ms['exp']:.2f} ms, exp2 {ms['exp2']:.2f} ms ({ms['exp'] / ms['exp2']:.1f}x)")
 
 

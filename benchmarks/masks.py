@@ -9,20 +9,16 @@ At the paper's widths (attention units 128, neurons 512; k 32; batch 8 x 256 pos
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 
 from selfablate.model.masks import hard_topk_soft_grad, hard_topk_soft_grad_reference
-from timing import interleaved_ms
+from timing import interleaved_ms, repeats_from_argv
 
 B, POS, K = 8, 256, 32
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--repeats", type=int, default=20)
-    args = p.parse_args()
+    repeats = repeats_from_argv(__doc__, 20)
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; batch {B} x {POS}, k {K}; forward + backward, median ms")
     for width in (128, 512):
@@ -30,7 +26,7 @@ def main() -> None:
         g = torch.randn(B, POS, width)
         ms = interleaved_ms({name: (lambda fn=fn: torch.autograd.grad(fn(s, K, 0.1, 1e-12), s, g))
                              for name, fn in (("ref", hard_topk_soft_grad_reference), ("fast", hard_topk_soft_grad))},
-                            args.repeats)
+                            repeats)
         print(f"width {width:>4}: autograd reference {ms['ref']:6.2f}   hand-written backward {ms['fast']:6.2f}   "
               f"({ms['ref'] / ms['fast']:.2f}x)")
 

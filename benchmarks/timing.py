@@ -3,6 +3,7 @@ machine that speeds up or slows down mid-run (these shared cores do) affects all
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 from typing import Callable
@@ -19,3 +20,25 @@ def interleaved_ms(contenders: dict[str, Callable[[], object]], repeats: int) ->
             fn()
             times[name].append(time.perf_counter() - t0)
     return {name: 1e3 * statistics.median(t) for name, t in times.items()}
+
+
+def patched(obj: object, name: str, value: object, fn: Callable[[], object]) -> Callable[[], object]:
+    """fn, run with obj.name set to value (and restored after): a variant of a library path to time
+    beside the real one."""
+
+    def run() -> object:
+        saved = getattr(obj, name)
+        setattr(obj, name, value)
+        try:
+            return fn()
+        finally:
+            setattr(obj, name, saved)
+
+    return run
+
+
+def repeats_from_argv(doc: str | None, default: int) -> int:
+    """The micro-benchmarks' one option, --repeats (timed calls per contender)."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--repeats", type=int, default=default)
+    return p.parse_args().repeats
