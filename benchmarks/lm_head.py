@@ -2,7 +2,8 @@
 
 Prints the time of a forward + backward of (a) plain `F.cross_entropy(h @ W.T, y)` and (b) our
 chunked `linear_cross_entropy`, (c) the same with a fresh logits tensor per chunk instead of one
-reused buffer, and exp vs exp2 on one (vocab, 128) chunk: the measurements behind its design.
+reused buffer, exp vs exp2 on one (vocab, 128) chunk: the measurements behind its design; and the
+GFLOP/s of that chunk's three GEMMs beside the machine's float32 peak, the head's ceiling.
 
     python benchmarks/lm_head.py [--repeats 5]
 """
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 
 from selfablate.model import fused as fused_module
 from selfablate.model.fused import chunk_rows_for, linear_cross_entropy
+from selfablate.perf import gemm_peak_flops
 from timing import interleaved_ms, patched, repeats_from_argv
 
 ROWS, D, VOCAB = 2048, 128, 50257
@@ -39,6 +41,15 @@ def main() -> None:
     logits = wd @ hc.T  # (vocab, rows)
     ms = interleaved_ms({"exp": lambda: logits.exp(), "exp2": lambda: logits.exp2()}, 5 * repeats)
     print(f"one ({VOCAB}, {rows}) chunk: exp {ms['exp']:.2f} ms, exp2 {ms['exp2']:.2f} ms ({ms['exp'] / ms['exp2']:.1f}x)")
+
+    # The chunk's three GEMMs (two of them with a 128-wide dimension) against the machine's peak.
+    probs, grad_w, buf = torch.rand_like(logits), torch.zeros_like(wd), torch.empty_like(logits)
+    ms = interleaved_ms({"logits W @ h^T": lambda: torch.mm(wd, hc.T, out=buf),
+                         "grad_h P^T @ W": lambda: probs.T @ wd,
+                         "grad_W += P @ h": lambda: grad_w.addmm_(probs, hc)}, 5 * repeats)
+    flop = 2 * VOCAB * D * rows
+    print(f"its GEMMs, GFLOP/s: " + ", ".join(f"{name} {flop / t / 1e6:.0f}" for name, t in ms.items())
+          + f"; float32 peak (2048^3) {gemm_peak_flops() / 1e9:.0f}")
 
 
 if __name__ == "__main__":
