@@ -32,8 +32,9 @@ BATCH, POS = 8, 256
 ORIGINAL = {"local": 180.0, "global": 135.0}  # the original research code, tokens/s, as issue #6 states
 
 
-def ours(ablation: str):
-    cfg = ModelConfig(ablation=ablation)
+def ours(ablation: str, **model_kw):
+    """A full training step of our model at the paper's architecture (model_kw overrides)."""
+    cfg = ModelConfig(ablation=ablation, **model_kw)
     model = SelfAblatingTransformer(cfg).train()
     tcfg = TrainConfig(warmup_steps=1)
     opt = make_optimizer(model, tcfg)
