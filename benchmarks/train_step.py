@@ -4,11 +4,14 @@ Contenders (8 layers x 128, 16 heads, d_mlp 512, vocab 50257, context 256, batch
 AdamW, float32, this machine's threads): (a) our baseline, (b) our local and (c) our global
 self-ablating model, each a full `selfablate.train.train_step`; (d) `transformers`'
 GPTNeoForCausalLM of the same shape (the clean half of the work only); (e) the float32 GEMM peak.
-Contenders run interleaved, round by round, and the median over rounds is reported. Peak memory
-is measured per contender in a child process (peak RSS over two steps, and its rise over the RSS
-after set-up).
+Each contender lives in a worker process of its own, and the workers take turns, round by round;
+the median over rounds is reported. Each turn starts with untimed warm-up steps: GPT-Neo, which
+maps and frees about 1.5 GB a step for its logits, runs up to 2x slower for the first few steps
+after another process has run (ours barely change), so timing it right after a switch would
+understate what it does in a training run of its own. Peak memory is each
+worker's own high-water mark (VmHWM) and its rise over the RSS after set-up.
 
-    python benchmarks/train_step.py [--rounds 3] [--steps 2]     # needs `pip install transformers`
+    python benchmarks/train_step.py [--rounds 4] [--warmup 3] [--steps 3]     # needs `pip install transformers`
 """
 
 from __future__ import annotations
@@ -80,41 +83,67 @@ def peak_rss_mb() -> float:
         return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
 
 
-def child(name: str, steps: int) -> None:
+def worker(name: str) -> None:
+    """Serve one contender: after set-up and a warm-up step, each line "N" on stdin runs N steps
+    and answers their seconds; end of input answers the memory figures."""
     step = CONTENDERS[name]()
     setup = rss_mb()
-    for _ in range(steps):
-        step()
-    print(json.dumps({"setup_mb": setup, "peak_mb": peak_rss_mb()}))
+    step()
+    print("ready", flush=True)
+    for line in sys.stdin:
+        t0 = time.perf_counter()
+        for _ in range(int(line)):
+            step()
+        print(time.perf_counter() - t0, flush=True)
+    print(json.dumps({"setup_mb": setup, "peak_mb": peak_rss_mb()}), flush=True)
 
 
-def memory(name: str) -> dict[str, float]:
-    out = subprocess.run([sys.executable, __file__, "--child", name], capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+class Worker:
+    """The parent's handle on one contender's worker process."""
+
+    def __init__(self, name: str):
+        self.proc = subprocess.Popen([sys.executable, __file__, "--worker", name], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True)
+        self.expect("ready")
+
+    def expect(self, word: str) -> None:
+        line = self.proc.stdout.readline().strip()
+        if line != word:
+            raise RuntimeError(f"worker said {line!r} instead of {word!r}")
+
+    def run(self, steps: int) -> float:
+        self.proc.stdin.write(f"{steps}\n")
+        self.proc.stdin.flush()
+        return float(self.proc.stdout.readline())
+
+    def close(self) -> dict[str, float]:
+        self.proc.stdin.close()
+        memory = json.loads(self.proc.stdout.readline())
+        self.proc.wait()
+        return memory
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--steps", type=int, default=2, help="timed steps per contender per round")
-    p.add_argument("--child", default="")
+    p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps at the start of each turn")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per contender per round")
+    p.add_argument("--worker", default="")
     args = p.parse_args()
-    if args.child:
-        return child(args.child, 2)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; batch {BATCH} x {POS} tokens, paper architecture")
-    steps = {name: make() for name, make in CONTENDERS.items()}
-    for fn in steps.values():
-        fn()  # warm-up
-    speeds: dict[str, list[float]] = {n: [] for n in steps}
+    if args.worker:
+        return worker(args.worker)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; batch {BATCH} x {POS} tokens, paper architecture; "
+          f"each turn {args.warmup} warm-up + {args.steps} timed steps")
+    workers = {name: Worker(name) for name in CONTENDERS}
+    speeds: dict[str, list[float]] = {n: [] for n in workers}
     peaks = []
     for r in range(args.rounds):
         peaks.append(gemm_peak_flops())
-        for name, fn in steps.items():
-            t0 = time.perf_counter()
-            for _ in range(args.steps):
-                fn()
-            speeds[name].append(args.steps * BATCH * POS / (time.perf_counter() - t0))
+        for name, w in workers.items():
+            w.run(args.warmup)
+            speeds[name].append(args.steps * BATCH * POS / w.run(args.steps))
         print(f"round {r + 1}: " + ", ".join(f"{n} {s[-1]:.0f} tok/s" for n, s in speeds.items()), flush=True)
+    memory = {name: w.close() for name, w in workers.items()}
     peak = statistics.median(peaks)
     neo = statistics.median(speeds["gpt-neo"])
     print(f"\nfloat32 GEMM peak (2048^3 matmul, median of {args.rounds}): {peak / 1e9:.1f} GFLOP/s")
@@ -123,7 +152,7 @@ def main() -> None:
         tps = statistics.median(s)
         cfg = ModelConfig(ablation={"baseline": "none", "gpt-neo": "none"}.get(name, name))
         flops = train_flops_per_token(cfg, POS)
-        mem = memory(name)
+        mem = memory[name]
         print(f"{name:<10} {tps:>8.0f} {tps / neo:>10.2f}x {flops / 1e6:>10.1f} {tps * flops / peak:>6.1%} "
               f"{mem['peak_mb']:>12.0f} {mem['peak_mb'] - mem['setup_mb']:>9.0f}")
     for name, ref in ORIGINAL.items():
