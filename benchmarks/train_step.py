@@ -8,8 +8,9 @@ Each contender lives in a worker process of its own, and the workers take turns,
 the median over rounds is reported. Each turn starts with untimed warm-up steps: GPT-Neo, which
 maps and frees about 1.5 GB a step for its logits, runs up to 2x slower for the first few steps
 after another process has run (ours barely change), so timing it right after a switch would
-understate what it does in a training run of its own. Peak memory is each
-worker's own high-water mark (VmHWM) and its rise over the RSS after set-up.
+understate what it does in a training run of its own. Every worker keeps freed memory in the
+process (`selfablate.perf.keep_freed_memory`, which `selfablate train` applies). Peak memory is
+each worker's own high-water mark (VmHWM) and its rise over the RSS after set-up.
 
     python benchmarks/train_step.py [--rounds 4] [--warmup 3] [--steps 3]     # needs `pip install transformers`
 """
@@ -28,7 +29,7 @@ import torch
 
 from selfablate import ModelConfig, SelfAblatingTransformer
 from selfablate.config import TrainConfig
-from selfablate.perf import gemm_peak_flops, train_flops_per_token
+from selfablate.perf import gemm_peak_flops, keep_freed_memory, train_flops_per_token
 from selfablate.train import autocast_for, make_optimizer, train_step
 
 BATCH, POS = 8, 256
@@ -86,6 +87,7 @@ def peak_rss_mb() -> float:
 def worker(name: str) -> None:
     """Serve one contender: after set-up and a warm-up step, each line "N" on stdin runs N steps
     and answers their seconds; end of input answers the memory figures."""
+    keep_freed_memory()  # as `selfablate train` does (TrainConfig.keep_freed_memory); the same for GPT-Neo
     step = CONTENDERS[name]()
     setup = rss_mb()
     step()

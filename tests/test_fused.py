@@ -64,9 +64,10 @@ def test_model_training_path_matches_the_logits_path():
     ref.loss.backward()
     ref_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
-    fast = model(x, y, return_logits=False)
+    fast = model(x, y, return_logits=False, return_masks=False)
     fast.loss.backward()
     assert fast.logits_clean is None and fast.logits_ablated is None
+    assert fast.attn_mask is None and fast.mlp_mask is None
     for a, b in [(fast.loss, ref.loss), (fast.loss_clean, ref.loss_clean), (fast.loss_ablated, ref.loss_ablated)]:
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     for n, p in model.named_parameters():

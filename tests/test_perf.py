@@ -26,3 +26,26 @@ def test_paper_step_costs_what_issue_6_states():
     assert train_flops_per_token(ModelConfig(ablation="none"), 256) / 1e6 == pytest.approx(49.6, abs=0.1)
     local = train_flops_per_token(ModelConfig(ablation="local"), 256) / 1e6
     assert local == pytest.approx(2 * 49.6 + 3 * 1.31, abs=0.2) and 100 < local < 106
+
+
+@pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+def test_keep_freed_memory_takes_every_setting_on_glibc():
+    from selfablate.perf import keep_freed_memory
+
+    assert keep_freed_memory() is True
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_training_sets_the_allocator_only_when_asked(tmp_path, stories_dir, monkeypatch, keep):
+    import dataclasses
+
+    import selfablate.train as train_module
+    from selfablate.config import get_preset
+
+    calls = []
+    monkeypatch.setattr(train_module, "keep_freed_memory", lambda: calls.append(1) or True)
+    model_cfg, tr = get_preset("tiny")
+    tr = dataclasses.replace(tr, out=str(tmp_path / "run"), data=str(stories_dir), max_steps=1, progress=False,
+                             keep_freed_memory=keep)
+    train_module.train(model_cfg, tr)
+    assert calls == ([1] if keep else [])

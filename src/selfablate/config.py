@@ -147,6 +147,10 @@ class TrainConfig:
     """Extra metrics sink besides metrics.jsonl (optional extras)."""
     progress: bool = True
     """Show a progress bar with the live loss."""
+    keep_freed_memory: bool = True
+    """On glibc, keep freed memory in the process instead of handing it back to the OS, so the
+    step's large temporaries are not page-faulted in afresh every step (see `perf.allocator`;
+    the process then holds on to its peak memory)."""
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "max_steps", "eval_interval", "eval_batches",

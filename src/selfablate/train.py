@@ -25,6 +25,7 @@ from .errors import CheckpointError, ConfigError
 from .eval.lm import LossEval, evaluate_loss
 from .metrics_log import MetricsLog
 from .model import SelfAblatingTransformer
+from .perf import keep_freed_memory
 
 CHECKPOINT_DIR = "checkpoint"
 
@@ -95,7 +96,7 @@ def train_step(model: SelfAblatingTransformer, opt: torch.optim.Optimizer, batch
         group["lr"] = lr
     x, y = (t.to(device, non_blocking=True) for t in batch)
     with autocast():
-        out = model(x, y, return_logits=False)
+        out = model(x, y, return_logits=False, return_masks=False)
     out.loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item() if cfg.grad_clip else None
     opt.step()
@@ -180,6 +181,8 @@ def attach_vocab(model: SelfAblatingTransformer, vocab: CompactVocab | None, res
 def train(model_cfg: ModelConfig, cfg: TrainConfig, cache_dir: Path | None = None) -> TrainResult:
     """Train (or resume) a model; returns the checkpoint folder and the final held-out losses.
     Under torchrun, trains data-parallel (see `distributed`): rank 0 logs and checkpoints."""
+    if cfg.keep_freed_memory:
+        keep_freed_memory()
     dist, device = distributed.init(resolve_device(cfg.device), cfg.batch_size)
     autocast = autocast_for(device, cfg.precision)
     data = load_data(model_cfg, cfg, cache_dir)

@@ -44,7 +44,7 @@ def evaluate_loss(model: SelfAblatingTransformer, batches: Iterable[tuple[Tensor
     for x, y in tqdm(batches, desc="evaluating", total=total, disable=not progress, leave=False):
         x, y = x.to(device), y.to(device)
         with autocast():
-            out = model(x, y, return_logits=False)
+            out = model(x, y, return_logits=False, return_masks=False)
         clean += out.loss_clean.item() * y.numel()
         if out.loss_ablated is not None:
             ablated += out.loss_ablated.item() * y.numel()

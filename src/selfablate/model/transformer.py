@@ -29,9 +29,10 @@ class ForwardOutput(NamedTuple):
     logits_ablated: Tensor | None
     """(batch, pos, vocab) logits of the ablated stream; None for a baseline (ablation='none')."""
     attn_mask: Tensor | None
-    """(batch, pos, n_layers, d_model) attention-unit mask (exactly k_attn ones per row if hard)."""
+    """(batch, pos, n_layers, d_model) attention-unit mask (exactly k_attn ones per row if hard);
+    None for a baseline or with return_masks=False."""
     mlp_mask: Tensor | None
-    """(batch, pos, n_layers, d_mlp) neuron mask."""
+    """(batch, pos, n_layers, d_mlp) neuron mask; None as attn_mask."""
     loss: Tensor | None
     """a * loss_clean + b * loss_ablated + c * loss_recon (just loss_clean for a baseline)."""
     loss_clean: Tensor | None
@@ -172,11 +173,13 @@ class SelfAblatingTransformer(HookedModule):
 
     # -- entry points -----------------------------------------------------------------------
 
-    def forward(self, tokens: Tensor, targets: Tensor | None = None, return_logits: bool = True) -> ForwardOutput:
+    def forward(self, tokens: Tensor, targets: Tensor | None = None, return_logits: bool = True,
+                return_masks: bool = True) -> ForwardOutput:
         """tokens (batch, pos); targets (batch, pos) next tokens, or None for no loss.
 
         return_logits=False (training) skips the (batch, pos, vocab) logits: the losses then come
         from the chunked LM head + cross-entropy, which never holds them (logits_* are None).
+        return_masks=False (training) skips stacking the per-layer masks (attn_mask, mlp_mask are None).
         """
         x = self.embed(tokens)
         # The clean stream never depends on the ablated one, so it runs first and once; its
@@ -189,7 +192,8 @@ class SelfAblatingTransformer(HookedModule):
         masks = self.compute_masks(clean)
         ablated = self._run_blocks(x, Stream.ABLATED, masks, clean_kv=clean.kv)
         # Off the loss path, so the stacks cost a forward copy and nothing in the backward pass.
-        attn_mask, mlp_mask = (torch.stack([getattr(m, f) for m in masks], dim=2) for f in BlockMasks._fields)
+        attn_mask, mlp_mask = ((torch.stack([getattr(m, f) for m in masks], dim=2) for f in BlockMasks._fields)
+                               if return_masks else (None, None))
         logits_ablated = self.unembed(ablated.final) if return_logits else None
         if targets is None:
             return ForwardOutput(logits_clean, logits_ablated, attn_mask, mlp_mask, None, None, None, None)
