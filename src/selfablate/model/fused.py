@@ -53,7 +53,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     Two more measured choices (benchmarks/lm_head.py): the logits are in base-2 units, h scaled
     by log2(e), because exp2 runs 3-4x faster than exp on these CPUs (softmax is unchanged:
-    2^(l log2 e) = e^l); and every chunk writes into one reused buffer (1.06-1.13x), as a fresh
+    2^(l log2 e) = e^l); and every chunk writes into one reused buffer (1.06-1.17x), as a fresh
     25 MB tensor per chunk comes back from the allocator untouched and faults its pages in again.
     """
 
