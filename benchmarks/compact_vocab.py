@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -28,23 +27,17 @@ from selfablate.data.sources import resolve_source
 from selfablate.data.dataset import tokenize_split
 from selfablate.data.vocab import CompactVocab
 from selfablate.train import train
+from timing import interleaved_ms
 from train_step import BATCH, POS, ours
 
 
 def speed(vocab_size: int, rounds: int) -> None:
     steps = {"full (50257 ids)": ours("local"),
              f"compact ({vocab_size} ids)": ours("local", vocab_size=vocab_size, compact_vocab=True)}
-    for fn in steps.values():
-        fn()
-    tps: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(rounds):
-        for name, fn in steps.items():
-            t0 = time.perf_counter()
-            fn()
-            tps[name].append(BATCH * POS / (time.perf_counter() - t0))
-    (full, f), (compact, c) = ((n, statistics.median(v)) for n, v in tps.items())
+    ms = interleaved_ms(steps, rounds)
+    (full, f), (compact, c) = ((name, BATCH * POS / (t / 1e3)) for name, t in ms.items())
     print(f"paper architecture, local step, batch {BATCH} x {POS}: {full} {f:.0f} tok/s, {compact} {c:.0f} tok/s "
-          f"({c / f:.2f}x; medians of {rounds} interleaved rounds)")
+          f"({c / f:.2f}x; medians of {rounds} alternating steps)")
 
 
 def trained_loss(compact: bool, steps: int, work: Path) -> dict[str, float]:
