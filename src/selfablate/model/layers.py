@@ -30,12 +30,13 @@ stream's d_head + 1 = 9 by a third (benchmarks/attention.py); CUDA's flash kerne
 of 8 too."""
 
 
-def _pad_last(x: Tensor, width: int, front_rows: int = 0) -> Tensor:
-    """Zero-pad the last dim of (B, H, T, D) to `width`, and add `front_rows` zero rows before T."""
-    return F.pad(x, (0, width - x.shape[-1], front_rows, 0))
+def _pad_last(x: Tensor, width: int) -> Tensor:
+    """Zero-pad the last dim of (B, H, T, D) to `width`: (B, H, T, width)."""
+    return F.pad(x, (0, width - x.shape[-1]))
 
 
 def _aligned(d: int) -> int:
+    """d rounded up to a multiple of HEAD_ALIGN."""
     return -(-d // HEAD_ALIGN) * HEAD_ALIGN
 
 
