@@ -136,7 +136,8 @@ class SelfAblatingTransformer(HookedModule):
                    mlp_mask: Tensor | None = None, clean_kv: list[KV] | None = None) -> StreamRun:
         """Run the blocks on embeddings x. Masks are (batch, pos, n_layers, width) or None;
         with clean_kv, attention follows the two-stream rule (see `layers.self_ablated_allowed`)."""
-        masks = None if attn_mask is None else [BlockMasks(a, m) for a, m in zip(attn_mask.unbind(2), mlp_mask.unbind(2))]
+        masks = (None if attn_mask is None else
+                 [BlockMasks(a, m) for a, m in zip(attn_mask.unbind(2), mlp_mask.unbind(2))])
         return self._run_blocks(x, stream, masks, clean_kv)
 
     def _run_blocks(self, x: Tensor, stream: Stream, masks: list[BlockMasks] | None,
