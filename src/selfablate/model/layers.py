@@ -25,9 +25,9 @@ class KV(NamedTuple):
 
 HEAD_ALIGN = 16
 """The fused attention kernel gets head dims zero-padded to a multiple of this (zeros change no
-dot product). On these AVX-512 CPUs it runs d_head 16 faster than 8, and faster than the ablated
-stream's d_head + 1 = 9 by a third (benchmarks/attention.py); CUDA's flash kernel wants multiples
-of 8 too."""
+dot product). On these AVX-512 CPUs it runs d_head 16 faster than 8 (1.1-1.3x) and than the
+ablated stream's d_head + 1 = 9 (1.3-1.6x; benchmarks/attention.py); 32 is slower. CUDA's flash
+kernel wants multiples of 8 too."""
 
 
 def _pad_last(x: Tensor, width: int) -> Tensor:

@@ -56,7 +56,7 @@ def hard_topk_soft_grad_reference(scores: Tensor, k: int, temperature: float, ep
 class _HardTopkSoftGrad(torch.autograd.Function):
     """`hard_topk_soft_grad_reference` with a hand-written backward: the forward pass computes only
     the hard mask, and the backward pass the soft top-k's vector-Jacobian product in a few fused
-    passes (about 1.3x faster at the paper's widths: benchmarks/masks.py).
+    passes (1.1-1.9x faster at the paper's widths over runs: benchmarks/masks.py).
 
     With a = s_(k), b = s_(k+1), D = T (a - b) + eps, u = (s - (a + b) / 2) / D, w = sigmoid(u),
     soft = k w / sum(w), and g the incoming gradient:
