@@ -12,11 +12,17 @@ import torch
 from torch import Tensor
 
 
+def _gate(scores: Tensor, s_k: Tensor, s_k1: Tensor, temperature: float, eps: float) -> tuple[Tensor, Tensor]:
+    """The soft top-k's sigmoid argument u = (s - m) / D, with m = (s_(k) + s_(k+1)) / 2 and
+    D = T * (s_(k) - s_(k+1)) + eps, and D; s_k, s_k1: (..., 1)."""
+    D = temperature * (s_k - s_k1) + eps
+    return (scores - (s_k + s_k1) / 2).div_(D), D
+
+
 def _soft_from_top(scores: Tensor, top: Tensor, k: int, temperature: float, eps: float) -> Tensor:
     """The soft top-k given the row's k+1 largest scores `top` (sorted, descending)."""
-    s_k, s_k1 = top[..., k - 1 : k], top[..., k : k + 1]
-    midpoint = (s_k + s_k1) / 2
-    w = torch.sigmoid((scores - midpoint) / (temperature * (s_k - s_k1) + eps))
+    u, _ = _gate(scores, top[..., k - 1 : k], top[..., k : k + 1], temperature, eps)
+    w = torch.sigmoid(u)
     return w * (k / w.sum(dim=-1, keepdim=True))
 
 
@@ -81,9 +87,7 @@ class _HardTopkSoftGrad(torch.autograd.Function):
     def backward(ctx, g: Tensor):  # type: ignore[override]
         s, ab, ab_idx = ctx.saved_tensors
         k, T = ctx.k, ctx.temperature
-        a, b = ab[..., :1], ab[..., 1:]  # (..., 1)
-        D = T * (a - b) + ctx.eps
-        u = (s - (a + b) / 2).div_(D)
+        u, D = _gate(s, ab[..., :1], ab[..., 1:], T, ctx.eps)
         w = torch.sigmoid(u)
         w_sum = w.sum(-1, keepdim=True)
         g_dot_w = (g * w).sum(-1, keepdim=True)
