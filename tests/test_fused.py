@@ -45,6 +45,27 @@ def test_float32_fast_path_is_as_accurate_as_plain_float32(scale):
         assert (f - r).abs().max() <= 2 * (p - r).abs().max() + 1e-6
 
 
+def test_chunks_whose_logits_leave_the_unshifted_range_fall_back_to_the_max_shift(monkeypatch):
+    """Chunks 1-2 have ordinary logits (exp2 unshifted), chunk 3 logits in the hundreds (recomputed
+    with the max shift), chunk 4 ordinary again (shifted too: after one miss the rest are). Value and
+    gradients equal the plain float64 ones throughout."""
+    amax_calls = []
+    real_amax = torch.Tensor.amax
+    monkeypatch.setattr(torch.Tensor, "amax", lambda self, *a: amax_calls.append(1) or real_amax(self, *a))
+    torch.manual_seed(4)
+    h = torch.randn(32, 8, dtype=torch.float64)
+    h[16:24] *= 200  # logits far beyond 2^64 in chunk 3 (8-row chunks)
+    h.requires_grad_()
+    w = torch.randn(40, 8, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 40, (32,))
+    plain = F.cross_entropy(h @ w.T, y)
+    fused = linear_cross_entropy(h, w, y, 8)
+    assert len(amax_calls) == 2
+    torch.testing.assert_close(fused, plain, rtol=1e-12, atol=1e-12)
+    for f, p in zip(torch.autograd.grad(fused, (h, w)), torch.autograd.grad(plain, (h, w))):
+        torch.testing.assert_close(f, p, rtol=1e-10, atol=1e-12)
+
+
 def test_fused_loss_gradcheck():
     torch.manual_seed(1)
     h = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
