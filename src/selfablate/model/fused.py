@@ -107,7 +107,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         acc = torch.promote_types(weight.dtype, torch.float32)  # float32, or float64 in tests
         n_valid = (targets != IGNORE_INDEX).sum().clamp(min=1)
         grad_h = torch.empty_like(h) if need_h else None
-        grad_w = torch.zeros_like(weight, dtype=acc) if need_w else None
+        # The first chunk's GEMM writes grad_w (no zero-fill pass over a vocab x d_model tensor).
+        grad_w = torch.zeros_like(weight, dtype=acc) if need_w and not h.shape[0] else None
         total = torch.zeros((), dtype=acc, device=h.device)
         h2 = h * LOG2E  # base-2 logits: log2-sum-exp2 = logsumexp / ln 2
         buf = _logits_buffer(h, weight, chunk_rows, acc)
@@ -129,7 +130,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 grad_h[rows] = (g * scale - hit * weight[tgt]).to(h.dtype)
             if need_w:
                 hc = h[rows].to(acc)
-                grad_w.addmm_(sm.probs, hc * scale).index_add_(0, tgt, hc * -hit)
+                grad_w = (torch.mm(sm.probs, hc * scale) if grad_w is None
+                          else grad_w.addmm_(sm.probs, hc * scale)).index_add_(0, tgt, hc * -hit)
         ctx.save_for_backward(grad_h, grad_w.to(weight.dtype) if need_w else None)
         return total / n_valid
 
