@@ -4,11 +4,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from selfablate.model import fused as fused_module
 from selfablate.model.fused import linear_cross_entropy
 
 
+@pytest.mark.parametrize("unshifted_devices", [("cpu",), ()], ids=["unshifted", "max-shifted"])
 @pytest.mark.parametrize("chunk_rows", [1, 7, 64, None])
-def test_fused_linear_cross_entropy_matches_plain(chunk_rows):
+def test_fused_linear_cross_entropy_matches_plain(chunk_rows, unshifted_devices, monkeypatch):
+    monkeypatch.setattr(fused_module, "UNSHIFTED_DEVICES", unshifted_devices)  # () is CUDA's path
     torch.manual_seed(0)
     h = torch.randn(3, 13, 8, dtype=torch.float64, requires_grad=True)
     w = torch.randn(50, 8, dtype=torch.float64, requires_grad=True)

@@ -22,10 +22,13 @@ CHUNK_ELEMENTS = 1 << 24  # logits per chunk at most (64 MB in float32)
 LOG2E, LN2 = math.log2(math.e), math.log(2.0)
 Z_RANGE = (2.0**-32, 2.0**64)
 """A chunk's exp2 is taken without the max shift when every column sum lands in this range: then
-no logit passes 64 (exp2 stays far from float32's 2^128, and the GEMMs that follow from 2^128 too),
+no logit passes 64, so exp2 and the sums of the gradient GEMMs stay far from float32's 2^128;
 and the largest is above -48, so every probability down to 2^-78 of the top one is a normal float
 (the shifted softmax keeps those down to 2^-126; the difference is below any gradient that
-matters). A trained model's logits sit well inside this window."""
+matters). Trained models' logits sit well inside: a cpu-small local model after 3,000 steps had
+each row's largest base-2 logit at 4.0-27.0 on held-out text (both streams)."""
+UNSHIFTED_DEVICES = ("cpu",)
+"""Where exp2 is tried unshifted first: its range check syncs, which costs nothing on a CPU only."""
 
 
 def _logits_buffer(h: Tensor, weight: Tensor, chunk_rows: int, acc: torch.dtype) -> Tensor | None:
@@ -112,7 +115,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=acc, device=h.device)
         h2 = h * LOG2E  # base-2 logits: log2-sum-exp2 = logsumexp / ln 2
         buf = _logits_buffer(h, weight, chunk_rows, acc)
-        unshifted = h.device.type == "cpu"  # its range check syncs, which costs nothing on a CPU only
+        unshifted = h.device.type in UNSHIFTED_DEVICES
         for start in range(0, h.shape[0], chunk_rows):
             rows = slice(start, start + chunk_rows)
             valid = (targets[rows] != IGNORE_INDEX).to(acc)
