@@ -69,6 +69,18 @@ def test_chunks_whose_logits_leave_the_unshifted_range_fall_back_to_the_max_shif
         torch.testing.assert_close(f, p, rtol=1e-10, atol=1e-12)
 
 
+def test_weight_gradient_ignores_what_its_uninitialised_buffer_held(monkeypatch):
+    """grad_W is allocated without a zero-fill and the first chunk's GEMM overwrites it (beta=0)."""
+    real_empty_like = torch.empty_like
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: real_empty_like(*a, **k).fill_(float("nan")))
+    torch.manual_seed(5)
+    h = torch.randn(10, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(9, 4, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 9, (10,))
+    fused = torch.autograd.grad(linear_cross_entropy(h, w, y, 4), w)[0]
+    torch.testing.assert_close(fused, torch.autograd.grad(F.cross_entropy(h @ w.T, y), w)[0], rtol=1e-10, atol=1e-12)
+
+
 def test_fused_loss_gradcheck():
     torch.manual_seed(1)
     h = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)

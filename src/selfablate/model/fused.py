@@ -100,7 +100,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
     On the CPU, the buffer is touched twice only: exp2 in place and its column sums. The max
     shift is skipped while the sums stay in Z_RANGE (`_chunk_softmax`), and the softmax's
     normalisation and the target's -1 go into the (rows, d_model) operands of the two gradient
-    GEMMs instead of a pass over the buffer (together 1.08-1.10x on the head).
+    GEMMs instead of a pass over the buffer: 1.09x on the head against five passes (one run side
+    by side), of which the unshifted exp2 1.03-1.07x (three runs).
     """
 
     @staticmethod
@@ -110,8 +111,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         acc = torch.promote_types(weight.dtype, torch.float32)  # float32, or float64 in tests
         n_valid = (targets != IGNORE_INDEX).sum().clamp(min=1)
         grad_h = torch.empty_like(h) if need_h else None
-        # The first chunk's GEMM writes grad_w (no zero-fill pass over a vocab x d_model tensor).
-        grad_w = torch.zeros_like(weight, dtype=acc) if need_w and not h.shape[0] else None
+        # The first chunk's GEMM overwrites grad_w (beta=0): no zero-fill pass over vocab x d_model.
+        grad_w = (torch.empty_like if h.shape[0] else torch.zeros_like)(weight, dtype=acc) if need_w else None
         total = torch.zeros((), dtype=acc, device=h.device)
         h2 = h * LOG2E  # base-2 logits: log2-sum-exp2 = logsumexp / ln 2
         buf = _logits_buffer(h, weight, chunk_rows, acc)
@@ -133,8 +134,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 grad_h[rows] = (g * scale - hit * weight[tgt]).to(h.dtype)
             if need_w:
                 hc = h[rows].to(acc)
-                grad_w = (torch.mm(sm.probs, hc * scale) if grad_w is None
-                          else grad_w.addmm_(sm.probs, hc * scale)).index_add_(0, tgt, hc * -hit)
+                grad_w.addmm_(sm.probs, hc * scale, beta=0 if start == 0 else 1).index_add_(0, tgt, hc * -hit)
         ctx.save_for_backward(grad_h, grad_w.to(weight.dtype) if need_w else None)
         return total / n_valid
 
