@@ -2,8 +2,9 @@
 
 Prints the time of a forward + backward of (a) plain `F.cross_entropy(h @ W.T, y)` and (b) our
 chunked `linear_cross_entropy`, (c) the same with a fresh logits tensor per chunk instead of one
-reused buffer, (d) with every chunk's softmax shifted by its max (as on CUDA), exp vs exp2 on one (vocab, 128) chunk: the measurements behind its design; and the
-GFLOP/s of that chunk's three GEMMs beside the machine's float32 peak, the head's ceiling.
+reused buffer, (d) with every chunk's softmax shifted by its max (as on CUDA), and exp vs exp2 on
+one (vocab, rows) chunk: the measurements behind its design; and the GFLOP/s of that chunk's
+three GEMMs beside the machine's float32 peak, the head's ceiling.
 
     python benchmarks/lm_head.py [--repeats 5]
 """
@@ -37,7 +38,8 @@ def main() -> None:
     print(f"plain F.cross_entropy(h @ W.T)   {ms['plain']:8.1f} ms")
     print(f"chunked linear_cross_entropy     {ms['fused']:8.1f} ms   ({ms['plain'] / ms['fused']:.2f}x)")
     print(f"  ... without the reused buffer  {ms['fresh']:8.1f} ms   (the buffer: {ms['fresh'] / ms['fused']:.2f}x)")
-    print(f"  ... always max-shifted         {ms['shifted']:8.1f} ms   (unshifted exp2: {ms['shifted'] / ms['fused']:.2f}x)")
+    print(f"  ... always max-shifted         {ms['shifted']:8.1f} ms   "
+          f"(unshifted exp2: {ms['shifted'] / ms['fused']:.2f}x)")
 
     rows = chunk_rows_for(VOCAB)
     hc, wd = h.detach()[:rows], w.detach()

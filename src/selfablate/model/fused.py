@@ -70,9 +70,10 @@ class _ChunkSoftmax(NamedTuple):
 
 def _chunk_softmax(weight: Tensor, h2_chunk: Tensor, buf: Tensor | None, acc: torch.dtype, tgt: Tensor,
                    unshifted: bool) -> _ChunkSoftmax:
-    """Logits, then exp2 in place. unshifted tries it without subtracting each column's max,
-    which saves two passes over the (vocab, n) buffer (amax and sub_), and keeps the result if every column sum is in Z_RANGE; otherwise the logits are computed
-    again and shifted by their max, the plain safe softmax."""
+    """Logits, then exp2 in place. `unshifted` tries it without subtracting each column's max,
+    which saves two passes over the (vocab, n) buffer (amax and sub_), and keeps the result if
+    every column sum is in Z_RANGE; otherwise the logits are computed again and shifted by their
+    max, the plain safe softmax."""
     cols = torch.arange(h2_chunk.shape[0], device=h2_chunk.device)
     logits = _chunk_logits(weight, h2_chunk, buf, acc)  # (vocab, n), base 2
     if unshifted:
