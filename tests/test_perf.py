@@ -49,3 +49,16 @@ def test_training_sets_the_allocator_only_when_asked(tmp_path, stories_dir, monk
                              keep_freed_memory=keep)
     train_module.train(model_cfg, tr)
     assert calls == ([1] if keep else [])
+
+
+def test_onednn_gemm_computes_the_product_and_both_peaks_are_measured():
+    from selfablate.perf import gemm_peaks, onednn_available, onednn_matmul
+
+    peaks = gemm_peaks(n=128, repeats=2)
+    assert peaks["torch.mm"] > 0
+    if not onednn_available():
+        pytest.skip("this PyTorch build has no oneDNN linear")
+    torch.manual_seed(0)
+    a, b = torch.randn(37, 64), torch.randn(64, 29)
+    torch.testing.assert_close(onednn_matmul(a, b), a @ b, rtol=1e-5, atol=1e-5)
+    assert peaks["onednn"] > 0
