@@ -54,7 +54,7 @@ def test_chunks_whose_logits_leave_the_unshifted_range_fall_back_to_the_max_shif
     gradients equal the plain float64 ones throughout."""
     amax_calls = []
     real_amax = torch.Tensor.amax
-    monkeypatch.setattr(torch.Tensor, "amax", lambda self, *a: amax_calls.append(1) or real_amax(self, *a))
+    monkeypatch.setattr(torch.Tensor, "amax", lambda self, *a, **k: amax_calls.append(1) or real_amax(self, *a, **k))
     torch.manual_seed(4)
     h = torch.randn(32, 8, dtype=torch.float64)
     h[16:24] *= 200  # logits far beyond 2^64 in chunk 3 (8-row chunks)
@@ -71,14 +71,49 @@ def test_chunks_whose_logits_leave_the_unshifted_range_fall_back_to_the_max_shif
 
 def test_weight_gradient_ignores_what_its_uninitialised_buffer_held(monkeypatch):
     """grad_W is allocated without a zero-fill and the first chunk's GEMM overwrites it (beta=0)."""
-    real_empty_like = torch.empty_like
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: real_empty_like(*a, **k).fill_(float("nan")))
+    for name in ("empty", "empty_like"):  # every uninitialised tensor the head allocates starts as NaN
+        real = getattr(torch, name)
+        monkeypatch.setattr(torch, name, lambda *a, real=real, **k: real(*a, **k).fill_(float("nan")))
     torch.manual_seed(5)
     h = torch.randn(10, 4, dtype=torch.float64, requires_grad=True)
     w = torch.randn(9, 4, dtype=torch.float64, requires_grad=True)
     y = torch.randint(0, 9, (10,))
     fused = torch.autograd.grad(linear_cross_entropy(h, w, y, 4), w)[0]
     torch.testing.assert_close(fused, torch.autograd.grad(F.cross_entropy(h @ w.T, y), w)[0], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("scale", [1.0, 300.0], ids=["unshifted", "max-shifted"])
+def test_onednn_path_matches_the_torch_mm_path_in_float32(scale, monkeypatch):
+    """The float32 CPU head runs its logits and grad_h GEMMs through oneDNN in a (rows, vocab)
+    layout; against the float64 plain loss it must be as accurate as the torch.mm path, with
+    ignored targets and a partial last chunk (scale 300: every chunk takes the max shift)."""
+    if not fused_module._onednn_available():
+        pytest.skip("this PyTorch build has no oneDNN linear")
+    torch.manual_seed(6)
+    h64, w64 = torch.randn(203, 32, dtype=torch.float64) * scale, torch.randn(700, 32, dtype=torch.float64) / 8
+    y = torch.randint(0, 700, (203,))
+    y[::7] = -100
+    ref = [F.cross_entropy(h64 @ w64.T, y)] + list(torch.autograd.grad(
+        F.cross_entropy((h64.requires_grad_() @ w64.requires_grad_().T), y), (h64, w64)))
+    h64, w64 = h64.detach(), w64.detach()
+    results = {}
+    for onednn in (True, False):
+        monkeypatch.setattr(fused_module, "USE_ONEDNN", onednn)
+        h, w = h64.float().requires_grad_(), w64.float().requires_grad_()
+        assert fused_module.use_onednn(h, w) == onednn
+        loss = linear_cross_entropy(h, w, y, 64)
+        results[onednn] = [t.double() for t in (loss, *torch.autograd.grad(loss, (h, w)))]
+    for fast, mm, r in zip(results[True], results[False], ref):
+        assert (fast - r).abs().max() <= 2 * (mm - r).abs().max() + 1e-6
+
+
+def test_onednn_path_is_taken_only_for_float32_on_the_cpu_outside_autocast():
+    h, w = torch.randn(4, 8), torch.randn(10, 8)
+    available = fused_module._onednn_available()
+    assert fused_module.use_onednn(h, w) == available
+    assert not fused_module.use_onednn(h.double(), w.double())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not fused_module.use_onednn(h, w)
 
 
 def test_fused_loss_gradcheck():
