@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from selfablate.model import fused as fused_module
+from selfablate.model import onednn
 from selfablate.model.fused import linear_cross_entropy
 
 
@@ -87,7 +88,7 @@ def test_onednn_path_matches_the_torch_mm_path_in_float32(scale, monkeypatch):
     """The float32 CPU head runs its logits and grad_h GEMMs through oneDNN in a (rows, vocab)
     layout; against the float64 plain loss it must be as accurate as the torch.mm path, with
     ignored targets and a partial last chunk (scale 300: every chunk takes the max shift)."""
-    if not fused_module._onednn_available():
+    if not onednn.onednn_available():
         pytest.skip("this PyTorch build has no oneDNN linear")
     torch.manual_seed(6)
     h64, w64 = torch.randn(203, 32, dtype=torch.float64) * scale, torch.randn(700, 32, dtype=torch.float64) / 8
@@ -97,23 +98,49 @@ def test_onednn_path_matches_the_torch_mm_path_in_float32(scale, monkeypatch):
         F.cross_entropy((h64.requires_grad_() @ w64.requires_grad_().T), y), (h64, w64)))
     h64, w64 = h64.detach(), w64.detach()
     results = {}
-    for onednn in (True, False):
-        monkeypatch.setattr(fused_module, "USE_ONEDNN", onednn)
+    for use in (True, False):
+        monkeypatch.setattr(onednn, "USE_ONEDNN", use)
         h, w = h64.float().requires_grad_(), w64.float().requires_grad_()
-        assert fused_module.use_onednn(h, w) == onednn
+        assert onednn.use_onednn(h, w) == use
         loss = linear_cross_entropy(h, w, y, 64)
-        results[onednn] = [t.double() for t in (loss, *torch.autograd.grad(loss, (h, w)))]
+        results[use] = [t.double() for t in (loss, *torch.autograd.grad(loss, (h, w)))]
     for fast, mm, r in zip(results[True], results[False], ref):
         assert (fast - r).abs().max() <= 2 * (mm - r).abs().max() + 1e-6
 
 
 def test_onednn_path_is_taken_only_for_float32_on_the_cpu_outside_autocast():
     h, w = torch.randn(4, 8), torch.randn(10, 8)
-    available = fused_module._onednn_available()
-    assert fused_module.use_onednn(h, w) == available
-    assert not fused_module.use_onednn(h.double(), w.double())
+    available = onednn.onednn_available()
+    assert onednn.use_onednn(h, w) == available
+    assert not onednn.use_onednn(h.double(), w.double())
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not fused_module.use_onednn(h, w)
+        assert not onednn.use_onednn(h, w)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_onednn_linear_matches_f_linear_in_value_and_gradients(bias, monkeypatch):
+    """model.onednn.Linear (every linear layer of the model) against F.linear, float32, on a
+    (batch, pos, in) input with a non-contiguous incoming gradient; float64 takes F.linear."""
+    if not onednn.onednn_available():
+        pytest.skip("this PyTorch build has no oneDNN linear")
+    calls = []
+    real = onednn.linear
+    monkeypatch.setattr(onednn, "linear", lambda *a: calls.append(1) or real(*a))
+    torch.manual_seed(7)
+    layer = onednn.Linear(24, 40, bias=bias)
+    x = torch.randn(3, 5, 24, requires_grad=True)
+    g = torch.randn(3, 40, 5).transpose(1, 2)  # (3, 5, 40), not contiguous
+    out = layer(x)
+    grads = torch.autograd.grad(out, [x, *layer.parameters()], g)
+    assert len(calls) == 3  # forward, grad_input, grad_weight
+    ref = F.linear(x, layer.weight, layer.bias)
+    ref_grads = torch.autograd.grad(ref, [x, *layer.parameters()], g)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    calls.clear()
+    layer.double()(x.double().detach())
+    assert calls == []
 
 
 def test_fused_loss_gradcheck():

@@ -8,12 +8,13 @@ its gradients with respect to h and W, while the chunk is still in cache.
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Callable, NamedTuple
 
 import torch
 from torch import Tensor
+
+from .onednn import linear, use_onednn
 
 IGNORE_INDEX = -100
 CHUNK_ROWS = 256  # rows per chunk, unless the logits would pass CHUNK_ELEMENTS
@@ -63,23 +64,6 @@ def onednn_chunk_rows(vocab: int) -> int:
     return min(CHUNK_ROWS, 1 << max(0, ((32 << 20) // (4 * vocab) - 1).bit_length() - 1))
 
 
-USE_ONEDNN = True
-"""Take the oneDNN path where it exists (a float32 CPU head outside autocast); benchmarks turn it off."""
-
-
-@functools.cache
-def _onednn_available() -> bool:
-    from ..perf import onednn_available  # perf imports nothing from the model
-
-    return onednn_available()
-
-
-def use_onednn(h: Tensor, weight: Tensor) -> bool:
-    """Whether this head runs its big GEMMs through oneDNN (see `_onednn_products`)."""
-    return (USE_ONEDNN and h.device.type == "cpu" and h.dtype == weight.dtype == torch.float32
-            and not torch.is_autocast_enabled("cpu") and _onednn_available())
-
-
 class _Products(NamedTuple):
     """A chunk's products with the weight, in one memory layout of its logits."""
 
@@ -111,17 +95,16 @@ def _mkl_products(h: Tensor, weight: Tensor, chunk_rows: int, acc: torch.dtype) 
 
 def _onednn_products(weight: Tensor) -> _Products:
     """(n, vocab) logits through oneDNN's linear, which on AMD CPUs runs AVX-512 at full width
-    where torch.mm's MKL does not (`selfablate.perf.onednn_matmul`). Per 128-row chunk here:
+    where torch.mm's MKL does not (`selfablate.model.onednn`). Per 128-row chunk here:
     logits 4.0 vs 9.2 ms, grad_h 4.2 vs 9.6 ms, grad_W 4.9 vs 9.0 ms; grad_W is accumulated
     transposed, (d_model, vocab), as oneDNN wants the probabilities as its contiguous operand."""
-    linear, packed = torch.ops.mkldnn._linear_pointwise, torch.ops.mkldnn._reorder_linear_weight(weight, None)
+    packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)  # once per call, for the logits
 
     def grad_w(acc: Tensor | None, probs: Tensor, hs: Tensor) -> Tensor:
-        out = linear(hs.T.contiguous(), probs.T, None, "none", [], "")  # (d_model, vocab)
+        out = linear(hs.T.contiguous(), probs.T)  # (d_model, vocab)
         return out if acc is None else acc.add_(out)
 
-    return _Products(1, lambda h2c: linear(h2c, packed, None, "none", [], ""),
-                     lambda probs: linear(probs, weight.T, None, "none", [], ""), grad_w)
+    return _Products(1, lambda h2c: linear(h2c, packed), lambda probs: linear(probs, weight.T), grad_w)
 
 
 class _ChunkSoftmax(NamedTuple):

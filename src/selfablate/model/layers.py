@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from ..config import ModelConfig
 from .hooks import HookPoint, Stream, add_hook_points, hook
+from .onednn import Linear
 
 
 class KV(NamedTuple):
@@ -98,10 +99,10 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads, self.d_head = cfg.n_heads, cfg.d_head
-        self.q_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
-        self.k_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
-        self.v_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
-        self.out_proj = nn.Linear(cfg.d_model, cfg.d_model)
+        self.q_proj = Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.k_proj = Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.v_proj = Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.out_proj = Linear(cfg.d_model, cfg.d_model)
         add_hook_points(self, "hook_q", "hook_k", "hook_v", "hook_pattern", "hook_z")
 
     def _split_heads(self, x: Tensor) -> Tensor:
@@ -138,8 +139,8 @@ class MLP(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.fc_in = nn.Linear(cfg.d_model, cfg.d_mlp)
-        self.fc_out = nn.Linear(cfg.d_mlp, cfg.d_model)
+        self.fc_in = Linear(cfg.d_model, cfg.d_mlp)
+        self.fc_out = Linear(cfg.d_mlp, cfg.d_model)
         add_hook_points(self, "hook_pre", "hook_post")
 
     def forward(self, x: Tensor, stream: Stream, unit_mask: Tensor | None = None) -> Tensor:
@@ -159,8 +160,8 @@ class MaskHead(nn.Module):
     def __init__(self, d_model: int, d_attn: int, d_mlp: int, n_layers: int = 1):
         super().__init__()
         self.n_layers = n_layers
-        self.attn = nn.Linear(d_model, n_layers * d_attn)
-        self.mlp = nn.Linear(d_model, n_layers * d_mlp)
+        self.attn = Linear(d_model, n_layers * d_attn)
+        self.mlp = Linear(d_model, n_layers * d_mlp)
 
     def forward(self, resid: Tensor) -> list[tuple[Tensor, Tensor]]:
         """resid (B, T, d_model) -> per layer, scores (B, T, d_model) and (B, T, d_mlp)."""

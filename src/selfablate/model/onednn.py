@@ -1,0 +1,70 @@
+"""float32 GEMMs through oneDNN on the CPU, where torch.mm's MKL leaves half the machine idle.
+
+On AMD CPUs MKL does not run AVX-512 at full width: on this project's Zen 5 cores a 2048^3
+torch.mm reaches 216 GFLOP/s and oneDNN's linear (the GEMM PyTorch's compiled CPU code uses,
+`torch.ops.mkldnn._linear_pointwise`, a private op) 486 GFLOP/s (`selfablate.perf.gemm_peaks`).
+The model's linear layers and its chunked LM head (`fused`) take this path for float32 CPU
+tensors outside autocast, where this PyTorch build has the op; everywhere else, torch.mm.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+USE_ONEDNN = True
+"""Take the oneDNN path where it exists; tests and benchmarks turn it off to compare."""
+
+
+@functools.cache
+def onednn_available() -> bool:
+    """Whether this PyTorch build's oneDNN linear exists and computes a product right."""
+    from ..perf import onednn_available as check  # perf imports nothing from the model
+
+    return check()
+
+
+def use_onednn(*tensors: Tensor) -> bool:
+    """Whether GEMMs on these tensors go through oneDNN: all float32 on the CPU, no autocast."""
+    return (USE_ONEDNN and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+            and not torch.is_autocast_enabled("cpu") and onednn_available())
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """x @ weight.T + bias for a 2-D x (rows, in) and a weight (out, in) given as it is, any strides."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+class _LinearFunction(torch.autograd.Function):
+    """F.linear with its forward and both backward GEMMs in oneDNN: per 2048 rows of the paper's
+    shapes, forward and grad_input 2.0-2.3x, grad_weight 1.2-1.9x faster than torch.mm here."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:  # type: ignore[override]
+        x2 = x.reshape(-1, x.shape[-1])  # (rows, in)
+        ctx.save_for_backward(x2, weight)
+        ctx.has_bias = bias is not None
+        return linear(x2, weight, bias).view(*x.shape[:-1], weight.shape[0])  # (..., out)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
+        x2, weight = ctx.saved_tensors
+        g = grad_out.reshape(-1, weight.shape[0])  # (rows, out)
+        need_x, need_w, need_b = ctx.needs_input_grad
+        grad_x = linear(g, weight.T).view(*grad_out.shape[:-1], weight.shape[1]) if need_x else None
+        grad_w = linear(g.T.contiguous(), x2.T) if need_w else None  # (out, in)
+        grad_b = g.sum(0) if need_b and ctx.has_bias else None
+        return grad_x, grad_w, grad_b
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters, same state dict) whose GEMMs run through oneDNN when they can."""
+
+    def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
+        if use_onednn(x, self.weight):
+            return _LinearFunction.apply(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
