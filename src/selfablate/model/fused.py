@@ -23,7 +23,7 @@ CHUNK_ELEMENTS = 1 << 24  # logits per chunk at most (64 MB in float32)
 
 LOG2E, LN2 = math.log2(math.e), math.log(2.0)
 Z_RANGE = (2.0**-32, 2.0**64)
-"""A chunk's exp2 is taken without the max shift when every column sum lands in this range: then
+"""A chunk's exp2 is taken without the max shift when every row's sum lands in this range: then
 no logit passes 64, so exp2 and the sums of the gradient GEMMs stay far from float32's 2^128;
 and the largest is above -48, so every probability down to 2^-78 of the top one is a normal float
 (the shifted softmax keeps those down to 2^-126; the difference is below any gradient that
@@ -147,20 +147,19 @@ def _finish_grad_w(acc: Tensor | None, products: _Products, weight: Tensor) -> T
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
-    """Chunks of rows; each chunk's logits are laid out (vocab, rows), so that both the logits
-    GEMM (W @ h^T) and grad_W (G @ h) have the vocabulary as their long dimension, and the
-    softmax is taken in place with a single exp pass (measured 1.6x faster than (rows, vocab)
-    chunks with a separate logsumexp).
+    """Chunks of rows, whose logits, loss and gradients are computed while the chunk is hot, in one
+    of two layouts (`_Products`). On a float32 CPU with oneDNN: (rows, vocab) logits from oneDNN's
+    GEMMs, 128-row chunks (1.35x the torch.mm path on the head, benchmarks/lm_head.py). Elsewhere:
+    (vocab, rows) logits through torch.mm, so that the logits GEMM (W @ h^T) and grad_W (G @ h)
+    both have the vocabulary as their long dimension, into one reused buffer (1.16-1.20x: a fresh
+    25 MB tensor per chunk faults its pages in again), 256-row chunks.
 
-    Two more measured choices (benchmarks/lm_head.py): the logits are in base-2 units, h scaled
-    by log2(e), because exp2 runs 3-4x faster than exp on these CPUs (softmax is unchanged:
-    2^(l log2 e) = e^l); and every chunk writes into one reused buffer (1.06-1.17x), as a fresh
-    25 MB tensor per chunk comes back from the allocator untouched and faults its pages in again.
-    On the CPU, the buffer is touched twice only: exp2 in place and its column sums. The max
-    shift is skipped while the sums stay in Z_RANGE (`_chunk_softmax`), and the softmax's
-    normalisation and the target's -1 go into the (rows, d_model) operands of the two gradient
-    GEMMs instead of a pass over the buffer: 1.09x on the head against five passes (one run side
-    by side), of which the unshifted exp2 1.03-1.07x (three runs).
+    In both, the logits are in base-2 units, h scaled by log2(e), because exp2 runs 3-4x faster
+    than exp on these CPUs (softmax is unchanged: 2^(l log2 e) = e^l); the chunk's logits are
+    touched twice only, exp2 in place and their sums; the max shift is skipped while the sums
+    stay in Z_RANGE (`_chunk_softmax`; 1.03-1.07x on the torch.mm path, 1.01x on oneDNN's); and
+    the softmax's normalisation and the target's -1 go into the (rows, d_model) operands of the
+    gradient GEMMs instead of a pass over the logits.
     """
 
     @staticmethod
