@@ -57,13 +57,6 @@ def chunk_rows_for(vocab: int) -> int:
     return min(CHUNK_ROWS, 1 << max(0, (CHUNK_ELEMENTS // vocab).bit_length() - 1))
 
 
-def onednn_chunk_rows(vocab: int) -> int:
-    """Rows per chunk on the oneDNN path, whose GEMMs return fresh tensors: the largest power of
-    two, at most CHUNK_ROWS, that keeps a chunk's logits under glibc's 32 MiB mmap threshold, so
-    that they come back from the heap instead of faulting in fresh pages (128 for GPT-2's 50257)."""
-    return min(CHUNK_ROWS, 1 << max(0, ((32 << 20) // (4 * vocab) - 1).bit_length() - 1))
-
-
 class _Products(NamedTuple):
     """A chunk's products with the weight, in one memory layout of its logits."""
 
@@ -97,7 +90,8 @@ def _onednn_products(weight: Tensor) -> _Products:
     """(n, vocab) logits through oneDNN's linear, which on AMD CPUs runs AVX-512 at full width
     where torch.mm's MKL does not (`selfablate.model.onednn`). Per 128-row chunk here:
     logits 4.0 vs 9.2 ms, grad_h 4.2 vs 9.6 ms, grad_W 4.9 vs 9.0 ms; grad_W is accumulated
-    transposed, (d_model, vocab), as oneDNN wants the probabilities as its contiguous operand."""
+    transposed, (d_model, vocab), as oneDNN wants the probabilities as its contiguous operand.
+    256-row chunks beat 128 by 4-5% a local step (two side-by-side runs), 64 lose 9%, 512 tie."""
     packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)  # once per call, for the logits
 
     def grad_w(acc: Tensor | None, probs: Tensor, hs: Tensor) -> Tensor:
@@ -149,10 +143,10 @@ def _finish_grad_w(acc: Tensor | None, products: _Products, weight: Tensor) -> T
 class _LinearCrossEntropy(torch.autograd.Function):
     """Chunks of rows, whose logits, loss and gradients are computed while the chunk is hot, in one
     of two layouts (`_Products`). On a float32 CPU with oneDNN: (rows, vocab) logits from oneDNN's
-    GEMMs, 128-row chunks (1.35x the torch.mm path on the head, benchmarks/lm_head.py). Elsewhere:
-    (vocab, rows) logits through torch.mm, so that the logits GEMM (W @ h^T) and grad_W (G @ h)
-    both have the vocabulary as their long dimension, into one reused buffer (1.16-1.20x: a fresh
-    25 MB tensor per chunk faults its pages in again), 256-row chunks.
+    GEMMs (1.35x the torch.mm path on the head, benchmarks/lm_head.py). Elsewhere: (vocab, rows)
+    logits through torch.mm, so that the logits GEMM (W @ h^T) and grad_W (G @ h) both have the
+    vocabulary as their long dimension, into one reused buffer (1.16-1.20x: a fresh 25 MB tensor
+    per chunk faults its pages in again). 256-row chunks on both paths (`chunk_rows_for`).
 
     In both, the logits are in base-2 units, h scaled by log2(e), because exp2 runs 3-4x faster
     than exp on these CPUs (softmax is unchanged: 2^(l log2 e) = e^l); the chunk's logits are
@@ -213,7 +207,7 @@ def linear_cross_entropy(h: Tensor, weight: Tensor, targets: Tensor, chunk_rows:
     """
     h2 = h.reshape(-1, h.shape[-1])
     onednn = use_onednn(h2, weight)
-    rows = chunk_rows or (onednn_chunk_rows if onednn else chunk_rows_for)(weight.shape[0])
+    rows = chunk_rows or chunk_rows_for(weight.shape[0])
     return _LinearCrossEntropy.apply(h2, weight, targets.reshape(-1), rows, torch.is_grad_enabled(), onednn)
 
 
