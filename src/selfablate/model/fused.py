@@ -143,7 +143,7 @@ def _finish_grad_w(acc: Tensor | None, products: _Products, weight: Tensor) -> T
 class _LinearCrossEntropy(torch.autograd.Function):
     """Chunks of rows, whose logits, loss and gradients are computed while the chunk is hot, in one
     of two layouts (`_Products`). On a float32 CPU with oneDNN: (rows, vocab) logits from oneDNN's
-    GEMMs (1.35x the torch.mm path on the head, benchmarks/lm_head.py). Elsewhere: (vocab, rows)
+    GEMMs (1.31x the torch.mm path on the head, benchmarks/lm_head.py). Elsewhere: (vocab, rows)
     logits through torch.mm, so that the logits GEMM (W @ h^T) and grad_W (G @ h) both have the
     vocabulary as their long dimension, into one reused buffer (1.16-1.20x: a fresh 25 MB tensor
     per chunk faults its pages in again). 256-row chunks on both paths (`chunk_rows_for`).
@@ -151,7 +151,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     In both, the logits are in base-2 units, h scaled by log2(e), because exp2 runs 3-4x faster
     than exp on these CPUs (softmax is unchanged: 2^(l log2 e) = e^l); the chunk's logits are
     touched twice only, exp2 in place and their sums; the max shift is skipped while the sums
-    stay in Z_RANGE (`_chunk_softmax`; 1.03-1.07x on the torch.mm path, 1.01x on oneDNN's); and
+    stay in Z_RANGE (`_chunk_softmax`; 1.03-1.07x on the torch.mm path, 1.10x on oneDNN's); and
     the softmax's normalisation and the target's -1 go into the (rows, d_model) operands of the
     gradient GEMMs instead of a pass over the logits.
     """
