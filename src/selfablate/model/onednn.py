@@ -19,23 +19,34 @@ USE_ONEDNN = True
 """Take the oneDNN path where it exists; tests and benchmarks turn it off to compare."""
 
 
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """x @ weight.T + bias for a 2-D x (rows, in) and a weight (out, in), as it is (any strides)
+    or packed once by `pack` for repeated use."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+def pack(weight: Tensor) -> Tensor:
+    """weight (out, in) reordered into oneDNN's own layout, for many `linear` calls with it."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight, None)
+
+
 @functools.cache
 def onednn_available() -> bool:
-    """Whether this PyTorch build's oneDNN linear exists and computes a product right."""
-    from ..perf import onednn_available as check  # perf imports nothing from the model
-
-    return check()
+    """Whether this PyTorch build has oneDNN's linear (a private op of its CPU compiler) and it
+    computes a product right, packed weight or not."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        a = torch.ones(2, 3)
+        return all(torch.allclose(linear(a, w), a @ a.T) for w in (a, pack(a)))
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def use_onednn(*tensors: Tensor) -> bool:
     """Whether GEMMs on these tensors go through oneDNN: all float32 on the CPU, no autocast."""
     return (USE_ONEDNN and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
             and not torch.is_autocast_enabled("cpu") and onednn_available())
-
-
-def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """x @ weight.T + bias for a 2-D x (rows, in) and a weight (out, in) given as it is, any strides."""
-    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
 class _LinearFunction(torch.autograd.Function):
@@ -46,7 +57,6 @@ class _LinearFunction(torch.autograd.Function):
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:  # type: ignore[override]
         x2 = x.reshape(-1, x.shape[-1])  # (rows, in)
         ctx.save_for_backward(x2, weight)
-        ctx.has_bias = bias is not None
         return linear(x2, weight, bias).view(*x.shape[:-1], weight.shape[0])  # (..., out)
 
     @staticmethod
@@ -57,7 +67,7 @@ class _LinearFunction(torch.autograd.Function):
         need_x, need_w, need_b = ctx.needs_input_grad
         grad_x = linear(g, weight.T).view(*grad_out.shape[:-1], weight.shape[1]) if need_x else None
         grad_w = linear(g.T.contiguous(), x2.T) if need_w else None  # (out, in)
-        grad_b = g.sum(0) if need_b and ctx.has_bias else None
+        grad_b = g.sum(0) if need_b else None  # False for a missing bias
         return grad_x, grad_w, grad_b
 
 

@@ -2,7 +2,6 @@
 process-level allocator setting that training uses."""
 
 from .allocator import keep_freed_memory
-from .flops import gemm_peak_flops, gemm_peaks, onednn_available, onednn_matmul, train_flops_per_token
+from .flops import gemm_peak_flops, gemm_peaks, train_flops_per_token
 
-__all__ = ["gemm_peak_flops", "gemm_peaks", "keep_freed_memory", "onednn_available", "onednn_matmul",
-           "train_flops_per_token"]
+__all__ = ["gemm_peak_flops", "gemm_peaks", "keep_freed_memory", "train_flops_per_token"]

@@ -11,9 +11,9 @@ import time
 from typing import Literal
 
 import torch
-from torch import Tensor
 
 from ..config import ModelConfig
+from ..model.onednn import linear, onednn_available, pack
 
 
 def forward_flops_per_token(cfg: ModelConfig, pos: int | None = None) -> float:
@@ -41,25 +41,6 @@ def train_flops_per_token(cfg: ModelConfig, pos: int | None = None) -> float:
     return 3 * fwd
 
 
-def onednn_matmul(a: Tensor, b: Tensor) -> Tensor:
-    """a @ b through oneDNN's float32 linear (CPU only), b being the packed weight: the GEMM that
-    PyTorch's compiled CPU code uses. On AMD CPUs it runs AVX-512 at full width where MKL, behind
-    torch.mm, does not: on this machine's Zen 5 cores 2.2x torch.mm's 2048^3 rate."""
-    return torch.ops.mkldnn._linear_pointwise(a, torch.ops.mkldnn._reorder_linear_weight(b.T.contiguous(), None),
-                                              None, "none", [], "")
-
-
-def onednn_available() -> bool:
-    """Whether this PyTorch build exposes oneDNN's linear (a private op of its CPU compiler)."""
-    if not torch.backends.mkldnn.is_available():
-        return False
-    try:
-        a = torch.ones(2, 3)
-        return bool(torch.allclose(onednn_matmul(a, a.T), a @ a.T))
-    except (AttributeError, RuntimeError):
-        return False
-
-
 def _best_seconds(fn, repeats: int, cuda: bool) -> float:
     fn()
     best = float("inf")
@@ -81,9 +62,9 @@ def gemm_peak_flops(n: int = 2048, repeats: int = 5, dtype: torch.dtype = torch.
     cuda = torch.cuda.is_available() and backend == "torch.mm"
     device = "cuda" if cuda else "cpu"
     a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
-    if backend == "onednn":
-        packed = torch.ops.mkldnn._reorder_linear_weight(b.T.contiguous(), None)
-        fn = lambda: torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], "")  # noqa: E731
+    if backend == "onednn":  # a @ b = linear(a, b^T); MKL behind torch.mm runs AVX2 only on AMD
+        packed = pack(b.T.contiguous())
+        fn = lambda: linear(a, packed)  # noqa: E731
     else:
         fn = lambda: a @ b  # noqa: E731
     return 2 * n**3 / _best_seconds(fn, repeats, cuda)
