@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import ModelConfig
+from . import cpu_attention
 from .hooks import HookPoint, Stream, add_hook_points, hook
 from .onednn import Linear
 
@@ -45,8 +46,11 @@ def attend(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None, pattern: Hoo
     """Softmax attention with unscaled scores (GPT-Neo does not divide by sqrt(d_head)).
 
     q: (B, H, Tq, Dh); k, v: (B, H, Tk, Dh); allowed: bool (Tq, Tk), or None for causal.
-    The fused kernel is used unless someone hooks the pattern, which it never materialises.
+    A fused kernel (`cpu_attention` on a float32 CPU, else PyTorch's) is used unless someone hooks
+    the pattern, which it never materialises.
     """
+    if not pattern.active and allowed is None and cpu_attention.applies(q, k, v):
+        return cpu_attention.causal(q, k, v)
     if not pattern.active:
         Dh, width = q.shape[-1], _aligned(q.shape[-1])
         z = F.scaled_dot_product_attention(_pad_last(q, width), _pad_last(k, width), _pad_last(v, width),
@@ -68,8 +72,11 @@ def attend_self_ablated(q: Tensor, clean: KV, own: KV) -> Tensor:
     q~_t . k* is that score and q~_t . [k_j, 0] = q_t . k_j, and causal masking lets query t see
     exactly k* and the clean keys 0..t-1. The self key's value [0, ..., 0, 1] returns its softmax
     weight w_t in column Dh of the output, so z_t = sum_j<t p_tj v_j + w_t * v_own_t.
-    q and the KVs: (B, H, pos, Dh) -> (B, H, pos, Dh).
+    q and the KVs: (B, H, pos, Dh) -> (B, H, pos, Dh). On a float32 CPU, `cpu_attention` computes
+    the rule directly instead.
     """
+    if cpu_attention.applies(q, clean.k, own.k):
+        return cpu_attention.two_stream(q, clean.k, clean.v, own.k, own.v)
     B, H, T, Dh = q.shape
     width = _aligned(Dh + 1)
     own_score = (q * own.k).sum(-1, keepdim=True)  # (B, H, T, 1)

@@ -1,0 +1,208 @@
+/* Causal softmax attention with unscaled scores, for small head dims on CPUs: forward and backward.
+ *
+ * Tensors are float32, (batch, pos, n_heads, d_head) contiguous, as a projection's output viewed
+ * per head; lse is (batch, n_heads, pos). Query t sees the keys j < t, and at j = t a "diagonal"
+ * key kd_t and value vd_t: kd = k, vd = v for ordinary causal attention; a self-ablating model's
+ * ablated stream passes the clean stream's keys as k, v and its own as kd, vd.
+ *
+ * PyTorch's fused kernels spend most of their time on per-block overhead at d_head 8. Here each
+ * (batch, head) pair is a task, and the work is vectorised VL wide without horizontal sums:
+ * over VL queries (forward, dQ: the keys are broadcast) or VL keys (dK, dV: the queries are).
+ * Written with GCC/Clang vector extensions, so it builds for whatever the machine has (-march=native).
+ * Tasks are shared by OpenMP threads: built with -fopenmp, the kernel uses the libgomp that
+ * PyTorch has loaded (same soname), so its threads are the ones PyTorch's own kernels use.
+ * Functions return 0, or 1 when a buffer cannot be allocated.
+ */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#ifndef HEAD_DIM
+#error "compile with -DHEAD_DIM=<d_head>"
+#endif
+#define D HEAD_DIM
+#define VL 16
+typedef float vf __attribute__((vector_size(VL * sizeof(float))));
+typedef int vi __attribute__((vector_size(VL * sizeof(int))));
+#define NEG (-1e30f) /* a masked score: its exp is 0 */
+
+static inline vf bc(float x) { return (vf){} + x; } /* a broadcast, with -fno-signed-zeros */
+static inline vf ld(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
+static inline vf sel(vi m, vf a, vf b) { return (vf)(((vi)a & m) | ((vi)b & ~m)); }
+static inline vf vmax(vf a, vf b) { return sel(a > b, a, b); }
+static inline vf lane_ids(int base) { vf v; for (int i = 0; i < VL; i++) v[i] = base + i; return v; }
+
+/* e^x within 2 ulp (3.7 x 2^-24 relative at most, measured) for x >= -87, and 0 below:
+ * x = n ln2 + r with |r| <= ln2 / 2 (ln2 in two parts, Cody-Waite), e^r by its degree-6 Taylor
+ * polynomial (error < 2e-7), 2^n in the exponent bits. */
+static inline vf vexp(vf x) {
+    vi tiny = x < bc(-87.f);
+    x = sel(x > bc(88.f), bc(88.f), sel(tiny, bc(0.f), x));
+    vf n = (x * bc(1.44269504f) + bc(12582912.f)) - bc(12582912.f); /* round to nearest */
+    vf r = (x - n * bc(0.693359375f)) - n * bc(-2.12194440e-4f);
+    vf p = bc(1.f / 720);
+    p = p * r + bc(1.f / 120); p = p * r + bc(1.f / 24); p = p * r + bc(1.f / 6);
+    p = p * r + bc(0.5f); p = p * r + bc(1.f); p = p * r + bc(1.f);
+    vi e = (__builtin_convertvector(n, vi) + 127) << 23;
+    return sel(tiny, bc(0.f), p * (vf)e);
+}
+
+/* out[i] = e^x[i] for n (a multiple of VL) floats: vexp on its own, for its accuracy test. */
+void exp_array(const float *x, float *out, int n) {
+    for (int i = 0; i < n; i += VL) { vf y = vexp(ld(x + i)); memcpy(out + i, &y, sizeof y); }
+}
+
+typedef struct { int T, H, Tp; } Dims; /* Tp: pos rounded up to a multiple of VL */
+static inline size_t at(Dims z, int b, int t, int h) { return (((size_t)b * z.T + t) * z.H + h) * D; }
+static inline const float *col(const float *xt, Dims z, int d, int t0) { return xt + (size_t)d * z.Tp + t0; }
+
+/* x[b, :, h, :] -> xt (D, Tp), zero padded */
+static void to_cols(const float *x, float *xt, Dims z, int b, int h) {
+    memset(xt, 0, sizeof(float) * D * z.Tp);
+    for (int j = 0; j < z.T; j++)
+        for (int d = 0; d < D; d++) xt[(size_t)d * z.Tp + j] = x[at(z, b, j, h) + d];
+}
+/* D columns of VL lanes for positions t0.. -> x[b, t0 + i, h, :] (written, or added to) */
+static void from_cols(const vf *cols, float *x, Dims z, int b, int h, int t0, int add) {
+    for (int i = 0; i < VL && t0 + i < z.T; i++)
+        for (int d = 0; d < D; d++) {
+            float *dst = x + at(z, b, t0 + i, h) + d;
+            *dst = add ? *dst + cols[d][i] : cols[d][i];
+        }
+}
+static float *buffer(size_t floats) { return aligned_alloc(64, sizeof(float) * floats); } /* floats: a multiple of VL */
+
+/* One task's forward: VL queries t0.. at a time, in lanes. Two passes over the keys (scores and
+ * their max, then exp and the weighted values); the scores wait in s (VL per key). */
+static void fwd_task(const float *k, const float *v, const float *qt, const float *kdt,
+                     const float *vdt, float *s, float *o, float *lse_bh, Dims z, int b, int h) {
+    for (int t0 = 0; t0 < z.T; t0 += VL) {
+        vf Q[D], acc[D], qpos = lane_ids(t0), sd = bc(0.f), l = bc(0.f);
+        for (int d = 0; d < D; d++) {
+            Q[d] = ld(col(qt, z, d, t0)); sd += Q[d] * ld(col(kdt, z, d, t0)); acc[d] = bc(0.f);
+        }
+        vf m = sd;
+        int nk = t0 + VL - 1 < z.T ? t0 + VL - 1 : z.T - 1; /* keys j < t for some query t of the block */
+        for (int j = 0; j < nk; j++) {
+            const float *kj = k + at(z, b, j, h);
+            vf x = bc(0.f);
+            for (int d = 0; d < D; d++) x += Q[d] * kj[d];
+            if (j >= t0) x = sel(bc((float)j) < qpos, x, bc(NEG));
+            memcpy(s + (size_t)j * VL, &x, sizeof x);
+            m = vmax(m, x);
+        }
+        for (int j = 0; j < nk; j++) {
+            const float *vj = v + at(z, b, j, h);
+            vf p = vexp(ld(s + (size_t)j * VL) - m);
+            l += p;
+            for (int d = 0; d < D; d++) acc[d] += p * vj[d];
+        }
+        vf pd = vexp(sd - m);
+        l += pd;
+        for (int d = 0; d < D; d++) acc[d] = (acc[d] + pd * ld(col(vdt, z, d, t0))) / l;
+        from_cols(acc, o, z, b, h, t0, 0);
+        for (int i = 0; i < VL && t0 + i < z.T; i++) lse_bh[t0 + i] = m[i] + logf(l[i]);
+    }
+}
+
+int attn_fwd(const float *q, const float *k, const float *v, const float *kd, const float *vd,
+             float *o, float *lse, int B, int T, int H, int threads) {
+    Dims z = {T, H, (T + VL - 1) / VL * VL};
+    int failed = 0;
+#pragma omp parallel num_threads(threads) reduction(| : failed)
+    {
+        float *qt = buffer(D * z.Tp), *kdt = buffer(D * z.Tp), *vdt = buffer(D * z.Tp), *s = buffer(VL * z.Tp);
+        int ok = qt && kdt && vdt && s;
+#pragma omp for schedule(static)
+        for (int task = 0; task < B * H; task++) {
+            int b = task / H, h = task % H;
+            if (!ok) { failed = 1; continue; }
+            to_cols(q, qt, z, b, h); to_cols(kd, kdt, z, b, h); to_cols(vd, vdt, z, b, h);
+            fwd_task(k, v, qt, kdt, vdt, s, o, lse + ((size_t)b * H + h) * T, z, b, h);
+        }
+        free(qt); free(kdt); free(vdt); free(s);
+    }
+    return failed;
+}
+
+/* dK, dV for VL keys j0.. at a time, in lanes, against each query t > j that sees them:
+ * p = exp(s - lse_t), ds = p (dp - delta_t), dK += ds q_t, dV += p g_t. */
+static void bwd_kv(const float *q, const float *kt, const float *vt, const float *lse_bh, const float *delta,
+                   const float *dout, float *dk, float *dv, Dims z, int b, int h) {
+    for (int j0 = 0; j0 < z.T; j0 += VL) {
+        vf dK[D], dV[D], kpos = lane_ids(j0);
+        for (int d = 0; d < D; d++) dK[d] = dV[d] = bc(0.f);
+        for (int t = j0 + 1; t < z.T; t++) {
+            const float *qv = q + at(z, b, t, h), *g = dout + at(z, b, t, h);
+            vf s = bc(0.f), dp = bc(0.f);
+            for (int d = 0; d < D; d++) { s += ld(col(kt, z, d, j0)) * qv[d]; dp += ld(col(vt, z, d, j0)) * g[d]; }
+            if (t < j0 + VL) s = sel(kpos < bc((float)t), s, bc(NEG));
+            vf p = vexp(s - lse_bh[t]), ds = p * (dp - delta[t]);
+            for (int d = 0; d < D; d++) { dK[d] += ds * qv[d]; dV[d] += p * g[d]; }
+        }
+        from_cols(dK, dk, z, b, h, j0, 0);
+        from_cols(dV, dv, z, b, h, j0, 0);
+    }
+}
+
+/* dQ for VL queries t0.. at a time, in lanes; and the diagonal's dK and dV (added into dk, dv
+ * when the diagonal keys are k itself). lse_p, delta: padded to Tp. */
+static void bwd_q(const float *k, const float *v, const float *qt, const float *kdt, const float *vdt, const float *gt,
+                  const float *lse_p, const float *delta, float *dq, float *dkd, float *dvd, int self,
+                  Dims z, int b, int h) {
+    for (int t0 = 0; t0 < z.T; t0 += VL) {
+        vf Q[D], G[D], dQ[D], KD[D], qpos = lane_ids(t0), L = ld(lse_p + t0), Dt = ld(delta + t0);
+        for (int d = 0; d < D; d++) { Q[d] = ld(col(qt, z, d, t0)); G[d] = ld(col(gt, z, d, t0)); dQ[d] = bc(0.f); }
+        int nk = t0 + VL - 1 < z.T ? t0 + VL - 1 : z.T - 1;
+        for (int j = 0; j < nk; j++) {
+            const float *kj = k + at(z, b, j, h), *vj = v + at(z, b, j, h);
+            vf x = bc(0.f), dp = bc(0.f);
+            for (int d = 0; d < D; d++) { x += Q[d] * kj[d]; dp += G[d] * vj[d]; }
+            if (j >= t0) x = sel(bc((float)j) < qpos, x, bc(NEG));
+            vf ds = vexp(x - L) * (dp - Dt);
+            for (int d = 0; d < D; d++) dQ[d] += ds * kj[d];
+        }
+        vf sd = bc(0.f), dpd = bc(0.f);
+        for (int d = 0; d < D; d++) {
+            KD[d] = ld(col(kdt, z, d, t0)); sd += Q[d] * KD[d]; dpd += G[d] * ld(col(vdt, z, d, t0));
+        }
+        vf pd = vexp(sd - L), dsd = pd * (dpd - Dt);
+        for (int d = 0; d < D; d++) { /* KD and G become the diagonal's dK and dV */
+            dQ[d] += dsd * KD[d]; KD[d] = dsd * Q[d]; G[d] = pd * G[d];
+        }
+        from_cols(dQ, dq, z, b, h, t0, 0);
+        from_cols(KD, dkd, z, b, h, t0, self);
+        from_cols(G, dvd, z, b, h, t0, self);
+    }
+}
+
+/* dkd, dvd == dk, dv for ordinary causal attention: the diagonal's gradients are added in. */
+int attn_bwd(const float *q, const float *k, const float *v, const float *kd, const float *vd,
+             const float *o, const float *lse, const float *dout,
+             float *dq, float *dk, float *dv, float *dkd, float *dvd, int B, int T, int H, int threads) {
+    Dims z = {T, H, (T + VL - 1) / VL * VL};
+    size_t n = (size_t)D * z.Tp;
+    int failed = 0;
+#pragma omp parallel num_threads(threads) reduction(| : failed)
+    {
+        float *qt = buffer(n), *kt = buffer(n), *vt = buffer(n), *gt = buffer(n), *kdt = buffer(n), *vdt = buffer(n);
+        float *lse_p = buffer(z.Tp), *delta = buffer(z.Tp);
+        int ok = qt && kt && vt && gt && kdt && vdt && lse_p && delta;
+#pragma omp for schedule(static)
+        for (int task = 0; task < B * H; task++) {
+            int b = task / H, h = task % H;
+            if (!ok) { failed = 1; continue; }
+            to_cols(q, qt, z, b, h); to_cols(k, kt, z, b, h); to_cols(v, vt, z, b, h);
+            to_cols(dout, gt, z, b, h); to_cols(kd, kdt, z, b, h); to_cols(vd, vdt, z, b, h);
+            memset(lse_p, 0, sizeof(float) * z.Tp);
+            memcpy(lse_p, lse + ((size_t)b * H + h) * T, sizeof(float) * T);
+            memset(delta, 0, sizeof(float) * z.Tp);
+            for (int t = 0; t < T; t++) /* delta_t = dO_t . O_t = sum_j p_tj dp_tj */
+                for (int d = 0; d < D; d++) delta[t] += dout[at(z, b, t, h) + d] * o[at(z, b, t, h) + d];
+            bwd_kv(q, kt, vt, lse_p, delta, dout, dk, dv, z, b, h);
+            bwd_q(k, v, qt, kdt, vdt, gt, lse_p, delta, dq, dkd, dvd, dkd == dk, z, b, h);
+        }
+        free(qt); free(kt); free(vt); free(gt); free(kdt); free(vdt); free(lse_p); free(delta);
+    }
+    return failed;
+}

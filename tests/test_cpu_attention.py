@@ -1,0 +1,147 @@
+"""The compiled CPU attention kernel against plain float64 attention, in value and gradients."""
+
+import shutil
+
+import pytest
+import torch
+
+from selfablate.model import cpu_attention
+from selfablate.model.layers import KV, attend, attend_self_ablated, self_ablated_allowed
+
+needs_kernel = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler to build the kernel")
+
+
+def naive(q, k, v, allowed):
+    scores = (q @ k.transpose(-1, -2)).masked_fill(~allowed, float("-inf"))  # (B, H, Tq, Tk)
+    return scores.softmax(-1) @ v
+
+
+def views(B, H, T, Dh, n, scale=1.0, seed=0):
+    """n float64 (B, H, T, Dh) views of (B, T, H, Dh) tensors, as the model's projections give them."""
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(B, T, H, Dh, generator=g, dtype=torch.float64) * scale).transpose(1, 2) for _ in range(n)]
+
+
+def compare(fast_fn, slow_fn, inputs64, atol):
+    """fast_fn on float32 copies against slow_fn in float64: outputs and every input gradient."""
+    x32 = [x.float().requires_grad_() for x in inputs64]
+    x64 = [x.clone().requires_grad_() for x in inputs64]
+    fast, slow = fast_fn(*x32), slow_fn(*x64)
+    w = torch.randn(slow.shape, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    assert (fast.double() - slow).abs().max() <= atol
+    for a, b in zip(torch.autograd.grad((fast * w.float()).sum(), x32), torch.autograd.grad((slow * w).sum(), x64)):
+        assert (a.double() - b).abs().max() <= atol * max(1.0, b.abs().max().item())
+
+
+@needs_kernel
+@pytest.mark.parametrize("B, H, T, Dh", [(2, 3, 37, 8), (1, 1, 1, 8), (3, 2, 16, 4), (1, 5, 17, 16), (2, 16, 64, 8)])
+def test_causal_kernel_equals_naive_attention(B, H, T, Dh):
+    assert cpu_attention.available(Dh)
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    compare(cpu_attention.causal, lambda q, k, v: naive(q, k, v, causal), views(B, H, T, Dh, 3), 2e-5)
+
+
+@needs_kernel
+@pytest.mark.parametrize("B, H, T, Dh", [(2, 3, 37, 8), (1, 1, 1, 8), (1, 2, 33, 16), (2, 16, 64, 8)])
+def test_two_stream_kernel_equals_the_masked_form(B, H, T, Dh):
+    """Query t sees the clean keys j < t and its own ablated key t (`self_ablated_allowed`)."""
+    allowed = self_ablated_allowed(T, torch.device("cpu"))
+
+    def slow(q, kc, vc, ka, va):
+        return naive(q, torch.cat([kc, ka], 2), torch.cat([vc, va], 2), allowed)
+
+    compare(cpu_attention.two_stream, slow, views(B, H, T, Dh, 5), 2e-5)
+
+
+@needs_kernel
+def test_kernel_keeps_its_accuracy_for_large_scores():
+    """Scores in the hundreds (the max shift) and probabilities that underflow to 0 (exp below -87)."""
+    allowed = self_ablated_allowed(40, torch.device("cpu"))
+    compare(cpu_attention.two_stream,
+            lambda q, kc, vc, ka, va: naive(q, torch.cat([kc, ka], 2), torch.cat([vc, va], 2), allowed),
+            views(2, 3, 40, 8, 5, scale=6.0, seed=3), 5e-4)
+
+
+@needs_kernel
+def test_model_attention_takes_the_kernel_in_float32_only(monkeypatch):
+    from selfablate.model.hooks import HookPoint
+
+    calls = []
+    real = cpu_attention._KernelAttention.apply
+    monkeypatch.setattr(cpu_attention._KernelAttention, "apply", lambda *a: calls.append(1) or real(*a))
+    q, k, v = (x.float() for x in views(1, 2, 5, 8, 3))
+    attend(q, k, v, None, HookPoint())
+    attend_self_ablated(q, KV(k, v), KV(k, v))
+    assert len(calls) == 2
+    assert not cpu_attention.applies(q.double(), k.double())
+    assert not cpu_attention.applies(torch.randn(1, 1, 4, 64))  # head dims past MAX_HEAD_DIM
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not cpu_attention.applies(q, k)
+    monkeypatch.setattr(cpu_attention, "USE_KERNEL", False)
+    attend(q, k, v, None, HookPoint())
+    assert len(calls) == 2
+
+
+@needs_kernel
+def test_a_training_step_is_the_same_with_and_without_the_kernel(monkeypatch):
+    from selfablate.config import ModelConfig
+    from selfablate.model import SelfAblatingTransformer
+
+    torch.manual_seed(0)
+    model = SelfAblatingTransformer(ModelConfig(vocab_size=97, n_ctx=40, d_model=32, n_layers=2, n_heads=4,
+                                                d_mlp=64, k_attn=8, k_mlp=16, ablation="local"))
+    tokens = torch.randint(0, 97, (3, 40))
+    results = {}
+    for use in (True, False):
+        monkeypatch.setattr(cpu_attention, "USE_KERNEL", use)
+        model.zero_grad()
+        out = model(tokens, tokens, return_logits=False)
+        out.loss.backward()
+        results[use] = [out.loss_clean, out.loss_ablated] + [p.grad.clone() for p in model.parameters()]
+    for a, b in zip(results[True], results[False]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_without_a_compiler_the_model_keeps_pytorch_attention(monkeypatch, tmp_path):
+    """A missing compiler gives one warning and `available` False; attention still works."""
+    monkeypatch.setenv("CC", "no-such-compiler")
+    monkeypatch.setenv("SELFABLATE_CACHE", str(tmp_path))
+    cpu_attention._library.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="kernel is unavailable"):
+            assert not cpu_attention.available(8)
+        q, k, v = (x.float() for x in views(1, 2, 5, 8, 3))
+        assert not cpu_attention.applies(q, k, v)
+        out = attend_self_ablated(q, KV(k, v), KV(k, v))
+        slow = naive(q, torch.cat([k, k], 2), torch.cat([v, v], 2), self_ablated_allowed(5, q.device))
+        torch.testing.assert_close(out, slow)
+        assert not list(tmp_path.iterdir())
+    finally:
+        cpu_attention._library.cache_clear()
+
+
+@needs_kernel
+def test_kernel_builds_once_into_the_cache(monkeypatch, tmp_path):
+    monkeypatch.setenv("SELFABLATE_CACHE", str(tmp_path))
+    cpu_attention._library.cache_clear()
+    try:
+        assert cpu_attention.available(4)
+        built = sorted(p.name for p in tmp_path.iterdir())
+        assert len(built) == 1 and built[0].startswith("attention-d4-") and built[0].endswith(".so")
+        cpu_attention._library.cache_clear()
+        mtime = (tmp_path / built[0]).stat().st_mtime_ns
+        assert cpu_attention.available(4)
+        assert (tmp_path / built[0]).stat().st_mtime_ns == mtime  # loaded, not rebuilt
+    finally:
+        cpu_attention._library.cache_clear()
+
+
+@needs_kernel
+def test_kernel_exp_is_accurate_to_a_few_ulp_and_zero_below_its_range():
+    x = torch.cat([torch.linspace(-87, 0, 4096 * 16 - 32), torch.tensor([-87.5, -100.0, -1e30] + [0.0] * 29)])
+    out = torch.empty_like(x)
+    cpu_attention._library(8).exp_array(x.data_ptr(), out.data_ptr(), x.numel())
+    ref = x[:-32].double().exp()
+    rel = ((out[:-32].double() - ref) / ref).abs().max().item()
+    assert rel < 8 * 2**-24, rel  # measured 3.7 x 2^-24 here (torch.exp: 1.0); one float32 ulp is 2^-23 to 2^-24
+    assert (out[-32:-29] == 0).all() and (out[-29:] == 1).all()
