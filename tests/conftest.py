@@ -53,5 +53,6 @@ def stories_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(autouse=True)
 def isolated_cache(tmp_path_factory, monkeypatch):
-    """Token caches go to a per-session temporary folder, never the user's ~/.cache."""
+    """Token caches and compiled kernels go to per-session temporary folders, never the user's ~/.cache."""
     monkeypatch.setenv("SELFABLATE_CACHE", str(tmp_path_factory.getbasetemp() / "token-cache"))
+    monkeypatch.setenv("SELFABLATE_KERNEL_CACHE", str(tmp_path_factory.getbasetemp() / "kernel-cache"))

@@ -5,7 +5,7 @@ import shutil
 import pytest
 import torch
 
-from selfablate.model import cpu_attention
+from selfablate.model import cpu_attention, kernels
 from selfablate.model.layers import KV, attend, attend_self_ablated, self_ablated_allowed
 
 needs_kernel = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler to build the kernel")
@@ -77,7 +77,7 @@ def test_model_attention_takes_the_kernel_in_float32_only(monkeypatch):
     assert not cpu_attention.applies(torch.randn(1, 1, 4, 64))  # head dims past MAX_HEAD_DIM
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not cpu_attention.applies(q, k)
-    monkeypatch.setattr(cpu_attention, "USE_KERNEL", False)
+    monkeypatch.setattr(kernels, "USE_KERNELS", False)
     attend(q, k, v, None, HookPoint())
     assert len(calls) == 2
 
@@ -93,7 +93,7 @@ def test_a_training_step_is_the_same_with_and_without_the_kernel(monkeypatch):
     tokens = torch.randint(0, 97, (3, 40))
     results = {}
     for use in (True, False):
-        monkeypatch.setattr(cpu_attention, "USE_KERNEL", use)
+        monkeypatch.setattr(kernels, "USE_KERNELS", use)
         model.zero_grad()
         out = model(tokens, tokens, return_logits=False)
         out.loss.backward()
@@ -105,10 +105,10 @@ def test_a_training_step_is_the_same_with_and_without_the_kernel(monkeypatch):
 def test_without_a_compiler_the_model_keeps_pytorch_attention(monkeypatch, tmp_path):
     """A missing compiler gives one warning and `available` False; attention still works."""
     monkeypatch.setenv("CC", "no-such-compiler")
-    monkeypatch.setenv("SELFABLATE_CACHE", str(tmp_path))
-    cpu_attention._library.cache_clear()
+    monkeypatch.setenv("SELFABLATE_KERNEL_CACHE", str(tmp_path))
+    clear_caches()
     try:
-        with pytest.warns(UserWarning, match="kernel is unavailable"):
+        with pytest.warns(UserWarning, match="is unavailable"):
             assert not cpu_attention.available(8)
         q, k, v = (x.float() for x in views(1, 2, 5, 8, 3))
         assert not cpu_attention.applies(q, k, v)
@@ -117,23 +117,28 @@ def test_without_a_compiler_the_model_keeps_pytorch_attention(monkeypatch, tmp_p
         torch.testing.assert_close(out, slow)
         assert not list(tmp_path.iterdir())
     finally:
-        cpu_attention._library.cache_clear()
+        clear_caches()
 
 
 @needs_kernel
 def test_kernel_builds_once_into_the_cache(monkeypatch, tmp_path):
-    monkeypatch.setenv("SELFABLATE_CACHE", str(tmp_path))
-    cpu_attention._library.cache_clear()
+    monkeypatch.setenv("SELFABLATE_KERNEL_CACHE", str(tmp_path))
+    clear_caches()
     try:
         assert cpu_attention.available(4)
         built = sorted(p.name for p in tmp_path.iterdir())
-        assert len(built) == 1 and built[0].startswith("attention-d4-") and built[0].endswith(".so")
-        cpu_attention._library.cache_clear()
+        assert len(built) == 1 and built[0].startswith("attention-head_dim4-") and built[0].endswith(".so")
+        clear_caches()
         mtime = (tmp_path / built[0]).stat().st_mtime_ns
         assert cpu_attention.available(4)
         assert (tmp_path / built[0]).stat().st_mtime_ns == mtime  # loaded, not rebuilt
     finally:
-        cpu_attention._library.cache_clear()
+        clear_caches()
+
+
+def clear_caches():
+    cpu_attention._library.cache_clear()
+    kernels.load.cache_clear()
 
 
 @needs_kernel

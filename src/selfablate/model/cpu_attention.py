@@ -7,99 +7,35 @@ projections' (batch, pos, n_heads, d_head) layout as it is (no padding, transpos
 stream's extra self key), and computes the two-stream rule directly: query t sees the keys
 j < t and, at j = t, a diagonal key of its own (`benchmarks/attention.py`).
 
-The kernel is compiled per head dim with the machine's C compiler (`$CC`, else `cc`) and
-`-march=native` (and OpenMP, sharing the libgomp PyTorch has loaded: with threads of its own, the
-kernel ran 1.5-2x slower in the model, as PyTorch's idle threads spin for a while after each of
-its kernels) into a cache directory (`$SELFABLATE_CACHE`, else `~/.cache/selfablate`), keyed by
-its source, flags and CPU, and loaded with ctypes. Without a compiler, or if the build fails,
-`available` is False (with one warning) and the model keeps PyTorch's fused kernel.
+The kernel is built per head dim on first use (`kernels.load`). Without a compiler, or if the
+build fails, `available` is False (with one warning) and the model keeps PyTorch's fused kernel.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-import warnings
-from pathlib import Path
 
 import torch
 from torch import Tensor
 
-USE_KERNEL = True
-"""Take the kernel where it applies; tests and benchmarks turn it off to compare."""
+from . import kernels
+
 MAX_HEAD_DIM = 32
 """Wider heads take PyTorch's kernel. Forward + backward against PyTorch's (padded) fused kernel at
 batch 8, 16 heads, pos 256, clean / two-stream (`benchmarks/attention.py --d-head N`): d_head 8
 3.0x / 3.3x, 16 1.6x / 3.4x, 32 1.2x / 1.9x, 64 0.75x / 1.0x."""
-SOURCE = Path(__file__).with_name("csrc") / "attention.c"
-FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fno-signed-zeros", "-fno-trapping-math",
-         "-shared", "-fPIC")
-OPENMP = ("-fopenmp",)
-"""Tried first; a compiler without OpenMP builds a single-threaded kernel instead."""
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("SELFABLATE_CACHE") or Path.home() / ".cache" / "selfablate")
-
-
-def _cpu_identity() -> str:
-    """What -march=native depends on: the CPU model and its feature flags."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        return "".join(sorted({ln for ln in lines if ln.startswith(("model name", "flags", "Features"))}))
-    except OSError:
-        return platform.processor()
-
-
-def _build(d_head: int, compiler: str) -> Path:
-    """The kernel for d_head, with OpenMP if the compiler has it, else without."""
-    try:
-        return _compile((*FLAGS, *OPENMP, f"-DHEAD_DIM={d_head}"), d_head, compiler)
-    except subprocess.CalledProcessError:
-        return _compile((*FLAGS, f"-DHEAD_DIM={d_head}"), d_head, compiler)
-
-
-def _compile(flags: tuple[str, ...], d_head: int, compiler: str) -> Path:
-    """Compile the kernel (once per source, flags, compiler and CPU) and return its path."""
-    key = hashlib.sha256(b"\0".join(s.encode() for s in (SOURCE.read_text(), compiler, *flags,
-                                                            platform.machine(), _cpu_identity()))).hexdigest()[:16]
-    path = cache_dir() / f"attention-d{d_head}-{key}.so"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
-        os.close(fd)
-        try:
-            subprocess.run([compiler, *flags, str(SOURCE), "-o", tmp, "-lm"], check=True, capture_output=True,
-                           text=True, timeout=120)
-            os.replace(tmp, path)  # atomic: a concurrent build or reader never sees half a file
-        finally:
-            Path(tmp).unlink(missing_ok=True)
-    return path
 
 
 @functools.cache
 def _library(d_head: int) -> ctypes.CDLL | None:
-    """The compiled kernel for d_head, or None (warned once) when it cannot be built or loaded."""
-    compiler = os.environ.get("CC", "cc")
-    try:
-        if shutil.which(compiler) is None:
-            raise FileNotFoundError(f"no C compiler ({compiler})")
-        lib = ctypes.CDLL(str(_build(d_head, compiler)))
-    except (OSError, subprocess.SubprocessError) as e:
-        detail = getattr(e, "stderr", None) or str(e)
-        warnings.warn(f"selfablate: the CPU attention kernel is unavailable ({detail.strip()[:200]}); "
-                      "using PyTorch's", stacklevel=3)
-        return None
-    p, i = ctypes.c_void_p, ctypes.c_int
-    lib.attn_fwd.argtypes = [p] * 7 + [i] * 4
-    lib.attn_bwd.argtypes = [p] * 13 + [i] * 4
-    lib.exp_array.argtypes = [p, p, i]
+    """csrc/attention.c built for d_head (`kernels.load`), its functions typed."""
+    lib = kernels.load("attention", HEAD_DIM=d_head)
+    if lib is not None:
+        p, i = ctypes.c_void_p, ctypes.c_int
+        lib.attn_fwd.argtypes = [p] * 7 + [i] * 4
+        lib.attn_bwd.argtypes = [p] * 13 + [i] * 4
+        lib.exp_array.argtypes = [p, p, i]
     return lib
 
 
@@ -109,14 +45,13 @@ def available(d_head: int) -> bool:
 
 def applies(*tensors: Tensor) -> bool:
     """Whether the kernel computes attention on these (..., d_head) tensors: float32 on the CPU,
-    outside autocast, a small head dim, and a kernel that built."""
-    return (USE_KERNEL and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
-            and not torch.is_autocast_enabled("cpu") and available(tensors[0].shape[-1]))
+    outside autocast, a head dim up to MAX_HEAD_DIM, and a kernel that built."""
+    return kernels.on_cpu_float32(*tensors) and available(tensors[0].shape[-1])
 
 
 def _run(fn, tensors: list[Tensor], B: int, T: int, H: int) -> None:
     """fn over the B * H (batch, head) tasks, on torch's thread count."""
-    if fn(*(t.data_ptr() for t in tensors), B, T, H, torch.get_num_threads()):
+    if fn(*(t.data_ptr() for t in tensors), B, T, H, kernels.threads()):
         raise MemoryError("the CPU attention kernel could not allocate its buffers")
 
 

@@ -8,7 +8,6 @@
  * PyTorch's fused kernels spend most of their time on per-block overhead at d_head 8. Here each
  * (batch, head) pair is a task, and the work is vectorised VL wide without horizontal sums:
  * over VL queries (forward, dQ: the keys are broadcast) or VL keys (dK, dV: the queries are).
- * Written with GCC/Clang vector extensions, so it builds for whatever the machine has (-march=native).
  * Tasks are shared by OpenMP threads: built with -fopenmp, the kernel uses the libgomp that
  * PyTorch has loaded (same soname), so its threads are the ones PyTorch's own kernels use.
  * Functions return 0, or 1 when a buffer cannot be allocated.
@@ -17,40 +16,17 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "vec.h"
+
 #ifndef HEAD_DIM
 #error "compile with -DHEAD_DIM=<d_head>"
 #endif
 #define D HEAD_DIM
-#define VL 16
-typedef float vf __attribute__((vector_size(VL * sizeof(float))));
-typedef int vi __attribute__((vector_size(VL * sizeof(int))));
 #define NEG (-1e30f) /* a masked score: its exp is 0 */
 
-static inline vf bc(float x) { return (vf){} + x; } /* a broadcast, with -fno-signed-zeros */
-static inline vf ld(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
-static inline vf sel(vi m, vf a, vf b) { return (vf)(((vi)a & m) | ((vi)b & ~m)); }
-static inline vf vmax(vf a, vf b) { return sel(a > b, a, b); }
 static inline vf lane_ids(int base) { vf v; for (int i = 0; i < VL; i++) v[i] = base + i; return v; }
 
-/* e^x within 2 ulp (3.7 x 2^-24 relative at most, measured) for x >= -87, and 0 below:
- * x = n ln2 + r with |r| <= ln2 / 2 (ln2 in two parts, Cody-Waite), e^r by its degree-6 Taylor
- * polynomial (error < 2e-7), 2^n in the exponent bits. */
-static inline vf vexp(vf x) {
-    vi tiny = x < bc(-87.f);
-    x = sel(x > bc(88.f), bc(88.f), sel(tiny, bc(0.f), x));
-    vf n = (x * bc(1.44269504f) + bc(12582912.f)) - bc(12582912.f); /* round to nearest */
-    vf r = (x - n * bc(0.693359375f)) - n * bc(-2.12194440e-4f);
-    vf p = bc(1.f / 720);
-    p = p * r + bc(1.f / 120); p = p * r + bc(1.f / 24); p = p * r + bc(1.f / 6);
-    p = p * r + bc(0.5f); p = p * r + bc(1.f); p = p * r + bc(1.f);
-    vi e = (__builtin_convertvector(n, vi) + 127) << 23;
-    return sel(tiny, bc(0.f), p * (vf)e);
-}
-
-/* out[i] = e^x[i] for n (a multiple of VL) floats: vexp on its own, for its accuracy test. */
-void exp_array(const float *x, float *out, int n) {
-    for (int i = 0; i < n; i += VL) { vf y = vexp(ld(x + i)); memcpy(out + i, &y, sizeof y); }
-}
+void exp_array(const float *x, float *out, int n) { exp_into(x, out, n); }
 
 typedef struct { int T, H, Tp; } Dims; /* Tp: pos rounded up to a multiple of VL */
 static inline size_t at(Dims z, int b, int t, int h) { return (((size_t)b * z.T + t) * z.H + h) * D; }
@@ -88,7 +64,7 @@ static void fwd_task(const float *k, const float *v, const float *qt, const floa
             vf x = bc(0.f);
             for (int d = 0; d < D; d++) x += Q[d] * kj[d];
             if (j >= t0) x = sel(bc((float)j) < qpos, x, bc(NEG));
-            memcpy(s + (size_t)j * VL, &x, sizeof x);
+            st(s + (size_t)j * VL, x);
             m = vmax(m, x);
         }
         for (int j = 0; j < nk; j++) {

@@ -1,0 +1,100 @@
+"""C kernels for the CPU (`csrc/*.c`), compiled on first use and loaded with ctypes.
+
+Each source is compiled with the machine's C compiler (`$CC`, else `cc`), `-march=native` and
+OpenMP into a cache directory (`$SELFABLATE_KERNEL_CACHE`, else `~/.cache/selfablate/kernels`),
+keyed by its source, flags, compile-time constants and CPU, so it is built once per machine. The kernels'
+OpenMP calls go to the libgomp PyTorch has loaded (the same soname), so they run on PyTorch's
+own threads: with threads of their own the attention kernel ran 1.5-2x slower inside a training
+step, as PyTorch's idle threads spin for a while after each of its kernels. Without a compiler,
+or if a build fails, `load` returns None with one warning, and callers keep PyTorch's kernels.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+CSRC = Path(__file__).with_name("csrc")
+FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fno-signed-zeros", "-fno-trapping-math",
+         "-shared", "-fPIC")
+"""No -ffast-math: the kernels' exp rounds with a float32 addition that reassociation would drop."""
+OPENMP = ("-fopenmp",)
+"""Tried first; a compiler without OpenMP builds single-threaded kernels instead."""
+
+USE_KERNELS = True
+"""Take the C kernels where they apply; tests and benchmarks turn this off to compare."""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SELFABLATE_KERNEL_CACHE") or Path.home() / ".cache" / "selfablate" / "kernels")
+
+
+def _cpu_identity() -> str:
+    """What -march=native depends on: the CPU model and its feature flags."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        return "".join(sorted({ln for ln in lines if ln.startswith(("model name", "flags", "Features"))}))
+    except OSError:
+        return platform.processor()
+
+
+def _compile(source: Path, flags: tuple[str, ...], tag: str, compiler: str) -> Path:
+    """Compile source (once per source, flags, compiler and CPU) and return the library's path."""
+    headers = [h.read_text() for h in sorted(CSRC.glob("*.h"))]
+    parts = (source.read_text(), *headers, compiler, *flags, platform.machine(), _cpu_identity())
+    key = hashlib.sha256(b"\0".join(s.encode() for s in parts)).hexdigest()[:16]
+    path = cache_dir() / f"{tag}-{key}.so"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
+        os.close(fd)
+        try:
+            subprocess.run([compiler, *flags, f"-I{CSRC}", str(source), "-o", tmp, "-lm"], check=True,
+                           capture_output=True, text=True, timeout=120)
+            os.replace(tmp, path)  # atomic: a concurrent build or reader never sees half a file
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+    return path
+
+
+@functools.cache
+def load(name: str, **defines: int) -> ctypes.CDLL | None:
+    """csrc/<name>.c compiled with -D<KEY>=<value> for each define, or None (warned once) when it
+    cannot be built or loaded."""
+    compiler = os.environ.get("CC", "cc")
+    consts = tuple(f"-D{k}={v}" for k, v in sorted(defines.items()))
+    tag = "-".join([name, *(f"{k.lower()}{v}" for k, v in sorted(defines.items()))])
+    try:
+        if shutil.which(compiler) is None:
+            raise FileNotFoundError(f"no C compiler ({compiler})")
+        try:
+            path = _compile(CSRC / f"{name}.c", (*FLAGS, *OPENMP, *consts), tag, compiler)
+        except subprocess.CalledProcessError:
+            path = _compile(CSRC / f"{name}.c", (*FLAGS, *consts), tag, compiler)
+        return ctypes.CDLL(str(path))
+    except (OSError, subprocess.SubprocessError) as e:
+        detail = getattr(e, "stderr", None) or str(e)
+        warnings.warn(f"selfablate: the C kernel {tag} is unavailable ({detail.strip()[:200]}); "
+                      "using PyTorch's", stacklevel=3)
+        return None
+
+
+def on_cpu_float32(*tensors: torch.Tensor) -> bool:
+    """Whether the kernels may take these tensors: float32 on the CPU, outside autocast."""
+    return (USE_KERNELS and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+            and not torch.is_autocast_enabled("cpu"))
+
+
+def threads() -> int:
+    """The kernels' OpenMP thread count: PyTorch's."""
+    return torch.get_num_threads()
