@@ -6,10 +6,14 @@ shape with exactly k ones per row (hard) or k in total (soft).
 
 from __future__ import annotations
 
-from typing import Callable
+import ctypes
+import functools
+from typing import Callable, NamedTuple
 
 import torch
 from torch import Tensor
+
+from . import kernels
 
 
 def _gate(scores: Tensor, s_k: Tensor, s_k1: Tensor, temperature: float, eps: float) -> tuple[Tensor, Tensor]:
@@ -42,8 +46,66 @@ def soft_topk(scores: Tensor, k: int, temperature: float, eps: float = 1e-12) ->
 
 def hard_topk(scores: Tensor, k: int) -> Tensor:
     """Exact k-winners-take-all: 1 at the k largest scores of each row, 0 elsewhere."""
+    if k < scores.shape[-1] and _topk_kernel(scores) is not None:
+        return topk_winners(scores, k).hard
     idx = scores.topk(k, dim=-1, sorted=False).indices
     return torch.zeros_like(scores).scatter_(-1, idx, 1.0)
+
+
+class Winners(NamedTuple):
+    """A k-winners-take-all mask and the scores on either side of its cut."""
+
+    hard: Tensor
+    """(..., width) 0/1, exactly k ones per row."""
+    ab: Tensor
+    """(..., 2) the k-th and the (k+1)-th largest score of each row, s_(k) and s_(k+1)."""
+    ab_idx: Tensor
+    """(..., 2) int64 their positions in the row."""
+
+
+@functools.cache
+def _topk_library() -> ctypes.CDLL | None:
+    lib = kernels.load("topk")
+    if lib is not None:
+        p = ctypes.c_void_p
+        i, f = ctypes.c_int, ctypes.c_float
+        lib.topk_mask.argtypes = [p, p, p, p, ctypes.c_long, i, i, i]
+        lib.topk_soft_grad.argtypes = [p, p, p, p, p, ctypes.c_long, i, i, f, f, i]
+    return lib
+
+
+def _topk_kernel(*tensors: Tensor) -> ctypes.CDLL | None:
+    """csrc/topk.c, for float32 CPU rows whose width is a multiple of 16 (its vector width)."""
+    if not (kernels.on_cpu_float32(*tensors) and tensors[0].shape[-1] % 16 == 0 and tensors[0].numel()):
+        return None
+    return _topk_library()
+
+
+def topk_winners(scores: Tensor, k: int) -> Winners:
+    """The k largest scores of each row (1 <= k < width) as a mask, with s_(k), s_(k+1) and their
+    positions. On a float32 CPU from csrc/topk.c (ties go to the earlier position; 3-4x faster
+    than torch.topk at the paper's widths, `benchmarks/masks.py`), else from torch.topk."""
+    lib = _topk_kernel(scores)
+    if lib is None:
+        return _torch_topk_winners(scores, k)
+    s = scores.contiguous()
+    hard, ab = torch.empty_like(s), s.new_empty(*s.shape[:-1], 2)
+    ab_idx = torch.empty(*s.shape[:-1], 2, dtype=torch.long)
+    width = s.shape[-1]
+    if lib.topk_mask(s.data_ptr(), hard.data_ptr(), ab.data_ptr(), ab_idx.data_ptr(), s.numel() // width, width, k,
+                     kernels.threads()):
+        raise MemoryError("the top-k kernel could not allocate its buffers")
+    return Winners(hard, ab, ab_idx)
+
+
+def _torch_topk_winners(scores: Tensor, k: int) -> Winners:
+    # An unsorted top-(k+1) is cheaper than a sorted one; its minimum is s_(k+1), the next s_(k).
+    vals, idx = scores.topk(k + 1, dim=-1, sorted=False)  # (..., k+1)
+    b, pos_b = vals.min(-1, keepdim=True)
+    a, pos_a = vals.scatter(-1, pos_b, float("inf")).min(-1, keepdim=True)
+    idx_b = idx.gather(-1, pos_b)
+    hard = torch.zeros_like(scores).scatter_(-1, idx, 1.0).scatter_(-1, idx_b, 0.0)  # exactly k ones
+    return Winners(hard, torch.cat([a, b], -1), torch.cat([idx.gather(-1, pos_a), idx_b], -1))
 
 
 def hard_topk_soft_grad_reference(scores: Tensor, k: int, temperature: float, eps: float = 1e-12) -> Tensor:
@@ -73,19 +135,17 @@ class _HardTopkSoftGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, scores: Tensor, k: int, temperature: float, eps: float) -> Tensor:  # type: ignore[override]
-        # An unsorted top-(k+1) is cheaper than a sorted one; its minimum is s_(k+1), the next s_(k).
-        vals, idx = scores.topk(k + 1, dim=-1, sorted=False)  # (..., k+1)
-        b, pos_b = vals.min(-1, keepdim=True)
-        a, pos_a = vals.scatter(-1, pos_b, float("inf")).min(-1, keepdim=True)
-        idx_b = idx.gather(-1, pos_b)
-        hard = torch.zeros_like(scores).scatter_(-1, idx, 1.0).scatter_(-1, idx_b, 0.0)  # exactly k ones
-        ctx.save_for_backward(scores, torch.cat([a, b], -1), torch.cat([idx.gather(-1, pos_a), idx_b], -1))
+        hard, ab, ab_idx = topk_winners(scores, k)
+        ctx.save_for_backward(scores, ab, ab_idx)
         ctx.k, ctx.temperature, ctx.eps = k, temperature, eps
         return hard
 
     @staticmethod
     def backward(ctx, g: Tensor):  # type: ignore[override]
         s, ab, ab_idx = ctx.saved_tensors
+        lib = _topk_kernel(s, g)
+        if lib is not None:
+            return _kernel_soft_grad(lib, s, g, ab, ab_idx, ctx.k, ctx.temperature, ctx.eps), None, None, None
         k, T = ctx.k, ctx.temperature
         u, D = _gate(s, ab[..., :1], ab[..., 1:], T, ctx.eps)
         w = torch.sigmoid(u)
@@ -95,6 +155,17 @@ class _HardTopkSoftGrad(torch.autograd.Function):
         dm, dD = -ds.sum(-1, keepdim=True), -(ds * u).sum(-1, keepdim=True)
         ds.scatter_add_(-1, ab_idx, torch.cat([dm / 2 + T * dD, dm / 2 - T * dD], -1))
         return ds, None, None, None
+
+
+def _kernel_soft_grad(lib: ctypes.CDLL, s: Tensor, g: Tensor, ab: Tensor, ab_idx: Tensor, k: int,
+                      temperature: float, eps: float) -> Tensor:
+    """The backward above in csrc/topk.c: two passes over each row instead of a dozen."""
+    s, g = s.contiguous(), g.contiguous()
+    ds = torch.empty_like(s)
+    width = s.shape[-1]
+    lib.topk_soft_grad(s.data_ptr(), g.data_ptr(), ab.data_ptr(), ab_idx.data_ptr(), ds.data_ptr(),
+                       s.numel() // width, width, k, temperature, eps, kernels.threads())
+    return ds
 
 
 def hard_topk_soft_grad(scores: Tensor, k: int, temperature: float, eps: float = 1e-12) -> Tensor:

@@ -1,0 +1,124 @@
+/* k-winners-take-all over rows of float32 scores, and the straight-through soft top-k's gradient.
+ *
+ * Forward: the hard mask (exactly k ones per row) and the k-th and (k+1)-th largest scores with
+ * their positions. Per row, the scores become order-preserving unsigned keys, and the (k+1)-th
+ * largest key is found bit by bit from the top: the largest T with count(key >= T) >= k + 1, each
+ * count a pass of vector comparisons over the row (32 passes, no branches that depend on the
+ * data; a heap of the k+1 largest scores mispredicted its way to 4x slower). The winners are the
+ * keys above T, and as many keys equal to T as are still needed, earliest first.
+ *
+ * Backward: the soft top-k's vector-Jacobian product (see `masks._HardTopkSoftGrad`) in two
+ * passes over each row. Rows are shared by OpenMP threads; widths are multiples of VL.
+ */
+#include <stdlib.h>
+
+#include "vec.h"
+
+static inline int count_ge(const vu *keys, int nv, uint32_t t) {
+    vi acc = {0};
+    vu tv = (vu){} + t;
+    for (int v = 0; v < nv; v++) acc -= (vi)(keys[v] >= tv);
+    int c = 0;
+    for (int l = 0; l < VL; l++) c += acc[l];
+    return c;
+}
+
+static inline float value_of(uint32_t key) {
+    uint32_t u = key ^ ((key >> 31) ? 0x80000000u : 0xFFFFFFFFu);
+    float x; memcpy(&x, &u, sizeof x);
+    return x;
+}
+
+/* The row's keys above t as 1s in mask; their count and smallest key. */
+static int mask_above(const vu *keys, int nv, uint32_t t, float *mask, uint32_t *smallest) {
+    vu tv = (vu){} + t, amin = (vu){} + UINT32_MAX;
+    vi above = {0};
+    for (int v = 0; v < nv; v++) {
+        vi win = (vi)(keys[v] > tv), lower = win & (vi)(keys[v] < amin);
+        st(mask + v * VL, (vf)(win & (vi)bc(1.f)));
+        above -= win;
+        amin = (vu)(((vi)keys[v] & lower) | ((vi)amin & ~lower));
+    }
+    int n = 0;
+    *smallest = UINT32_MAX;
+    for (int l = 0; l < VL; l++) { n += above[l]; if (amin[l] < *smallest) *smallest = amin[l]; }
+    return n;
+}
+
+static void row_topk(const float *s, int width, int k, float *mask, float *ab, int64_t *ab_idx, vu *keys) {
+    int nv = width / VL;
+    for (int v = 0; v < nv; v++) { /* order-preserving keys: negatives reversed, below the positives */
+        vu u; memcpy(&u, s + v * VL, sizeof u);
+        keys[v] = u ^ ((vu)((vi)u >> 31) | 0x80000000u);
+    }
+    uint32_t t = 0, a_key;
+    for (int bit = 31; bit >= 0; bit--)
+        if (count_ge(keys, nv, t | (1u << bit)) >= k + 1) t |= 1u << bit;
+    int ties = k - mask_above(keys, nv, t, mask, &a_key);
+    /* then ties at t in order; b = the first tie left out; a = the smallest winner */
+    const uint32_t *kk = (const uint32_t *)keys;
+    int64_t idx_a = -1, idx_b = -1;
+    for (int i = 0; i < width && idx_b < 0; i++) {
+        if (kk[i] != t) continue;
+        if (ties > 0) { mask[i] = 1.f; ties--; idx_a = i; a_key = t; }
+        else idx_b = i;
+    }
+    if (idx_a < 0) /* no ties taken: the smallest key above t, first occurrence */
+        for (int i = 0; i < width; i++) if (kk[i] == a_key) { idx_a = i; break; }
+    ab[0] = value_of(a_key); ab[1] = value_of(t);
+    ab_idx[0] = idx_a; ab_idx[1] = idx_b;
+}
+
+/* scores, mask: (rows, width); ab, ab_idx: (rows, 2), s_(k) then s_(k+1); 1 <= k < width. */
+int topk_mask(const float *scores, float *mask, float *ab, int64_t *ab_idx, long rows, int width, int k,
+              int threads) {
+    if (width % VL) return 2;
+    int failed = 0;
+#pragma omp parallel num_threads(threads) reduction(| : failed)
+    {
+        vu *keys = aligned_alloc(64, sizeof(uint32_t) * width);
+#pragma omp for schedule(static)
+        for (long r = 0; r < rows; r++) {
+            if (!keys) { failed = 1; continue; }
+            row_topk(scores + r * width, width, k, mask + r * width, ab + 2 * r, ab_idx + 2 * r, keys);
+        }
+        free(keys);
+    }
+    return failed;
+}
+
+/* One row of the soft top-k's backward: with D = T (a - b) + eps, u = (s - (a + b) / 2) / D,
+ * w = sigmoid(u): ds = k / sum(w) * (g - <g, w> / sum(w)) * w (1 - w) / D, then through a and b:
+ * dm = -sum(ds), dD = -sum(ds u), ds[a] += dm / 2 + T dD, ds[b] += dm / 2 - T dD. */
+static void row_soft_grad(const float *s, const float *g, const float *ab, const int64_t *ab_idx, int width,
+                          int k, float temperature, float eps, float *ds) {
+    float D = temperature * (ab[0] - ab[1]) + eps, m = (ab[0] + ab[1]) / 2;
+    vf w_sum = bc(0.f), gw = bc(0.f);
+    for (int i = 0; i < width; i += VL) { /* ds holds w for now */
+        vf w = bc(1.f) / (bc(1.f) + vexp((bc(m) - ld(s + i)) / D));
+        st(ds + i, w);
+        w_sum += w;
+        gw += ld(g + i) * w;
+    }
+    float W = hsum(w_sum), mean_g = hsum(gw) / W, scale = k / (W * D);
+    vf dm = bc(0.f), du = bc(0.f);
+    for (int i = 0; i < width; i += VL) {
+        vf w = ld(ds + i), d = (ld(g + i) - mean_g) * w * (bc(1.f) - w) * scale;
+        st(ds + i, d);
+        dm -= d;
+        du -= d * ((ld(s + i) - m) / D);
+    }
+    float dmv = hsum(dm), dDv = hsum(du);
+    ds[ab_idx[0]] += dmv / 2 + temperature * dDv;
+    ds[ab_idx[1]] += dmv / 2 - temperature * dDv;
+}
+
+int topk_soft_grad(const float *scores, const float *grad, const float *ab, const int64_t *ab_idx, float *ds,
+                   long rows, int width, int k, float temperature, float eps, int threads) {
+    if (width % VL) return 2;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (long r = 0; r < rows; r++)
+        row_soft_grad(scores + r * width, grad + r * width, ab + 2 * r, ab_idx + 2 * r, width, k, temperature, eps,
+                      ds + r * width);
+    return 0;
+}
