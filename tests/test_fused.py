@@ -117,19 +117,20 @@ def test_onednn_path_is_taken_only_for_float32_on_the_cpu_outside_autocast():
         assert not onednn.use_onednn(h, w)
 
 
-@pytest.mark.parametrize("bias", [True, False])
-def test_onednn_linear_matches_f_linear_in_value_and_gradients(bias, monkeypatch):
+@pytest.mark.parametrize("bias, d_in, d_out", [(True, 24, 40), (False, 24, 40), (True, 40, 24)])
+def test_onednn_linear_matches_f_linear_in_value_and_gradients(bias, d_in, d_out, monkeypatch):
     """model.onednn.Linear (every linear layer of the model) against F.linear, float32, on a
-    (batch, pos, in) input with a non-contiguous incoming gradient; float64 takes F.linear."""
+    (batch, pos, in) input with a non-contiguous incoming gradient; float64 takes F.linear.
+    Wider and narrower outputs take the two orientations of the weight's gradient."""
     if not onednn.onednn_available():
         pytest.skip("this PyTorch build has no oneDNN linear")
     calls = []
     real = onednn.linear
     monkeypatch.setattr(onednn, "linear", lambda *a: calls.append(1) or real(*a))
     torch.manual_seed(7)
-    layer = onednn.Linear(24, 40, bias=bias)
-    x = torch.randn(3, 5, 24, requires_grad=True)
-    g = torch.randn(3, 40, 5).transpose(1, 2)  # (3, 5, 40), not contiguous
+    layer = onednn.Linear(d_in, d_out, bias=bias)
+    x = torch.randn(3, 5, d_in, requires_grad=True)
+    g = torch.randn(3, d_out, 5).transpose(1, 2)  # (3, 5, d_out), not contiguous
     out = layer(x)
     grads = torch.autograd.grad(out, [x, *layer.parameters()], g)
     assert len(calls) == 3  # forward, grad_input, grad_weight

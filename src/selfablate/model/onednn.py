@@ -66,9 +66,18 @@ class _LinearFunction(torch.autograd.Function):
         g = grad_out.reshape(-1, weight.shape[0])  # (rows, out)
         need_x, need_w, need_b = ctx.needs_input_grad
         grad_x = linear(g, weight.T).view(*grad_out.shape[:-1], weight.shape[1]) if need_x else None
-        grad_w = linear(g.T.contiguous(), x2.T) if need_w else None  # (out, in)
+        grad_w = _grad_weight(g, x2) if need_w else None
         grad_b = g.sum(0) if need_b else None  # False for a missing bias
         return grad_x, grad_w, grad_b
+
+
+def _grad_weight(g: Tensor, x2: Tensor) -> Tensor:
+    """g.T @ x2: (out, in) from g (rows, out) and x2 (rows, in). oneDNN wants the rows contiguous in
+    its first operand, so one of the two is transposed: the narrower (for fc_in, x2 (rows, 128)
+    instead of g (rows, 512); the small (in, out) result is transposed back)."""
+    if g.shape[1] > x2.shape[1]:
+        return linear(x2.T.contiguous(), g.T).T.contiguous()  # (in, out) -> (out, in)
+    return linear(g.T.contiguous(), x2.T)  # (out, in)
 
 
 class Linear(nn.Linear):

@@ -33,6 +33,20 @@ static inline vf vexp(vf x) {
     return sel(tiny, bc(0.f), p * (vf)e);
 }
 
+/* 2^x within 2 ulp for x >= -126 (0 below): x = n + f, |f| <= 1/2 exact, 2^f = e^(f ln2) by the
+ * same polynomial as vexp. */
+static inline vf vexp2(vf x) {
+    vi tiny = x < bc(-126.f);
+    x = sel(x > bc(127.f), bc(127.f), sel(tiny, bc(0.f), x));
+    vf n = (x + bc(12582912.f)) - bc(12582912.f); /* round to nearest */
+    vf r = (x - n) * bc(0.693147181f);
+    vf p = bc(1.f / 720);
+    p = p * r + bc(1.f / 120); p = p * r + bc(1.f / 24); p = p * r + bc(1.f / 6);
+    p = p * r + bc(0.5f); p = p * r + bc(1.f); p = p * r + bc(1.f);
+    vi e = (__builtin_convertvector(n, vi) + 127) << 23;
+    return sel(tiny, bc(0.f), p * (vf)e);
+}
+
 /* out[i] = e^x[i] for n (a multiple of VL) floats: vexp on its own, for its accuracy test. */
 static inline void exp_into(const float *x, float *out, int n) {
     for (int i = 0; i < n; i += VL) st(out + i, vexp(ld(x + i)));
