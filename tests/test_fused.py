@@ -1,5 +1,7 @@
 """The chunked LM head + cross-entropy equals the plain one, in value and gradient."""
 
+import shutil
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -193,3 +195,27 @@ def test_per_token_cross_entropy_matches_plain():
     h, w, y = torch.randn(2, 5, 4, dtype=torch.float64), torch.randn(11, 4, dtype=torch.float64), torch.randint(0, 11, (2, 5))
     ref = F.cross_entropy((h @ w.T).reshape(-1, 11), y.reshape(-1), reduction="none").view(2, 5)
     torch.testing.assert_close(per_token_cross_entropy(h, w, y, 3), ref)
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler to build the kernel")
+def test_exp2_pass_in_c_is_accurate_and_taken_for_float32_rows(monkeypatch):
+    """csrc/lmhead.c: 2^x within 2 ulp (0 below 2^-126), row sums as torch's; the head takes it for
+    (rows, vocab) float32 chunks only."""
+    fused = fused_module
+    lib = fused._lmhead_library()
+    x = torch.cat([torch.linspace(-126, 60, 4096 * 16 - 16), torch.tensor([-127.0, -1e4] + [0.0] * 14)])
+    out = torch.empty_like(x)
+    lib.exp2_array(x.data_ptr(), out.data_ptr(), x.numel())
+    ref = torch.exp2(x[:-16].double())
+    assert ((out[:-16].double() - ref) / ref).abs().max() < 8 * 2**-24
+    assert (out[-16:-14] == 0).all() and (out[-14:] == 1).all()
+    logits = torch.randn(5, 1000) * 8
+    sums = fused._exp2_sums(logits.clone(), 1)  # 1000 = 62 vectors + a tail of 8
+    torch.testing.assert_close(sums, logits.double().exp2().sum(1).float(), rtol=2e-6, atol=0)
+    calls = []
+    real = fused._exp2_sums
+    monkeypatch.setattr(fused, "_lmhead_library", lambda: calls.append(1) or lib)
+    real(logits.clone(), 1)
+    real(logits.T.clone(), 0)  # the (vocab, rows) layout: torch
+    real(logits.double(), 1)
+    assert len(calls) == 1
