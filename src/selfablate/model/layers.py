@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from ..config import ModelConfig
 from . import cpu_attention
+from .activations import gelu_new
 from .hooks import HookPoint, Stream, add_hook_points, hook
 from .onednn import Linear
 
@@ -152,7 +153,7 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor, stream: Stream, unit_mask: Tensor | None = None) -> Tensor:
         pre = hook(self, "hook_pre", stream)(self.fc_in(x))
-        post = F.gelu(pre, approximate="tanh")  # gelu_new, as in GPT-Neo
+        post = gelu_new(pre)  # as in GPT-Neo
         if unit_mask is not None:
             post = post * unit_mask
         return self.fc_out(hook(self, "hook_post", stream)(post))
