@@ -98,7 +98,7 @@ def _onednn_products(weight: Tensor) -> _Products:
     packed = pack(weight)  # once per call, for the logits
 
     def grad_w(acc: Tensor | None, probs: Tensor, hs: Tensor) -> Tensor:
-        out = linear(hs.T.contiguous(), probs.T)  # (d_model, vocab)
+        out = linear(kernels.transposed(hs), probs.T)  # (d_model, vocab)
         return out if acc is None else acc.add_(out)
 
     return _Products(1, lambda h2c: linear(h2c, packed), lambda probs: linear(probs, weight.T), grad_w)
@@ -162,7 +162,7 @@ def _finish_grad_w(acc: Tensor | None, products: _Products, weight: Tensor) -> T
     """The accumulator as weight's gradient: (vocab, d_model), contiguous, in weight's dtype."""
     if acc is None:  # no rows
         return torch.zeros_like(weight)
-    return (acc if products.vocab_dim == 0 else acc.T.contiguous()).to(weight.dtype)
+    return (acc if products.vocab_dim == 0 else kernels.transposed(acc)).to(weight.dtype)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import kernels
+
 USE_ONEDNN = True
 """Take the oneDNN path where it exists; tests and benchmarks turn it off to compare."""
 
@@ -76,8 +78,8 @@ def _grad_weight(g: Tensor, x2: Tensor) -> Tensor:
     its first operand, so one of the two is transposed: the narrower (for fc_in, x2 (rows, 128)
     instead of g (rows, 512); the small (in, out) result is transposed back)."""
     if g.shape[1] > x2.shape[1]:
-        return linear(x2.T.contiguous(), g.T).T.contiguous()  # (in, out) -> (out, in)
-    return linear(g.T.contiguous(), x2.T)  # (out, in)
+        return kernels.transposed(linear(kernels.transposed(x2), g.T))  # (in, out) -> (out, in)
+    return linear(kernels.transposed(g), x2.T)  # (out, in)
 
 
 class Linear(nn.Linear):
