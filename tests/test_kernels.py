@@ -26,3 +26,42 @@ def test_transposed_falls_back_where_the_kernel_does_not_apply(monkeypatch):
     for x in (torch.randn(5, 7, dtype=torch.float64), torch.randn(7, 5).T, torch.randn(3, 8)[:, ::2]):
         out = kernels.transposed(x)
         assert out.is_contiguous() and torch.equal(out, x.T)
+
+
+@needs_cc
+def test_reconstruction_loss_kernel_is_as_accurate_as_autograd(monkeypatch):
+    """csrc/recon.c against F.normalize + F.mse_loss in float64, in value and gradients, with a
+    zero row and a row whose norm is below F.normalize's eps (the clamp's branch)."""
+    from selfablate.model.losses import reconstruction_loss
+
+    g = torch.Generator().manual_seed(0)
+    clean = [torch.randn(2, 9, 48, generator=g, dtype=torch.float64) for _ in range(3)]
+    ablated = [torch.randn(2, 9, 48, generator=g, dtype=torch.float64) for _ in range(3)]
+    clean[0][0, 0] = 0.0
+    ablated[1][1, 2] = 1e-13
+    ref_in = [x.clone().requires_grad_() for x in clean + ablated]
+    ref = reconstruction_loss(ref_in[:3], ref_in[3:]) * 2.5
+    ref_grads = torch.autograd.grad(ref, ref_in)
+    errors = {}
+    for use in (True, False):
+        monkeypatch.setattr(kernels, "USE_KERNELS", use)
+        xs = [x.float().requires_grad_() for x in clean + ablated]
+        loss = reconstruction_loss(xs[:3], xs[3:]) * 2.5
+        grads = torch.autograd.grad(loss, xs)
+        errors[use] = [abs(loss.item() - ref.item())] + [
+            ((a.double() - b).abs() / (b.abs().max() + 1e-30)).max().item() for a, b in zip(grads, ref_grads)]
+    assert errors[True][0] <= 2 * errors[False][0] + 1e-7, errors
+    for fast, slow in zip(errors[True][1:], errors[False][1:]):
+        assert fast <= 4 * slow + 1e-6, errors
+
+
+def test_reconstruction_loss_kernel_is_taken_for_float32_on_the_cpu(monkeypatch):
+    from selfablate.model import losses
+
+    calls = []
+    real = losses._NormalizedMSE.apply
+    monkeypatch.setattr(losses._NormalizedMSE, "apply", lambda *a: calls.append(1) or real(*a))
+    x, y = torch.randn(3, 16), torch.randn(3, 16)
+    losses.reconstruction_loss([x], [y])
+    losses.reconstruction_loss([x.double()], [y.double()])
+    assert len(calls) == (1 if shutil.which("cc") else 0)

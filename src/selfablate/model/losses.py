@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import ctypes
+import functools
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from . import kernels
 
 
 def cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
@@ -27,9 +31,52 @@ def reconstruction_loss(clean: Sequence[Tensor], ablated: Sequence[Tensor]) -> T
     """
     if len(clean) != len(ablated) or not clean:
         raise ValueError("reconstruction_loss needs the same, non-zero number of clean and ablated residuals")
-    terms = [F.mse_loss(F.normalize(_at_least_fp32(c), dim=-1), F.normalize(_at_least_fp32(a), dim=-1))
-             for c, a in zip(clean, ablated)]
+    terms = [_normalized_mse(c, a) for c, a in zip(clean, ablated)]
     return sum(terms) / len(terms)  # type: ignore[return-value]
+
+
+def _normalized_mse(c: Tensor, a: Tensor) -> Tensor:
+    """F.mse_loss(F.normalize(c, dim=-1), F.normalize(a, dim=-1)); on a float32 CPU by
+    csrc/recon.c, one pass each way (9 terms of the paper's shapes, forward + backward: 1.4 vs 9.4 ms)."""
+    if c.shape == a.shape and c.numel() and kernels.on_cpu_float32(c, a) and _recon_library() is not None:
+        return _NormalizedMSE.apply(c, a)
+    return F.mse_loss(F.normalize(_at_least_fp32(c), dim=-1), F.normalize(_at_least_fp32(a), dim=-1))
+
+
+@functools.cache
+def _recon_library() -> ctypes.CDLL | None:
+    lib = kernels.load("recon")
+    if lib is not None:
+        p, i, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+        lib.recon_fwd.argtypes, lib.recon_fwd.restype = [p, p, ctypes.c_long, i, f, i], ctypes.c_double
+        lib.recon_bwd.argtypes = [p, p, ctypes.c_long, i, f, f, p, p, i]
+    return lib
+
+
+class _NormalizedMSE(torch.autograd.Function):
+    """mean over rows and d of (c/max(|c|, eps) - a/max(|a|, eps))^2, eps = 1e-12 (F.normalize's);
+    the formulas are in csrc/recon.c."""
+
+    EPS = 1e-12
+
+    @staticmethod
+    def forward(ctx, c: Tensor, a: Tensor) -> Tensor:  # type: ignore[override]
+        c, a = c.contiguous(), a.contiguous()
+        d = c.shape[-1]
+        total = _recon_library().recon_fwd(c.data_ptr(), a.data_ptr(), c.numel() // d, d, _NormalizedMSE.EPS,
+                                           kernels.threads())
+        ctx.save_for_backward(c, a)
+        return c.new_tensor(total / c.numel())
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g: Tensor):  # type: ignore[override]
+        c, a = ctx.saved_tensors
+        d = c.shape[-1]
+        grad_c, grad_a = torch.empty_like(c), torch.empty_like(a)
+        _recon_library().recon_bwd(c.data_ptr(), a.data_ptr(), c.numel() // d, d, _NormalizedMSE.EPS,
+                                   float(g) / c.numel(), grad_c.data_ptr(), grad_a.data_ptr(), kernels.threads())
+        return grad_c, grad_a
 
 
 def combined_loss(ce_clean: Tensor, ce_ablated: Tensor, recon: Tensor, a: float, b: float, c: float) -> Tensor:
