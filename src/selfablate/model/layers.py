@@ -153,9 +153,7 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor, stream: Stream, unit_mask: Tensor | None = None) -> Tensor:
         pre = hook(self, "hook_pre", stream)(self.fc_in(x))
-        post = gelu_new(pre)  # as in GPT-Neo
-        if unit_mask is not None:
-            post = post * unit_mask
+        post = gelu_new(pre, unit_mask)  # gelu_new as in GPT-Neo, times the mask in the same pass
         return self.fc_out(hook(self, "hook_post", stream)(post))
 
 
