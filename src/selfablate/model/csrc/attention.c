@@ -1,7 +1,7 @@
 /* Causal softmax attention with unscaled scores, for small head dims on CPUs: forward and backward.
  *
  * Tensors are float32, (batch, pos, n_heads, d_head) contiguous, as a projection's output viewed
- * per head; lse is (batch, n_heads, pos). Query t sees the keys j < t, and at j = t a "diagonal"
+ * per head; lse is (batch, n_heads, pos), in base 2. Query t sees the keys j < t, and at j = t a "diagonal"
  * key kd_t and value vd_t: kd = k, vd = v for ordinary causal attention; a self-ablating model's
  * ablated stream passes the clean stream's keys as k, v and its own as kd, vd.
  *
@@ -32,11 +32,13 @@ typedef struct { int T, H, Tp; } Dims; /* Tp: pos rounded up to a multiple of VL
 static inline size_t at(Dims z, int b, int t, int h) { return (((size_t)b * z.T + t) * z.H + h) * D; }
 static inline const float *col(const float *xt, Dims z, int d, int t0) { return xt + (size_t)d * z.Tp + t0; }
 
-/* x[b, :, h, :] -> xt (D, Tp), zero padded */
-static void to_cols(const float *x, float *xt, Dims z, int b, int h) {
+#define LOG2E 1.44269504f /* queries are scaled by it: scores in base 2, for vexp2 */
+
+/* scale * x[b, :, h, :] -> xt (D, Tp), zero padded */
+static void to_cols(const float *x, float *xt, Dims z, int b, int h, float scale) {
     memset(xt, 0, sizeof(float) * D * z.Tp);
     for (int j = 0; j < z.T; j++)
-        for (int d = 0; d < D; d++) xt[(size_t)d * z.Tp + j] = x[at(z, b, j, h) + d];
+        for (int d = 0; d < D; d++) xt[(size_t)d * z.Tp + j] = scale * x[at(z, b, j, h) + d];
 }
 /* D columns of VL lanes for positions t0.. -> x[b, t0 + i, h, :] (written, or added to) */
 static void from_cols(const vf *cols, float *x, Dims z, int b, int h, int t0, int add) {
@@ -69,15 +71,15 @@ static void fwd_task(const float *k, const float *v, const float *qt, const floa
         }
         for (int j = 0; j < nk; j++) {
             const float *vj = v + at(z, b, j, h);
-            vf p = vexp(ld(s + (size_t)j * VL) - m);
+            vf p = vexp2(ld(s + (size_t)j * VL) - m);
             l += p;
             for (int d = 0; d < D; d++) acc[d] += p * vj[d];
         }
-        vf pd = vexp(sd - m);
+        vf pd = vexp2(sd - m);
         l += pd;
         for (int d = 0; d < D; d++) acc[d] = (acc[d] + pd * ld(col(vdt, z, d, t0))) / l;
         from_cols(acc, o, z, b, h, t0, 0);
-        for (int i = 0; i < VL && t0 + i < z.T; i++) lse_bh[t0 + i] = m[i] + logf(l[i]);
+        for (int i = 0; i < VL && t0 + i < z.T; i++) lse_bh[t0 + i] = m[i] + log2f(l[i]);
     }
 }
 
@@ -93,7 +95,7 @@ int attn_fwd(const float *q, const float *k, const float *v, const float *kd, co
         for (int task = 0; task < B * H; task++) {
             int b = task / H, h = task % H;
             if (!ok) { failed = 1; continue; }
-            to_cols(q, qt, z, b, h); to_cols(kd, kdt, z, b, h); to_cols(vd, vdt, z, b, h);
+            to_cols(q, qt, z, b, h, LOG2E); to_cols(kd, kdt, z, b, h, 1.f); to_cols(vd, vdt, z, b, h, 1.f);
             fwd_task(k, v, qt, kdt, vdt, s, o, lse + ((size_t)b * H + h) * T, z, b, h);
         }
         free(qt); free(kdt); free(vdt); free(s);
@@ -102,7 +104,7 @@ int attn_fwd(const float *q, const float *k, const float *v, const float *kd, co
 }
 
 /* dK, dV for VL keys j0.. at a time, in lanes, against each query t > j that sees them:
- * p = exp(s - lse_t), ds = p (dp - delta_t), dK += ds q_t, dV += p g_t. */
+ * p = exp(s - lse_t), ds = p (dp - delta_t), dK += ds q_t, dV += p g_t. kt is scaled by LOG2E. */
 static void bwd_kv(const float *q, const float *kt, const float *vt, const float *lse_bh, const float *delta,
                    const float *dout, float *dk, float *dv, Dims z, int b, int h) {
     for (int j0 = 0; j0 < z.T; j0 += VL) {
@@ -113,7 +115,7 @@ static void bwd_kv(const float *q, const float *kt, const float *vt, const float
             vf s = bc(0.f), dp = bc(0.f);
             for (int d = 0; d < D; d++) { s += ld(col(kt, z, d, j0)) * qv[d]; dp += ld(col(vt, z, d, j0)) * g[d]; }
             if (t < j0 + VL) s = sel(kpos < bc((float)t), s, bc(NEG));
-            vf p = vexp(s - lse_bh[t]), ds = p * (dp - delta[t]);
+            vf p = vexp2(s - lse_bh[t]), ds = p * (dp - delta[t]);
             for (int d = 0; d < D; d++) { dK[d] += ds * qv[d]; dV[d] += p * g[d]; }
         }
         from_cols(dK, dk, z, b, h, j0, 0);
@@ -135,16 +137,16 @@ static void bwd_q(const float *k, const float *v, const float *qt, const float *
             vf x = bc(0.f), dp = bc(0.f);
             for (int d = 0; d < D; d++) { x += Q[d] * kj[d]; dp += G[d] * vj[d]; }
             if (j >= t0) x = sel(bc((float)j) < qpos, x, bc(NEG));
-            vf ds = vexp(x - L) * (dp - Dt);
+            vf ds = vexp2(x - L) * (dp - Dt);
             for (int d = 0; d < D; d++) dQ[d] += ds * kj[d];
         }
         vf sd = bc(0.f), dpd = bc(0.f);
         for (int d = 0; d < D; d++) {
             KD[d] = ld(col(kdt, z, d, t0)); sd += Q[d] * KD[d]; dpd += G[d] * ld(col(vdt, z, d, t0));
         }
-        vf pd = vexp(sd - L), dsd = pd * (dpd - Dt);
+        vf pd = vexp2(sd - L), dsd = pd * (dpd - Dt);
         for (int d = 0; d < D; d++) { /* KD and G become the diagonal's dK and dV */
-            dQ[d] += dsd * KD[d]; KD[d] = dsd * Q[d]; G[d] = pd * G[d];
+            dQ[d] += dsd * KD[d]; KD[d] = dsd * Q[d] * bc(1.f / LOG2E); G[d] = pd * G[d];
         }
         from_cols(dQ, dq, z, b, h, t0, 0);
         from_cols(KD, dkd, z, b, h, t0, self);
@@ -168,8 +170,8 @@ int attn_bwd(const float *q, const float *k, const float *v, const float *kd, co
         for (int task = 0; task < B * H; task++) {
             int b = task / H, h = task % H;
             if (!ok) { failed = 1; continue; }
-            to_cols(q, qt, z, b, h); to_cols(k, kt, z, b, h); to_cols(v, vt, z, b, h);
-            to_cols(dout, gt, z, b, h); to_cols(kd, kdt, z, b, h); to_cols(vd, vdt, z, b, h);
+            to_cols(q, qt, z, b, h, LOG2E); to_cols(k, kt, z, b, h, LOG2E); to_cols(v, vt, z, b, h, 1.f);
+            to_cols(dout, gt, z, b, h, 1.f); to_cols(kd, kdt, z, b, h, 1.f); to_cols(vd, vdt, z, b, h, 1.f);
             memset(lse_p, 0, sizeof(float) * z.Tp);
             memcpy(lse_p, lse + ((size_t)b * H + h) * T, sizeof(float) * T);
             memset(delta, 0, sizeof(float) * z.Tp);
