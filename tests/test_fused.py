@@ -219,3 +219,20 @@ def test_exp2_pass_in_c_is_accurate_and_taken_for_float32_rows(monkeypatch):
     real(logits.T.clone(), 0)  # the (vocab, rows) layout: torch
     real(logits.double(), 1)
     assert len(calls) == 1
+
+
+@pytest.mark.parametrize("weight", [1.0, 0.3])
+def test_fused_head_gradients_survive_a_retained_graph(weight):
+    """The backward pass returns (or scales) the gradients computed in the forward pass; a second
+    backward through a retained graph must give the same, scaled by the loss's weight."""
+    torch.manual_seed(2)
+    h = torch.randn(40, 16, requires_grad=True)
+    w = torch.randn(30, 16, requires_grad=True)
+    y = torch.randint(0, 30, (40,))
+    loss = linear_cross_entropy(h, w, y) * weight
+    first = torch.autograd.grad(loss, (h, w), retain_graph=True)
+    second = torch.autograd.grad(loss, (h, w))
+    ref = torch.autograd.grad(F.cross_entropy(h @ w.T, y) * weight, (h, w))
+    for a, b, r in zip(first, second, ref):
+        assert torch.equal(a, b)
+        torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-6)
