@@ -150,3 +150,19 @@ def test_kernel_exp_is_accurate_to_a_few_ulp_and_zero_below_its_range():
     rel = ((out[:-32].double() - ref) / ref).abs().max().item()
     assert rel < 8 * 2**-24, rel  # measured 3.7 x 2^-24 here (torch.exp: 1.0); one float32 ulp is 2^-23 to 2^-24
     assert (out[-32:-29] == 0).all() and (out[-29:] == 1).all()
+
+
+@needs_kernel
+def test_portable_build_without_gcc_shuffles_gives_the_same_gradients(monkeypatch):
+    """-DPORTABLE builds the backward's tile transpose through memory (what Clang compiles)."""
+    q, kc, vc, ka, va = (x.float() for x in views(2, 3, 37, 8, 5, seed=4))
+    results, build = [], cpu_attention._library
+    for defines in ({}, {"PORTABLE": 1}):
+        lib = build(8, **defines)
+        assert lib is not None
+        monkeypatch.setattr(cpu_attention, "_library", lambda d, lib=lib: lib)
+        xs = [x.clone().requires_grad_() for x in (q, kc, vc, ka, va)]
+        out = cpu_attention.two_stream(*xs)
+        results.append([out, *torch.autograd.grad(out.sum(), xs)])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -28,9 +28,9 @@ batch 8, 16 heads, pos 256, clean / two-stream (`benchmarks/attention.py --d-hea
 
 
 @functools.cache
-def _library(d_head: int) -> ctypes.CDLL | None:
-    """csrc/attention.c built for d_head (`kernels.load`), its functions typed."""
-    lib = kernels.load("attention", HEAD_DIM=d_head)
+def _library(d_head: int, **defines: int) -> ctypes.CDLL | None:
+    """csrc/attention.c built for d_head (`kernels.load`, with any other -D defines), its functions typed."""
+    lib = kernels.load("attention", HEAD_DIM=d_head, **defines)
     if lib is not None:
         p, i = ctypes.c_void_p, ctypes.c_int
         lib.attn_fwd.argtypes = [p] * 7 + [i] * 4

@@ -103,50 +103,79 @@ int attn_fwd(const float *q, const float *k, const float *v, const float *kd, co
     return failed;
 }
 
-/* dK, dV for VL keys j0.. at a time, in lanes, against each query t > j that sees them:
- * p = exp(s - lse_t), ds = p (dp - delta_t), dK += ds q_t, dV += p g_t. kt is scaled by LOG2E. */
-static void bwd_kv(const float *q, const float *kt, const float *vt, const float *lse_bh, const float *delta,
-                   const float *dout, float *dk, float *dv, Dims z, int b, int h) {
+/* A VL x VL tile transposed in registers: log2(VL) stages, each swapping the off-diagonal halves
+ * of 2k x 2k blocks with two-source shuffles (GCC); elsewhere (or with -DPORTABLE), through memory. */
+static inline void transpose_tile(vf *r) {
+#if defined(__GNUC__) && !defined(__clang__) && !defined(PORTABLE)
+    for (int k = VL / 2; k >= 1; k >>= 1) {
+        vi ma, mb;
+        for (int l = 0; l < VL; l++) { ma[l] = (l & k) ? VL + l - k : l; mb[l] = (l & k) ? VL + l : l + k; }
+        for (int i = 0; i < VL; i++)
+            if (!(i & k)) {
+                vf a = r[i], c = r[i + k];
+                r[i] = __builtin_shuffle(a, c, ma);
+                r[i + k] = __builtin_shuffle(a, c, mb);
+            }
+    }
+#else
+    float t[VL][VL];
+    for (int i = 0; i < VL; i++) for (int l = 0; l < VL; l++) t[l][i] = r[i][l];
+    for (int i = 0; i < VL; i++) memcpy(&r[i], t[i], sizeof(vf));
+#endif
+}
+
+/* dQ, dK, dV of the keys j < t in VL x VL tiles, keys j0.. in lanes against queries t0..: per query,
+ * p = 2^(s - lse_t) (kt is scaled by LOG2E), ds = p (dp - delta_t); dK += ds q_t and dV += p g_t
+ * build up in registers over the key block's queries, and the tile's ds, transposed to queries in
+ * lanes, adds dQ += ds k_j into dqt (D, Tp). Each p is computed once; two passes, keys in lanes
+ * for dK and dV and queries in lanes for dQ, computed it twice and took 1.13x as long. */
+static void bwd_tiles(const float *q, const float *k, const float *kt, const float *vt, const float *lse_p,
+                      const float *delta, const float *dout, float *dqt, float *dk, float *dv, Dims z, int b, int h) {
+    memset(dqt, 0, sizeof(float) * D * z.Tp);
     for (int j0 = 0; j0 < z.T; j0 += VL) {
         vf dK[D], dV[D], kpos = lane_ids(j0);
+        int nj = z.T - j0 < VL ? z.T - j0 : VL;
         for (int d = 0; d < D; d++) dK[d] = dV[d] = bc(0.f);
-        for (int t = j0 + 1; t < z.T; t++) {
-            const float *qv = q + at(z, b, t, h), *g = dout + at(z, b, t, h);
-            vf s = bc(0.f), dp = bc(0.f);
-            for (int d = 0; d < D; d++) { s += ld(col(kt, z, d, j0)) * qv[d]; dp += ld(col(vt, z, d, j0)) * g[d]; }
-            if (t < j0 + VL) s = sel(kpos < bc((float)t), s, bc(NEG));
-            vf p = vexp2(s - lse_bh[t]), ds = p * (dp - delta[t]);
-            for (int d = 0; d < D; d++) { dK[d] += ds * qv[d]; dV[d] += p * g[d]; }
+        for (int t0 = j0; t0 < z.T; t0 += VL) {
+            vf tile[VL];
+            for (int i = 0; i < VL; i++) {
+                int t = t0 + i;
+                if (t >= z.T) { tile[i] = bc(0.f); continue; }
+                const float *qv = q + at(z, b, t, h), *g = dout + at(z, b, t, h);
+                vf s = bc(0.f), dp = bc(0.f);
+                for (int d = 0; d < D; d++) { s += ld(col(kt, z, d, j0)) * qv[d]; dp += ld(col(vt, z, d, j0)) * g[d]; }
+                if (t0 == j0) s = sel(kpos < bc((float)t), s, bc(NEG));
+                vf p = vexp2(s - lse_p[t]), ds = p * (dp - delta[t]);
+                for (int d = 0; d < D; d++) { dK[d] += ds * qv[d]; dV[d] += p * g[d]; }
+                tile[i] = ds;
+            }
+            transpose_tile(tile); /* tile[j]: key j0 + j against the queries t0.. */
+            for (int d = 0; d < D; d++) {
+                vf acc = ld(col(dqt, z, d, t0));
+                for (int j = 0; j < nj; j++) acc += tile[j] * k[at(z, b, j0 + j, h) + d];
+                st(dqt + (size_t)d * z.Tp + t0, acc);
+            }
         }
         from_cols(dK, dk, z, b, h, j0, 0);
         from_cols(dV, dv, z, b, h, j0, 0);
     }
 }
 
-/* dQ for VL queries t0.. at a time, in lanes; and the diagonal's dK and dV (added into dk, dv
- * when the diagonal keys are k itself). lse_p, delta: padded to Tp. */
-static void bwd_q(const float *k, const float *v, const float *qt, const float *kdt, const float *vdt, const float *gt,
-                  const float *lse_p, const float *delta, float *dq, float *dkd, float *dvd, int self,
-                  Dims z, int b, int h) {
+/* Each query t against its own key kd_t, queries in lanes: dq = dqt + the diagonal's dQ; the
+ * diagonal's dK and dV go to dkd, dvd (added in when they are dk, dv). qt is scaled by LOG2E. */
+static void bwd_diagonal(const float *qt, const float *gt, const float *kdt, const float *vdt, const float *lse_p,
+                         const float *delta, const float *dqt, float *dq, float *dkd, float *dvd, int self,
+                         Dims z, int b, int h) {
     for (int t0 = 0; t0 < z.T; t0 += VL) {
-        vf Q[D], G[D], dQ[D], KD[D], qpos = lane_ids(t0), L = ld(lse_p + t0), Dt = ld(delta + t0);
-        for (int d = 0; d < D; d++) { Q[d] = ld(col(qt, z, d, t0)); G[d] = ld(col(gt, z, d, t0)); dQ[d] = bc(0.f); }
-        int nk = t0 + VL - 1 < z.T ? t0 + VL - 1 : z.T - 1;
-        for (int j = 0; j < nk; j++) {
-            const float *kj = k + at(z, b, j, h), *vj = v + at(z, b, j, h);
-            vf x = bc(0.f), dp = bc(0.f);
-            for (int d = 0; d < D; d++) { x += Q[d] * kj[d]; dp += G[d] * vj[d]; }
-            if (j >= t0) x = sel(bc((float)j) < qpos, x, bc(NEG));
-            vf ds = vexp2(x - L) * (dp - Dt);
-            for (int d = 0; d < D; d++) dQ[d] += ds * kj[d];
-        }
-        vf sd = bc(0.f), dpd = bc(0.f);
+        vf Q[D], G[D], KD[D], dQ[D], L = ld(lse_p + t0), Dt = ld(delta + t0), sd = bc(0.f), dpd = bc(0.f);
         for (int d = 0; d < D; d++) {
-            KD[d] = ld(col(kdt, z, d, t0)); sd += Q[d] * KD[d]; dpd += G[d] * ld(col(vdt, z, d, t0));
+            Q[d] = ld(col(qt, z, d, t0)); G[d] = ld(col(gt, z, d, t0)); KD[d] = ld(col(kdt, z, d, t0));
+            sd += Q[d] * KD[d]; dpd += G[d] * ld(col(vdt, z, d, t0));
         }
         vf pd = vexp2(sd - L), dsd = pd * (dpd - Dt);
         for (int d = 0; d < D; d++) { /* KD and G become the diagonal's dK and dV */
-            dQ[d] += dsd * KD[d]; KD[d] = dsd * Q[d] * bc(1.f / LOG2E); G[d] = pd * G[d];
+            dQ[d] = ld(col(dqt, z, d, t0)) + dsd * KD[d];
+            KD[d] = dsd * Q[d] * bc(1.f / LOG2E); G[d] = pd * G[d];
         }
         from_cols(dQ, dq, z, b, h, t0, 0);
         from_cols(KD, dkd, z, b, h, t0, self);
@@ -164,8 +193,8 @@ int attn_bwd(const float *q, const float *k, const float *v, const float *kd, co
 #pragma omp parallel num_threads(threads) reduction(| : failed)
     {
         float *qt = buffer(n), *kt = buffer(n), *vt = buffer(n), *gt = buffer(n), *kdt = buffer(n), *vdt = buffer(n);
-        float *lse_p = buffer(z.Tp), *delta = buffer(z.Tp);
-        int ok = qt && kt && vt && gt && kdt && vdt && lse_p && delta;
+        float *dqt = buffer(n), *lse_p = buffer(z.Tp), *delta = buffer(z.Tp);
+        int ok = qt && kt && vt && gt && kdt && vdt && dqt && lse_p && delta;
 #pragma omp for schedule(static)
         for (int task = 0; task < B * H; task++) {
             int b = task / H, h = task % H;
@@ -177,10 +206,10 @@ int attn_bwd(const float *q, const float *k, const float *v, const float *kd, co
             memset(delta, 0, sizeof(float) * z.Tp);
             for (int t = 0; t < T; t++) /* delta_t = dO_t . O_t = sum_j p_tj dp_tj */
                 for (int d = 0; d < D; d++) delta[t] += dout[at(z, b, t, h) + d] * o[at(z, b, t, h) + d];
-            bwd_kv(q, kt, vt, lse_p, delta, dout, dk, dv, z, b, h);
-            bwd_q(k, v, qt, kdt, vdt, gt, lse_p, delta, dq, dkd, dvd, dkd == dk, z, b, h);
+            bwd_tiles(q, k, kt, vt, lse_p, delta, dout, dqt, dk, dv, z, b, h);
+            bwd_diagonal(qt, gt, kdt, vdt, lse_p, delta, dqt, dq, dkd, dvd, dkd == dk, z, b, h);
         }
-        free(qt); free(kt); free(vt); free(gt); free(kdt); free(vdt); free(lse_p); free(delta);
+        free(qt); free(kt); free(vt); free(gt); free(kdt); free(vdt); free(dqt); free(lse_p); free(delta);
     }
     return failed;
 }
