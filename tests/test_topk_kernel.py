@@ -74,3 +74,18 @@ def test_kernel_is_skipped_where_it_does_not_apply(monkeypatch):
         assert masks._topk_kernel(torch.randn(2, 32)) is None
     monkeypatch.setattr(kernels, "USE_KERNELS", False)
     assert masks._topk_kernel(torch.randn(2, 32)) is None
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_kernel_winners_when_many_scores_share_their_leading_bits(packed):
+    """Distinct scores 1 + i 2^-23 all share the top 16 bits of their keys (more than the 64 the
+    kernel sorts: it goes on bit by bit); scores in [1, 2) share them a few at a time (it sorts)."""
+    g = torch.Generator().manual_seed(5)
+    if packed:
+        scores = 1.0 + torch.stack([torch.randperm(512, generator=g) for _ in range(64)]).float() * 2**-23
+        assert ((scores.view(torch.int32) >> 16) == (scores[:1, :1].view(torch.int32) >> 16)).all()
+    else:
+        scores = 1.0 + torch.rand(64, 512, generator=g)
+    fast, slow = topk_winners(scores, 32), _torch_topk_winners(scores, 32)
+    assert torch.equal(fast.hard, slow.hard) and torch.equal(fast.ab, slow.ab)
+    assert torch.equal(fast.ab_idx, slow.ab_idx)

@@ -2,10 +2,11 @@
  *
  * Forward: the hard mask (exactly k ones per row) and the k-th and (k+1)-th largest scores with
  * their positions. Per row, the scores become order-preserving unsigned keys, and the (k+1)-th
- * largest key is found bit by bit from the top: the largest T with count(key >= T) >= k + 1, each
- * count a pass of vector comparisons over the row (32 passes, no branches that depend on the
- * data; a heap of the k+1 largest scores mispredicted its way to 4x slower). The winners are the
- * keys above T, and as many keys equal to T as are still needed, earliest first.
+ * largest key's top 16 bits are found bit by bit: the largest T with count(key >= T) >= k + 1,
+ * each count a pass of vector comparisons over the row (no branches that depend on the data; a
+ * heap of the k+1 largest scores mispredicted its way to 4x slower); then its low bits from the
+ * few keys that share those 16 (`low_bits`). The winners are the keys above T, and as many keys
+ * equal to T as are still needed, earliest first.
  *
  * Backward: the soft top-k's vector-Jacobian product (see `masks._HardTopkSoftGrad`) in two
  * passes over each row. Rows are shared by OpenMP threads; widths are multiples of VL.
@@ -45,6 +46,38 @@ static int mask_above(const vu *keys, int nv, uint32_t t, float *mask, uint32_t 
     return n;
 }
 
+/* The (k+1)-th largest key, given t: its top 16 bits (low bits 0). Usually a handful of keys share
+ * that prefix: the answer is the r-th largest of them, r = k + 1 - count(keys above the prefix),
+ * found by sorting them. With more than MAX_SHARED (ties, or scores packed closely), the bit-by-bit
+ * search goes on over the low 16 bits. */
+#define MAX_SHARED 64
+static uint32_t low_bits(const vu *keys, int nv, uint32_t t, int k) {
+    int above = t == 0xFFFF0000u ? 0 : count_ge(keys, nv, t + 0x10000u);
+    const uint32_t *kk = (const uint32_t *)keys;
+    uint32_t shared[MAX_SHARED];
+    int n = 0;
+    vu prefix = (vu){} + (t >> 16);
+    for (int v = 0; v < nv && n <= MAX_SHARED; v++) {
+        vi hit = (vi)((keys[v] >> 16) == prefix);
+        int any = 0;
+        for (int l = 0; l < VL; l++) any |= hit[l];
+        if (!any) continue;
+        for (int l = 0; l < VL; l++)
+            if ((kk[v * VL + l] >> 16) == (t >> 16)) {
+                if (n == MAX_SHARED) { n++; break; }
+                shared[n++] = kk[v * VL + l];
+            }
+    }
+    if (n > MAX_SHARED) {
+        for (int bit = 15; bit >= 0; bit--)
+            if (count_ge(keys, nv, t | (1u << bit)) >= k + 1) t |= 1u << bit;
+        return t;
+    }
+    for (int i = 1; i < n; i++) /* insertion sort, largest first */
+        for (int j = i; j > 0 && shared[j] > shared[j - 1]; j--) { uint32_t x = shared[j]; shared[j] = shared[j - 1]; shared[j - 1] = x; }
+    return shared[k - above]; /* the (k + 1 - above)-th largest */
+}
+
 static void row_topk(const float *s, int width, int k, float *mask, float *ab, int64_t *ab_idx, vu *keys) {
     int nv = width / VL;
     for (int v = 0; v < nv; v++) { /* order-preserving keys: negatives reversed, below the positives */
@@ -52,8 +85,9 @@ static void row_topk(const float *s, int width, int k, float *mask, float *ab, i
         keys[v] = u ^ ((vu)((vi)u >> 31) | 0x80000000u);
     }
     uint32_t t = 0, a_key;
-    for (int bit = 31; bit >= 0; bit--)
+    for (int bit = 31; bit >= 16; bit--)
         if (count_ge(keys, nv, t | (1u << bit)) >= k + 1) t |= 1u << bit;
+    t = low_bits(keys, nv, t, k);
     int ties = k - mask_above(keys, nv, t, mask, &a_key);
     /* then ties at t in order; b = the first tie left out; a = the smallest winner */
     const uint32_t *kk = (const uint32_t *)keys;
