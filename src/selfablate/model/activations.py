@@ -20,12 +20,8 @@ from . import kernels
 
 @functools.cache
 def _library() -> ctypes.CDLL | None:
-    lib = kernels.load("gelu")
-    if lib is not None:
-        p = ctypes.c_void_p
-        lib.gelu_fwd.argtypes = [p, p, p, ctypes.c_long, ctypes.c_int]
-        lib.gelu_bwd.argtypes = [p, p, p, p, p, ctypes.c_long, ctypes.c_int]
-    return lib
+    P, L, I = kernels.P, kernels.L, kernels.I
+    return kernels.library("gelu", {"gelu_fwd": [P, P, P, L, I], "gelu_bwd": [P, P, P, P, P, L, I]})
 
 
 def _ptr(t: Tensor | None) -> int | None:

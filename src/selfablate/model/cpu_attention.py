@@ -29,14 +29,10 @@ batch 8, 16 heads, pos 256, clean / two-stream (`benchmarks/attention.py --d-hea
 
 @functools.cache
 def _library(d_head: int, **defines: int) -> ctypes.CDLL | None:
-    """csrc/attention.c built for d_head (`kernels.load`, with any other -D defines), its functions typed."""
-    lib = kernels.load("attention", HEAD_DIM=d_head, **defines)
-    if lib is not None:
-        p, i = ctypes.c_void_p, ctypes.c_int
-        lib.attn_fwd.argtypes = [p] * 7 + [i] * 4
-        lib.attn_bwd.argtypes = [p] * 13 + [i] * 4
-        lib.exp_array.argtypes = [p, p, i]
-    return lib
+    """csrc/attention.c built for d_head (with any other -D defines), its functions typed."""
+    P, I = kernels.P, kernels.I
+    return kernels.library("attention", {"attn_fwd": [P] * 7 + [I] * 4, "attn_bwd": [P] * 13 + [I] * 4,
+                                         "exp_array": [P, P, I]}, HEAD_DIM=d_head, **defines)
 
 
 def available(d_head: int) -> bool:

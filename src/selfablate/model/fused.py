@@ -119,12 +119,8 @@ class _ChunkSoftmax(NamedTuple):
 
 @functools.cache
 def _lmhead_library() -> ctypes.CDLL | None:
-    lib = kernels.load("lmhead")
-    if lib is not None:
-        p = ctypes.c_void_p
-        lib.exp2_rowsum.argtypes = [p, p, ctypes.c_long, ctypes.c_long, ctypes.c_int]
-        lib.exp2_array.argtypes = [p, p, ctypes.c_int]
-    return lib
+    P, L, I = kernels.P, kernels.L, kernels.I
+    return kernels.library("lmhead", {"exp2_rowsum": [P, P, L, L, I], "exp2_array": [P, P, I]})
 
 
 def _exp2_sums(logits: Tensor, dim: int) -> Tensor:

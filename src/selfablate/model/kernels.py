@@ -89,6 +89,22 @@ def load(name: str, **defines: int) -> ctypes.CDLL | None:
         return None
 
 
+P, I, L, F = ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_float
+"""The C types of the kernels' signatures: pointer, int, long, float."""
+
+
+def library(name: str, argtypes: dict[str, list], restypes: dict[str, type] | None = None,
+            **defines: int) -> ctypes.CDLL | None:
+    """`load(name, **defines)` with its functions' argument (and result) types set, or None."""
+    lib = load(name, **defines)
+    if lib is not None:
+        for fn, types in argtypes.items():
+            getattr(lib, fn).argtypes = types
+        for fn, restype in (restypes or {}).items():
+            getattr(lib, fn).restype = restype
+    return lib
+
+
 def on_cpu_float32(*tensors: torch.Tensor) -> bool:
     """Whether the kernels may take these tensors: float32 on the CPU, outside autocast."""
     return (USE_KERNELS and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
@@ -102,10 +118,7 @@ def threads() -> int:
 
 @functools.cache
 def _transpose_library() -> ctypes.CDLL | None:
-    lib = load("transpose")
-    if lib is not None:
-        lib.transpose.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_int]
-    return lib
+    return library("transpose", {"transpose": [P, P, L, L, I]})
 
 
 def transposed(x: torch.Tensor) -> torch.Tensor:

@@ -45,12 +45,9 @@ def _normalized_mse(c: Tensor, a: Tensor) -> Tensor:
 
 @functools.cache
 def _recon_library() -> ctypes.CDLL | None:
-    lib = kernels.load("recon")
-    if lib is not None:
-        p, i, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
-        lib.recon_fwd.argtypes, lib.recon_fwd.restype = [p, p, ctypes.c_long, i, f, i], ctypes.c_double
-        lib.recon_bwd.argtypes = [p, p, ctypes.c_long, i, f, f, p, p, i]
-    return lib
+    P, L, I, F = kernels.P, kernels.L, kernels.I, kernels.F
+    return kernels.library("recon", {"recon_fwd": [P, P, L, I, F, I], "recon_bwd": [P, P, L, I, F, F, P, P, I]},
+                           {"recon_fwd": ctypes.c_double})
 
 
 class _NormalizedMSE(torch.autograd.Function):

@@ -65,13 +65,9 @@ class Winners(NamedTuple):
 
 @functools.cache
 def _topk_library() -> ctypes.CDLL | None:
-    lib = kernels.load("topk")
-    if lib is not None:
-        p = ctypes.c_void_p
-        i, f = ctypes.c_int, ctypes.c_float
-        lib.topk_mask.argtypes = [p, p, p, p, ctypes.c_long, i, i, i]
-        lib.topk_soft_grad.argtypes = [p, p, p, p, p, ctypes.c_long, i, i, f, f, i]
-    return lib
+    P, L, I, F = kernels.P, kernels.L, kernels.I, kernels.F
+    return kernels.library("topk", {"topk_mask": [P, P, P, P, L, I, I, I],
+                                    "topk_soft_grad": [P, P, P, P, P, L, I, I, F, F, I]})
 
 
 def _topk_kernel(*tensors: Tensor) -> ctypes.CDLL | None:
