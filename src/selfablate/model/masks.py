@@ -80,8 +80,8 @@ def _topk_kernel(*tensors: Tensor) -> ctypes.CDLL | None:
 def topk_winners(scores: Tensor, k: int) -> Winners:
     """The k largest scores of each row (1 <= k < width) as a mask, with s_(k), s_(k+1) and their
     positions. On a float32 CPU from csrc/topk.c (ties go to the earlier position; with its C
-    backward, the mask's forward + backward 3.8-4.8x the torch.topk path at the paper's widths,
-    `benchmarks/masks.py`), else from torch.topk."""
+    backward, the mask's forward + backward 3.8-4.8x the torch.topk path at the paper's widths in
+    two runs of `benchmarks/masks.py`), else from torch.topk."""
     lib = _topk_kernel(scores)
     if lib is None:
         return _torch_topk_winners(scores, k)
