@@ -1,13 +1,15 @@
 /* Causal softmax attention with unscaled scores, for small head dims on CPUs: forward and backward.
  *
  * Tensors are float32, (batch, pos, n_heads, d_head) contiguous, as a projection's output viewed
- * per head; lse is (batch, n_heads, pos), in base 2. Query t sees the keys j < t, and at j = t a "diagonal"
- * key kd_t and value vd_t: kd = k, vd = v for ordinary causal attention; a self-ablating model's
- * ablated stream passes the clean stream's keys as k, v and its own as kd, vd.
+ * per head; lse is (batch, n_heads, pos), in base 2. Query t sees the keys j < t, and at j = t a
+ * "diagonal" key kd_t and value vd_t: kd = k, vd = v for ordinary causal attention; a
+ * self-ablating model's ablated stream passes the clean stream's keys as k, v and its own as kd, vd.
  *
  * PyTorch's fused kernels spend most of their time on per-block overhead at d_head 8. Here each
- * (batch, head) pair is a task, and the work is vectorised VL wide without horizontal sums:
- * over VL queries (forward, dQ: the keys are broadcast) or VL keys (dK, dV: the queries are).
+ * (batch, head) pair is a task, and the work is vectorised VL wide without horizontal sums: the
+ * forward over VL queries (the keys broadcast), the backward in VL x VL tiles with the keys in
+ * lanes (the queries broadcast) and each tile transposed once for dQ. Scores are kept in base 2
+ * (queries scaled by log2 e) for vexp2.
  * Tasks are shared by OpenMP threads: built with -fopenmp, the kernel uses the libgomp that
  * PyTorch has loaded (same soname), so its threads are the ones PyTorch's own kernels use.
  * Functions return 0, or 1 when a buffer cannot be allocated.
