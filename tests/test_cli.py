@@ -1,5 +1,6 @@
 """The command line: generated flags, commands end to end, one-line errors."""
 
+import os
 import subprocess
 import sys
 
@@ -88,3 +89,17 @@ def test_corrupt_checkpoint_is_a_one_line_error(trained, tmp_path, capsys):
 def test_console_entry_point_runs():
     proc = subprocess.run([sys.executable, "-m", "selfablate.cli", "train", "--help"], capture_output=True, text=True)
     assert proc.returncode == 0 and "--k-attn" in proc.stdout
+
+
+def test_without_a_c_compiler_training_says_so_once_on_one_line(stories_dir, tmp_path):
+    """A missing compiler turns the CPU kernels off with a single stderr line (no warning's source
+    line, not one per kernel), and training goes on with PyTorch's kernels."""
+    env = {**os.environ, "CC": "no-such-compiler", "SELFABLATE_KERNEL_CACHE": str(tmp_path / "kernels")}
+    proc = subprocess.run([sys.executable, "-m", "selfablate.cli", "train", "--preset", "tiny", "--max-steps", "2",
+                           "--data", str(stories_dir), "--out", str(tmp_path / "run")],
+                          capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr[-500:]
+    lines = proc.stderr.replace("\r", "\n").splitlines()
+    notes = [ln for ln in lines if "C compiler" in ln or "C kernel" in ln]
+    assert len(notes) == 1 and notes[0].endswith("a paper-scale training step about 1.6x slower)"), notes
+    assert not any("warnings.warn" in ln or "KernelWarning" in ln for ln in lines)

@@ -7,6 +7,7 @@ import argparse
 import dataclasses
 import json
 import sys
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Literal, Sequence
 
@@ -294,8 +295,24 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _kernel_warnings_on_one_line() -> None:
+    """The C kernels' warnings (no compiler, a failed build) as one line each, without a source line."""
+    from .model.kernels import KernelWarning
+
+    default = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, KernelWarning):
+            print(message, file=sys.stderr)
+        else:
+            default(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ns = make_parser().parse_args(argv)
+    _kernel_warnings_on_one_line()
     try:
         ns.func(ns)
     except SelfAblateError as e:

@@ -6,7 +6,7 @@ keyed by its source, flags, compile-time constants and CPU, so it is built once 
 OpenMP calls go to the libgomp PyTorch has loaded (the same soname), so they run on PyTorch's
 own threads: with threads of their own the attention kernel ran 1.5-2x slower inside a training
 step, as PyTorch's idle threads spin for a while after each of its kernels. Without a compiler,
-or if a build fails, `load` returns None with one warning, and callers keep PyTorch's kernels.
+or if a build fails, `load` returns None with one `KernelWarning`, and callers keep PyTorch's kernels.
 """
 
 from __future__ import annotations
@@ -67,16 +67,31 @@ def _compile(source: Path, flags: tuple[str, ...], tag: str, compiler: str) -> P
     return path
 
 
+class KernelWarning(UserWarning):
+    """A C kernel is not available; PyTorch's kernels run instead."""
+
+
+@functools.cache
+def _compiler() -> str | None:
+    """$CC, else cc, when it is on the PATH; else None, with one warning for all the kernels."""
+    compiler = os.environ.get("CC", "cc")
+    if shutil.which(compiler) is None:
+        warnings.warn(f"selfablate: no C compiler ({compiler}), so the CPU kernels are off and PyTorch's run "
+                      "instead (a paper-scale training step about 1.6x slower)", KernelWarning, stacklevel=4)
+        return None
+    return compiler
+
+
 @functools.cache
 def load(name: str, **defines: int) -> ctypes.CDLL | None:
-    """csrc/<name>.c compiled with -D<KEY>=<value> for each define, or None (warned once) when it
-    cannot be built or loaded."""
-    compiler = os.environ.get("CC", "cc")
+    """csrc/<name>.c compiled with -D<KEY>=<value> for each define, or None when there is no
+    compiler (`_compiler` warns once) or it cannot be built or loaded (warned once per kernel)."""
+    compiler = _compiler()
+    if compiler is None:
+        return None
     consts = tuple(f"-D{k}={v}" for k, v in sorted(defines.items()))
     tag = "-".join([name, *(f"{k.lower()}{v}" for k, v in sorted(defines.items()))])
     try:
-        if shutil.which(compiler) is None:
-            raise FileNotFoundError(f"no C compiler ({compiler})")
         try:
             path = _compile(CSRC / f"{name}.c", (*FLAGS, *OPENMP, *consts), tag, compiler)
         except subprocess.CalledProcessError:
@@ -85,7 +100,7 @@ def load(name: str, **defines: int) -> ctypes.CDLL | None:
     except (OSError, subprocess.SubprocessError) as e:
         detail = getattr(e, "stderr", None) or str(e)
         warnings.warn(f"selfablate: the C kernel {tag} is unavailable ({detail.strip()[:200]}); "
-                      "using PyTorch's", stacklevel=3)
+                      "using PyTorch's", KernelWarning, stacklevel=3)
         return None
 
 
