@@ -296,10 +296,13 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def _kernel_warnings_on_one_line() -> None:
-    """The C kernels' warnings (no compiler, a failed build) as one line each, without a source line."""
+    """The C kernels' warnings (no compiler, a failed build) as one line each, without a source line.
+    Installed once per process: main() may run many times (tests), each would wrap the last."""
     from .model.kernels import KernelWarning
 
     default = warnings.showwarning
+    if getattr(default, "selfablate_one_line", False):
+        return
 
     def show(message, category, filename, lineno, file=None, line=None):
         if issubclass(category, KernelWarning):
@@ -307,6 +310,7 @@ def _kernel_warnings_on_one_line() -> None:
         else:
             default(message, category, filename, lineno, file, line)
 
+    show.selfablate_one_line = True  # type: ignore[attr-defined]
     warnings.showwarning = show
 
 
