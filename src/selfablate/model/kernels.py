@@ -120,10 +120,15 @@ def library(name: str, argtypes: dict[str, list], restypes: dict[str, type] | No
     return lib
 
 
-def on_cpu_float32(*tensors: torch.Tensor) -> bool:
-    """Whether the kernels may take these tensors: float32 on the CPU, outside autocast."""
-    return (USE_KERNELS and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+def float32_cpu(*tensors: torch.Tensor) -> bool:
+    """All float32 on the CPU, outside autocast: what the C kernels and the oneDNN GEMMs take."""
+    return (all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
             and not torch.is_autocast_enabled("cpu"))
+
+
+def on_cpu_float32(*tensors: torch.Tensor) -> bool:
+    """Whether the kernels may take these tensors: USE_KERNELS and `float32_cpu`."""
+    return USE_KERNELS and float32_cpu(*tensors)
 
 
 def threads() -> int:

@@ -47,8 +47,7 @@ def onednn_available() -> bool:
 
 def use_onednn(*tensors: Tensor) -> bool:
     """Whether GEMMs on these tensors go through oneDNN: all float32 on the CPU, no autocast."""
-    return (USE_ONEDNN and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
-            and not torch.is_autocast_enabled("cpu") and onednn_available())
+    return USE_ONEDNN and kernels.float32_cpu(*tensors) and onednn_available()
 
 
 class _LinearFunction(torch.autograd.Function):
