@@ -10,20 +10,17 @@ through PyTorch's fused kernel as the model called it before: head dims zero-pad
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 
 from selfablate.model import cpu_attention, kernels, layers
 from selfablate.model.hooks import HookPoint
-from timing import interleaved_ms, patched
+from timing import interleaved_ms, parser_with_repeats, patched
 
 B, H, POS = 8, 16, 256
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--repeats", type=int, default=10)
+    p = parser_with_repeats(__doc__, 10)
     p.add_argument("--d-head", type=int, default=8)
     args = p.parse_args()
     dh = args.d_head

@@ -37,8 +37,13 @@ def patched(obj: object, name: str, value: object, fn: Callable[[], object]) -> 
     return run
 
 
-def repeats_from_argv(doc: str | None, default: int) -> int:
-    """The micro-benchmarks' one option, --repeats (timed calls per contender)."""
+def parser_with_repeats(doc: str | None, default: int) -> argparse.ArgumentParser:
+    """The micro-benchmarks' parser: --repeats (timed calls per contender), and room for more."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeats", type=int, default=default)
-    return p.parse_args().repeats
+    return p
+
+
+def repeats_from_argv(doc: str | None, default: int) -> int:
+    """--repeats, for the micro-benchmarks that take no other option."""
+    return parser_with_repeats(doc, default).parse_args().repeats
