@@ -176,11 +176,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
     per chunk faults its pages in again). 256-row chunks on both paths (`chunk_rows_for`).
 
     In both, the logits are in base-2 units, h scaled by log2(e), because exp2 runs 3-4x faster
-    than exp on these CPUs (softmax is unchanged: 2^(l log2 e) = e^l); the chunk's logits are
-    touched twice only, exp2 in place and their sums; the max shift is skipped while the sums
-    stay in Z_RANGE (`_chunk_softmax`; 1.03-1.07x on the torch.mm path, 1.10x on oneDNN's); and
-    the softmax's normalisation and the target's -1 go into the (rows, d_model) operands of the
-    gradient GEMMs instead of a pass over the logits.
+    than exp on these CPUs (softmax is unchanged: 2^(l log2 e) = e^l); after their GEMM the
+    chunk's logits are touched by exp2 in place and their sums only (one C pass on a float32 CPU,
+    `_exp2_sums`); the max shift is skipped while the sums stay in Z_RANGE (`_chunk_softmax`;
+    1.03-1.07x on the torch.mm path, 1.10x on oneDNN's); the softmax's normalisation goes into the
+    (rows, d_model) operands of the gradient GEMMs instead of a pass over the logits, and the
+    target's -1 into grad_h's small product and one index_add_ over all rows (`_finish_grad_w`).
     """
 
     @staticmethod
