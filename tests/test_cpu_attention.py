@@ -8,12 +8,9 @@ import torch
 from selfablate.model import cpu_attention, kernels
 from selfablate.model.layers import KV, attend, attend_self_ablated, self_ablated_allowed
 
+from .test_model import naive_attention as naive
+
 needs_kernel = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler to build the kernel")
-
-
-def naive(q, k, v, allowed):
-    scores = (q @ k.transpose(-1, -2)).masked_fill(~allowed, float("-inf"))  # (B, H, Tq, Tk)
-    return scores.softmax(-1) @ v
 
 
 def views(B, H, T, Dh, n, scale=1.0, seed=0):
