@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import torch
 
-from selfablate.model import cpu_attention, kernels, layers
+from selfablate.model import cpu_attention, layers
 from selfablate.model.hooks import HookPoint
-from timing import interleaved_ms, parser_with_repeats, patched
+from timing import interleaved_ms, on_backend, parser_with_repeats
 
 B, H, POS = 8, 16, 256
 
@@ -39,7 +39,7 @@ def main() -> None:
           f"d_head {dh}; forward + backward, median ms over {args.repeats}")
     for name, (fn, inputs) in calls.items():
         timed = lambda: torch.autograd.grad(fn(), inputs, grad)  # noqa: E731
-        ms = interleaved_ms({"kernel": timed, "pytorch": patched(kernels, "USE_KERNELS", False, timed)},
+        ms = interleaved_ms({"kernel": timed, "pytorch": on_backend("torch", timed)},
                             args.repeats)
         print(f"{name:<22} kernel {ms['kernel']:6.2f}   pytorch fused {ms['pytorch']:6.2f}   "
               f"({ms['pytorch'] / ms['kernel']:.2f}x)")

@@ -15,11 +15,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from selfablate import ops
 from selfablate.model import fused as fused_module
 from selfablate.model import onednn
 from selfablate.model.fused import chunk_rows_for, linear_cross_entropy
 from selfablate.perf import gemm_peaks
-from timing import interleaved_ms, patched, repeats_from_argv
+from timing import interleaved_ms, on_backend, patched, repeats_from_argv
 
 ROWS, D, VOCAB = 2048, 128, 50257
 
@@ -31,13 +32,14 @@ def main() -> None:
     h = torch.randn(ROWS, D).requires_grad_()
     y = torch.randint(0, VOCAB, (ROWS,))
     fused = lambda: torch.autograd.grad(linear_cross_entropy(h, w, y), (h, w))  # noqa: E731
-    mm = patched(onednn, "USE_ONEDNN", False, fused)  # the torch.mm path (other dtypes, autocast, CUDA)
+    mm = on_backend("torch", fused)  # the torch.mm path (other dtypes, autocast, CUDA)
     ms = interleaved_ms({"plain": lambda: torch.autograd.grad(F.cross_entropy(h @ w.T, y), (h, w)),
                          "fused": fused, "mm": mm,
                          # the torch.mm path with a fresh (vocab, rows) logits tensor per chunk, not one buffer
                          "fresh": patched(fused_module, "_logits_buffer", lambda *a: None, mm),
                          # every chunk's softmax shifted by its max (as on CUDA), not tried unshifted first
-                         "shifted": patched(fused_module, "UNSHIFTED_DEVICES", (), fused)}, repeats)
+                         "shifted": patched(ops.POLICIES, "cpu", ops.POLICIES["cpu"]._replace(unshifted_softmax=False),
+                                            fused)}, repeats)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {ROWS} rows x {D} -> {VOCAB}, forward + backward")
     print(f"plain F.cross_entropy(h @ W.T)   {ms['plain']:8.1f} ms")
     print(f"chunked linear_cross_entropy     {ms['fused']:8.1f} ms   ({ms['plain'] / ms['fused']:.2f}x)"

@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from selfablate.model import kernels
 from selfablate.model.masks import hard_topk_soft_grad, hard_topk_soft_grad_reference
-from timing import interleaved_ms, patched, repeats_from_argv
+from timing import interleaved_ms, on_backend, repeats_from_argv
 
 B, POS, K = 8, 256, 32
 
@@ -31,8 +30,8 @@ def main() -> None:
         def timed(fn):
             return lambda: torch.autograd.grad(fn(s, K, 0.1, 1e-12), s, g)
 
-        ms = interleaved_ms({"ref": patched(kernels, "USE_KERNELS", False, timed(hard_topk_soft_grad_reference)),
-                             "topk": patched(kernels, "USE_KERNELS", False, timed(hard_topk_soft_grad)),
+        ms = interleaved_ms({"ref": on_backend("torch", timed(hard_topk_soft_grad_reference)),
+                             "topk": on_backend("torch", timed(hard_topk_soft_grad)),
                              "kernel": timed(hard_topk_soft_grad)}, repeats)
         print(f"width {width:>4}: autograd reference {ms['ref']:6.2f}   hand-written backward: torch.topk "
               f"{ms['topk']:6.2f} ({ms['ref'] / ms['topk']:.2f}x), C top-k {ms['kernel']:6.2f} "

@@ -23,16 +23,29 @@ def interleaved_ms(contenders: dict[str, Callable[[], object]], repeats: int) ->
 
 
 def patched(obj: object, name: str, value: object, fn: Callable[[], object]) -> Callable[[], object]:
-    """fn, run with obj.name set to value (and restored after): a variant of a library path to time
-    beside the real one."""
+    """fn, run with obj.name (or obj[name], for a dict) set to value and restored after: a variant
+    of a library path to time beside the real one."""
+    get, put = ((obj.__getitem__, obj.__setitem__) if isinstance(obj, dict)
+                else (lambda n: getattr(obj, n), lambda n, v: setattr(obj, n, v)))
 
     def run() -> object:
-        saved = getattr(obj, name)
-        setattr(obj, name, value)
+        saved = get(name)
+        put(name, value)
         try:
             return fn()
         finally:
-            setattr(obj, name, saved)
+            put(name, saved)
+
+    return run
+
+
+def on_backend(name: str, fn: Callable[[], object]) -> Callable[[], object]:
+    """fn, run on the `selfablate.ops` backend `name` (`torch`: PyTorch's operators only)."""
+    from selfablate import ops
+
+    def run() -> object:
+        with ops.use_backend(name):
+            return fn()
 
     return run
 

@@ -56,3 +56,13 @@ def isolated_cache(tmp_path_factory, monkeypatch):
     """Token caches and compiled kernels go to per-session temporary folders, never the user's ~/.cache."""
     monkeypatch.setenv("SELFABLATE_CACHE", str(tmp_path_factory.getbasetemp() / "token-cache"))
     monkeypatch.setenv("SELFABLATE_KERNEL_CACHE", str(tmp_path_factory.getbasetemp() / "kernel-cache"))
+
+
+@pytest.fixture
+def set_backend():
+    """set_backend(name): the `selfablate.ops` backend for the rest of this test (restored after)."""
+    from selfablate import ops
+
+    saved = ops.backend()
+    yield ops.select
+    ops.select(saved)

@@ -60,7 +60,7 @@ def test_kernel_keeps_its_accuracy_for_large_scores():
 
 
 @needs_kernel
-def test_model_attention_takes_the_kernel_in_float32_only(monkeypatch):
+def test_model_attention_takes_the_kernel_in_float32_only(monkeypatch, set_backend):
     from selfablate.model.hooks import HookPoint
 
     calls = []
@@ -74,13 +74,13 @@ def test_model_attention_takes_the_kernel_in_float32_only(monkeypatch):
     assert not cpu_attention.applies(torch.randn(1, 1, 4, 64))  # head dims past MAX_HEAD_DIM
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not cpu_attention.applies(q, k)
-    monkeypatch.setattr(kernels, "USE_KERNELS", False)
+    set_backend("torch")
     attend(q, k, v, None, HookPoint())
     assert len(calls) == 2
 
 
 @needs_kernel
-def test_a_training_step_is_the_same_with_and_without_the_kernel(monkeypatch):
+def test_a_training_step_is_the_same_with_and_without_the_kernel(monkeypatch, set_backend):
     from selfablate.config import ModelConfig
     from selfablate.model import SelfAblatingTransformer
 
@@ -90,7 +90,7 @@ def test_a_training_step_is_the_same_with_and_without_the_kernel(monkeypatch):
     tokens = torch.randint(0, 97, (3, 40))
     results = {}
     for use in (True, False):
-        monkeypatch.setattr(kernels, "USE_KERNELS", use)
+        set_backend("cpu" if use else "torch")
         model.zero_grad()
         out = model(tokens, tokens, return_logits=False)
         out.loss.backward()

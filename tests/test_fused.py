@@ -6,15 +6,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from selfablate import ops
 from selfablate.model import fused as fused_module
 from selfablate.model import onednn
 from selfablate.model.fused import linear_cross_entropy
 
 
-@pytest.mark.parametrize("unshifted_devices", [("cpu",), ()], ids=["unshifted", "max-shifted"])
+@pytest.mark.parametrize("policy_of", ["cpu", "cuda"], ids=["unshifted", "max-shifted"])  # CUDA's: shifted
 @pytest.mark.parametrize("chunk_rows", [1, 7, 64, None])
-def test_fused_linear_cross_entropy_matches_plain(chunk_rows, unshifted_devices, monkeypatch):
-    monkeypatch.setattr(fused_module, "UNSHIFTED_DEVICES", unshifted_devices)  # () is CUDA's path
+def test_fused_linear_cross_entropy_matches_plain(chunk_rows, policy_of):
+    with ops.device_policy_as(policy_of):
+        _fused_matches_plain(chunk_rows)
+
+
+def _fused_matches_plain(chunk_rows):
     torch.manual_seed(0)
     h = torch.randn(3, 13, 8, dtype=torch.float64, requires_grad=True)
     w = torch.randn(50, 8, dtype=torch.float64, requires_grad=True)
@@ -86,7 +91,7 @@ def test_weight_gradient_ignores_what_its_uninitialised_buffer_held(monkeypatch)
 
 
 @pytest.mark.parametrize("scale", [1.0, 300.0], ids=["unshifted", "max-shifted"])
-def test_onednn_path_matches_the_torch_mm_path_in_float32(scale, monkeypatch):
+def test_onednn_path_matches_the_torch_mm_path_in_float32(scale, monkeypatch, set_backend):
     """The float32 CPU head runs its logits and grad_h GEMMs through oneDNN in a (rows, vocab)
     layout; against the float64 plain loss it must be as accurate as the torch.mm path, with
     ignored targets and a partial last chunk (scale 300: every chunk takes the max shift)."""
@@ -101,7 +106,7 @@ def test_onednn_path_matches_the_torch_mm_path_in_float32(scale, monkeypatch):
     h64, w64 = h64.detach(), w64.detach()
     results = {}
     for use in (True, False):
-        monkeypatch.setattr(onednn, "USE_ONEDNN", use)
+        set_backend("cpu" if use else "torch")
         h, w = h64.float().requires_grad_(), w64.float().requires_grad_()
         assert onednn.use_onednn(h, w) == use
         loss = linear_cross_entropy(h, w, y, 64)

@@ -29,7 +29,7 @@ def test_transposed_falls_back_where_the_kernel_does_not_apply(monkeypatch):
 
 
 @needs_cc
-def test_reconstruction_loss_kernel_is_as_accurate_as_autograd(monkeypatch):
+def test_reconstruction_loss_kernel_is_as_accurate_as_autograd(monkeypatch, set_backend):
     """csrc/recon.c against F.normalize + F.mse_loss in float64, in value and gradients, with a
     zero row and a row whose norm is below F.normalize's eps (the clamp's branch)."""
     from selfablate.model.losses import reconstruction_loss
@@ -44,7 +44,7 @@ def test_reconstruction_loss_kernel_is_as_accurate_as_autograd(monkeypatch):
     ref_grads = torch.autograd.grad(ref, ref_in)
     errors = {}
     for use in (True, False):
-        monkeypatch.setattr(kernels, "USE_KERNELS", use)
+        set_backend("cpu" if use else "torch")
         xs = [x.float().requires_grad_() for x in clean + ablated]
         loss = reconstruction_loss(xs[:3], xs[3:]) * 2.5
         grads = torch.autograd.grad(loss, xs)

@@ -8,8 +8,8 @@ from selfablate import ModelConfig, SelfAblatingTransformer
 from selfablate.perf.flops import forward_flops_per_token, train_flops_per_token
 
 
-def test_forward_flops_match_the_flop_counter(monkeypatch):
-    monkeypatch.setattr("selfablate.model.onednn.USE_ONEDNN", False)  # the counter knows aten's GEMMs only
+def test_forward_flops_match_the_flop_counter(monkeypatch, set_backend):
+    set_backend("torch")  # the counter knows aten's GEMMs only
     cfg = ModelConfig(vocab_size=500, n_ctx=32, d_model=32, n_layers=2, n_heads=4, d_mlp=64, ablation="none")
     model = SelfAblatingTransformer(cfg).eval()
     B, T = 3, 32

@@ -44,7 +44,7 @@ def test_kernel_winners_with_ties_cut_exactly_k(k):
 
 
 @pytest.mark.parametrize("width, k", [(128, 32), (512, 32), (16, 3)])
-def test_kernel_soft_grad_is_as_accurate_as_the_torch_backward(width, k, monkeypatch):
+def test_kernel_soft_grad_is_as_accurate_as_the_torch_backward(width, k, monkeypatch, set_backend):
     """Both float32 backward passes against autograd through soft_topk in float64: the C one may
     not be further off than torch's (the gradient is steep near the cut, so float32 itself is
     off by up to 1e-3 of the largest entry here)."""
@@ -54,14 +54,14 @@ def test_kernel_soft_grad_is_as_accurate_as_the_torch_backward(width, k, monkeyp
     (soft_topk(s64, k, 0.3, 1e-12) * w).sum().backward()
     errors = {}
     for use in (True, False):
-        monkeypatch.setattr(kernels, "USE_KERNELS", use)
+        set_backend("cpu" if use else "torch")
         s32 = scores.float().requires_grad_()
         (hard_topk_soft_grad(s32, k, 0.3, 1e-12) * w.float()).sum().backward()
         errors[use] = (s32.grad.double() - s64.grad).abs().max().item()
     assert errors[True] <= 1.2 * errors[False] + 1e-6 * s64.grad.abs().max().item(), errors
 
 
-def test_kernel_is_skipped_where_it_does_not_apply(monkeypatch):
+def test_kernel_is_skipped_where_it_does_not_apply(monkeypatch, set_backend):
     calls = []
     real = kernels.load
     monkeypatch.setattr(kernels, "load", lambda *a, **kw: calls.append(a) or real(*a, **kw))
@@ -72,7 +72,7 @@ def test_kernel_is_skipped_where_it_does_not_apply(monkeypatch):
         assert masks._topk_kernel(scores) is None
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert masks._topk_kernel(torch.randn(2, 32)) is None
-    monkeypatch.setattr(kernels, "USE_KERNELS", False)
+    set_backend("torch")
     assert masks._topk_kernel(torch.randn(2, 32)) is None
 
 

@@ -64,7 +64,11 @@ class ModelConfig:
     temperature_mlp: float = 0.1
     """Soft top-k temperature for MLP neurons."""
     topk_eps: float = 1e-12
-    """Added to the soft top-k's denominator so that ties do not divide by zero."""
+    """Added to the soft top-k's denominator D = T (s_(k) - s_(k+1)) + eps (the paper's)."""
+    topk_gap_floor: float = 0.01
+    """The soft top-k's gap s_(k) - s_(k+1) is floored at this fraction of the row's mean gap between
+    neighbouring scores, so that a tie at the cut does not make the gradient 1/eps (rows above the
+    floor keep the paper's formula; 0 gives it everywhere; see `model.masks.divisor`)."""
     coef_clean: float = 1.0
     """Loss weight a of the clean stream's cross-entropy."""
     coef_ablated: float = 0.1
@@ -85,7 +89,7 @@ class ModelConfig:
                  f"k_mlp must be in 1..d_mlp={self.d_mlp}, got {self.k_mlp}")
         for name in ("temperature_attn", "temperature_mlp", "ln_eps", "init_std"):
             require(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("coef_clean", "coef_ablated", "coef_recon", "topk_eps"):
+        for name in ("coef_clean", "coef_ablated", "coef_recon", "topk_eps", "topk_gap_floor"):
             require(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
 
     @property

@@ -24,17 +24,13 @@ def _library() -> ctypes.CDLL | None:
     return kernels.library("gelu", {"gelu_fwd": [P, P, P, L, I], "gelu_bwd": [P, P, P, P, P, L, I]})
 
 
-def _ptr(t: Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
-
-
 class _GeluNew(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, mask: Tensor | None) -> Tensor:  # type: ignore[override]
         x = x.contiguous()
         mask = None if mask is None else mask.contiguous()
         y = torch.empty_like(x)
-        _library().gelu_fwd(x.data_ptr(), _ptr(mask), y.data_ptr(), x.numel(), kernels.threads())
+        _library().gelu_fwd(*kernels.pointers(x, mask, y), x.numel(), kernels.threads())
         ctx.save_for_backward(x, mask)
         return y
 
@@ -45,8 +41,7 @@ class _GeluNew(torch.autograd.Function):
         g = g.contiguous()
         dx = torch.empty_like(x)
         dm = None if mask is None or not ctx.needs_input_grad[1] else torch.empty_like(mask)
-        _library().gelu_bwd(x.data_ptr(), _ptr(mask), g.data_ptr(), dx.data_ptr(), _ptr(dm), x.numel(),
-                            kernels.threads())
+        _library().gelu_bwd(*kernels.pointers(x, mask, g, dx, dm), x.numel(), kernels.threads())
         return dx, dm
 
 

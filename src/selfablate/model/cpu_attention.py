@@ -48,7 +48,7 @@ def applies(*tensors: Tensor) -> bool:
 
 def _run(fn, tensors: list[Tensor], B: int, T: int, H: int) -> None:
     """fn over the B * H (batch, head) tasks, on torch's thread count."""
-    if fn(*(t.data_ptr() for t in tensors), B, T, H, kernels.threads()):
+    if fn(*kernels.pointers(*tensors), B, T, H, kernels.threads()):
         raise MemoryError("the CPU attention kernel could not allocate its buffers")
 
 

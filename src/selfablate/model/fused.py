@@ -16,12 +16,11 @@ from typing import Callable, NamedTuple
 import torch
 from torch import Tensor
 
+from .. import ops
 from . import kernels
 from .onednn import linear, pack, use_onednn
 
 IGNORE_INDEX = -100
-CHUNK_ROWS = 256  # rows per chunk, unless the logits would pass CHUNK_ELEMENTS
-CHUNK_ELEMENTS = 1 << 24  # logits per chunk at most (64 MB in float32)
 
 
 LOG2E, LN2 = math.log2(math.e), math.log(2.0)
@@ -32,8 +31,6 @@ and the largest is above -48, so every probability down to 2^-78 of the top one 
 (the shifted softmax keeps those down to 2^-126; the difference is below any gradient that
 matters). Trained models' logits sit well inside: a cpu-small local model after 3,000 steps had
 each row's largest base-2 logit at 4.0-27.0 on held-out text (both streams)."""
-UNSHIFTED_DEVICES = ("cpu",)
-"""Where exp2 is tried unshifted first: its range check syncs, which costs nothing on a CPU only."""
 
 
 def _logits_buffer(h: Tensor, weight: Tensor, chunk_rows: int, acc: torch.dtype) -> Tensor | None:
@@ -51,13 +48,14 @@ def _chunk_logits(weight: Tensor, h_chunk: Tensor, buf: Tensor | None, acc: torc
     return (weight @ h_chunk.T).to(acc)
 
 
-def chunk_rows_for(vocab: int) -> int:
-    """Rows per chunk: CHUNK_ROWS, or the largest power of two whose logits fit CHUNK_ELEMENTS
-    for vocabularies past 65,536. Measured (forward + backward of 2048 rows, side by side): with
-    GPT-2's vocabulary 256 rows beat 128 by 1-2% (a whole local step by 2%) and 1024 rows lose 3%;
-    with cpu-small's compact one (8,726 ids, d_model 64) 128 and 256 tie and 1024 rows are 1.28x
-    slower. Powers of two matter: 333-row chunks measured 1.35x slower than 128 or 256."""
-    return min(CHUNK_ROWS, 1 << max(0, (CHUNK_ELEMENTS // vocab).bit_length() - 1))
+def chunk_rows_for(vocab: int, device: torch.device | str = "cpu") -> int:
+    """Rows per chunk: the device's `ops.DevicePolicy.lm_head_rows`, or the largest power of two
+    whose logits fit its `lm_head_elements`. On a CPU (256 rows, 2^24 logits), measured side by
+    side over 2048 rows: with GPT-2's vocabulary 256 rows beat 128 by 1-2% and 1024 rows lose 3%;
+    with a compact one (8,726 ids, d_model 64) 128 and 256 tie and 1024 rows lose; powers of two
+    matter (333-row chunks were far slower than 128 or 256)."""
+    p = ops.policy(device)
+    return min(p.lm_head_rows, 1 << max(0, (p.lm_head_elements // vocab).bit_length() - 1))
 
 
 class _Products(NamedTuple):
@@ -131,7 +129,7 @@ def _exp2_sums(logits: Tensor, dim: int) -> Tensor:
     if lib is None:
         return logits.exp2_().sum(dim)
     sums = logits.new_empty(logits.shape[0])
-    lib.exp2_rowsum(logits.data_ptr(), sums.data_ptr(), logits.shape[0], logits.shape[1], kernels.threads())
+    lib.exp2_rowsum(*kernels.pointers(logits, sums), logits.shape[0], logits.shape[1], kernels.threads())
     return sums
 
 
@@ -196,7 +194,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=acc, device=h.device)
         h2 = h * LOG2E  # base-2 logits: log2-sum-exp2 = logsumexp / ln 2
         products = _onednn_products(weight) if onednn else _mkl_products(h, weight, chunk_rows, acc)
-        unshifted = h.device.type in UNSHIFTED_DEVICES
+        unshifted = ops.policy(h.device).unshifted_softmax
         for start in range(0, h.shape[0], chunk_rows):
             rows = slice(start, start + chunk_rows)
             valid = (targets[rows] != IGNORE_INDEX).to(acc)
@@ -233,7 +231,7 @@ def linear_cross_entropy(h: Tensor, weight: Tensor, targets: Tensor, chunk_rows:
     """
     h2 = h.reshape(-1, h.shape[-1])
     onednn = use_onednn(h2, weight)
-    rows = chunk_rows or chunk_rows_for(weight.shape[0])
+    rows = chunk_rows or chunk_rows_for(weight.shape[0], h.device)
     return _LinearCrossEntropy.apply(h2, weight, targets.reshape(-1), rows, torch.is_grad_enabled(), onednn)
 
 
@@ -242,7 +240,7 @@ def per_token_cross_entropy(h: Tensor, weight: Tensor, targets: Tensor, chunk_ro
     """-log softmax(h_i @ weight.T)[targets_i] for every row, chunk by chunk (no gradients).
     h (..., d_model), targets (...) -> losses (...) in float32 (float64 for float64 inputs)."""
     h2, t2 = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
-    rows = chunk_rows or chunk_rows_for(weight.shape[0])
+    rows = chunk_rows or chunk_rows_for(weight.shape[0], h.device)
     acc = torch.promote_types(weight.dtype, torch.float32)
     out = torch.empty(h2.shape[0], dtype=acc, device=h.device)
     for start in range(0, h2.shape[0], rows):

@@ -24,16 +24,14 @@ from pathlib import Path
 
 import torch
 
+from .. import ops
+
 CSRC = Path(__file__).with_name("csrc")
 FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fno-signed-zeros", "-fno-trapping-math",
          "-shared", "-fPIC")
 """No -ffast-math: the kernels' exp rounds with a float32 addition that reassociation would drop."""
 OPENMP = ("-fopenmp",)
 """Tried first; a compiler without OpenMP builds single-threaded kernels instead."""
-
-USE_KERNELS = True
-"""Take the C kernels where they apply; tests and benchmarks turn this off to compare."""
-
 
 def cache_dir() -> Path:
     return Path(os.environ.get("SELFABLATE_KERNEL_CACHE") or Path.home() / ".cache" / "selfablate" / "kernels")
@@ -127,8 +125,22 @@ def float32_cpu(*tensors: torch.Tensor) -> bool:
 
 
 def on_cpu_float32(*tensors: torch.Tensor) -> bool:
-    """Whether the kernels may take these tensors: USE_KERNELS and `float32_cpu`."""
-    return USE_KERNELS and float32_cpu(*tensors)
+    """Whether the kernels may take these tensors: the `cpu` backend and `float32_cpu`."""
+    return ops.backend() == "cpu" and float32_cpu(*tensors)
+
+
+def pointers(*tensors: torch.Tensor | None, dtype: torch.dtype = torch.float32) -> list[int | None]:
+    """The operands' addresses for a C kernel (None stays None), after checking that each is a
+    contiguous CPU tensor of `dtype`: a kernel handed anything else (a CUDA or meta tensor made
+    where the caller forgot `device=`, a strided view) would read memory that is not there and
+    take the process down, so the check is made at every call, and fails with an exception."""
+    for t in tensors:
+        if t is not None and not (t.device.type == "cpu" and t.dtype == dtype and t.is_contiguous()
+                                  and t.layout == torch.strided):
+            raise RuntimeError(f"selfablate: a C kernel was handed a {t.dtype} {t.layout} tensor on "
+                               f"{t.device} (contiguous: {t.is_contiguous()}); it takes contiguous {dtype} "
+                               "CPU tensors only")
+    return [None if t is None else t.data_ptr() for t in tensors]
 
 
 def threads() -> int:
@@ -146,6 +158,6 @@ def transposed(x: torch.Tensor) -> torch.Tensor:
     runs 3-4x faster than PyTorch's strided copy (a (2048, 512) x: 0.14 vs 0.42 ms)."""
     if not (on_cpu_float32(x) and x.dim() == 2 and x.is_contiguous()) or _transpose_library() is None:
         return x.T.contiguous()
-    out = x.new_empty(x.shape[1], x.shape[0])
-    _transpose_library().transpose(x.data_ptr(), out.data_ptr(), x.shape[0], x.shape[1], threads())
+    out = x.new_empty(x.shape[1], x.shape[0])  # new_*: on x's device whatever the default device
+    _transpose_library().transpose(*pointers(x, out), x.shape[0], x.shape[1], threads())
     return out

@@ -170,11 +170,23 @@ class MaskHead(nn.Module):
         self.mlp = Linear(d_model, n_layers * d_mlp)
 
     def forward(self, resid: Tensor) -> list[tuple[Tensor, Tensor]]:
-        """resid (B, T, d_model) -> per layer, scores (B, T, d_model) and (B, T, d_mlp)."""
+        """resid (B, T, d_model) -> per layer, scores (B, T, d_model) and (B, T, d_mlp), in float32
+        (or wider) whatever the autocast state or the model's dtype: in bf16, with 8 bits of
+        mantissa, the k-th and (k+1)-th scores tie in many rows, and the top-k's cut with them."""
         B, T, _ = resid.shape
-        attn = self.attn(resid).view(B, T, self.n_layers, -1)  # (B, T, L, d_model)
-        mlp = self.mlp(resid).view(B, T, self.n_layers, -1)  # (B, T, L, d_mlp)
+        x = resid.to(torch.promote_types(resid.dtype, torch.float32))
+        with torch.autocast(x.device.type, enabled=False):
+            attn = _linear_in(self.attn, x).view(B, T, self.n_layers, -1)  # (B, T, L, d_model)
+            mlp = _linear_in(self.mlp, x).view(B, T, self.n_layers, -1)  # (B, T, L, d_mlp)
         return list(zip(attn.unbind(2), mlp.unbind(2)))
+
+
+def _linear_in(layer: nn.Linear, x: Tensor) -> Tensor:
+    """layer(x) computed in x's dtype (the layer's own path when its weights already have it)."""
+    if layer.weight.dtype == x.dtype:
+        return layer(x)
+    bias = None if layer.bias is None else layer.bias.to(x.dtype)
+    return F.linear(x, layer.weight.to(x.dtype), bias)
 
 
 class BlockMasks(NamedTuple):

@@ -60,7 +60,7 @@ class _NormalizedMSE(torch.autograd.Function):
     def forward(ctx, c: Tensor, a: Tensor) -> Tensor:  # type: ignore[override]
         c, a = c.contiguous(), a.contiguous()
         d = c.shape[-1]
-        total = _recon_library().recon_fwd(c.data_ptr(), a.data_ptr(), c.numel() // d, d, _NormalizedMSE.EPS,
+        total = _recon_library().recon_fwd(*kernels.pointers(c, a), c.numel() // d, d, _NormalizedMSE.EPS,
                                            kernels.threads())
         ctx.save_for_backward(c, a)
         return c.new_tensor(total / c.numel())
@@ -71,8 +71,8 @@ class _NormalizedMSE(torch.autograd.Function):
         c, a = ctx.saved_tensors
         d = c.shape[-1]
         grad_c, grad_a = torch.empty_like(c), torch.empty_like(a)
-        _recon_library().recon_bwd(c.data_ptr(), a.data_ptr(), c.numel() // d, d, _NormalizedMSE.EPS,
-                                   float(g) / c.numel(), grad_c.data_ptr(), grad_a.data_ptr(), kernels.threads())
+        _recon_library().recon_bwd(*kernels.pointers(c, a), c.numel() // d, d, _NormalizedMSE.EPS,
+                                   float(g) / c.numel(), *kernels.pointers(grad_c, grad_a), kernels.threads())
         return grad_c, grad_a
 
 

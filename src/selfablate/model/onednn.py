@@ -15,10 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import ops
 from . import kernels
-
-USE_ONEDNN = True
-"""Take the oneDNN path where it exists; tests and benchmarks turn it off to compare."""
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -39,15 +37,16 @@ def onednn_available() -> bool:
     if not torch.backends.mkldnn.is_available():
         return False
     try:
-        a = torch.ones(2, 3)
+        a = torch.ones(2, 3, device="cpu")  # not the default device, which may be anything
         return all(torch.allclose(linear(a, w), a @ a.T) for w in (a, pack(a)))
     except (AttributeError, RuntimeError):
         return False
 
 
 def use_onednn(*tensors: Tensor) -> bool:
-    """Whether GEMMs on these tensors go through oneDNN: all float32 on the CPU, no autocast."""
-    return USE_ONEDNN and kernels.float32_cpu(*tensors) and onednn_available()
+    """Whether GEMMs on these tensors go through oneDNN: the `cpu` backend, all float32 on the
+    CPU, no autocast."""
+    return ops.backend() == "cpu" and kernels.float32_cpu(*tensors) and onednn_available()
 
 
 class _LinearFunction(torch.autograd.Function):

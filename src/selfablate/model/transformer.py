@@ -168,8 +168,9 @@ class SelfAblatingTransformer(HookedModule):
         for block, layer_scores in zip(self.blocks, zip(*per_source)):
             a = block.hook_attn_scores(functools.reduce(torch.add, (s[0] for s in layer_scores)))
             m = block.hook_mlp_scores(functools.reduce(torch.add, (s[1] for s in layer_scores)))
-            masks.append(BlockMasks(block.hook_attn_mask(mask_fn(a, cfg.k_attn, cfg.temperature_attn, cfg.topk_eps)),
-                                    block.hook_mlp_mask(mask_fn(m, cfg.k_mlp, cfg.temperature_mlp, cfg.topk_eps))))
+            attn_mask = mask_fn(a, cfg.k_attn, cfg.temperature_attn, cfg.topk_eps, cfg.topk_gap_floor)
+            mlp_mask = mask_fn(m, cfg.k_mlp, cfg.temperature_mlp, cfg.topk_eps, cfg.topk_gap_floor)
+            masks.append(BlockMasks(block.hook_attn_mask(attn_mask), block.hook_mlp_mask(mlp_mask)))
         return masks
 
     # -- entry points -----------------------------------------------------------------------

@@ -1,0 +1,48 @@
+"""Per-device choices of how to cut up work; the results are the same on every device."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, NamedTuple
+
+import torch
+
+
+class DevicePolicy(NamedTuple):
+    """How the LM head is chunked on one kind of device."""
+
+    lm_head_rows: int
+    """Rows per chunk at most. A CPU wants a chunk's logits in cache (256 rows measured best);
+    a GPU wants few, large launches."""
+    lm_head_elements: int
+    """Logits per chunk at most (the memory a chunk holds: 4 bytes each in float32)."""
+    unshifted_softmax: bool
+    """Try each chunk's exp2 without subtracting the row max, and check the sums' range: two
+    passes saved, but the check reads a value on the host, which is free on a CPU only."""
+
+
+POLICIES = {
+    "cpu": DevicePolicy(256, 1 << 24, True),
+    "cuda": DevicePolicy(1 << 13, 1 << 28, False),  # batch 24 x 256 at GPT-2's vocabulary: 2 chunks, 1 GB
+}
+OTHER = DevicePolicy(1 << 11, 1 << 26, False)
+"""MPS and any other device."""
+
+_as: str | None = None
+
+
+def policy(device: torch.device | str) -> DevicePolicy:
+    """The policy of a device type (or of the one `device_policy_as` stands in)."""
+    kind = _as or torch.device(device).type
+    return POLICIES.get(kind, OTHER)
+
+
+@contextlib.contextmanager
+def device_policy_as(kind: str) -> Iterator[None]:
+    """Apply another device type's policy here (a benchmark counts CUDA's launches on a CPU)."""
+    global _as
+    saved, _as = _as, kind
+    try:
+        yield
+    finally:
+        _as = saved

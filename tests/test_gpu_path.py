@@ -1,0 +1,133 @@
+"""What a GPU run takes, tested on the CPU: bf16 autocast (CUDA's default precision runs the same
+code under CPU autocast), masks and gradients that do not depend on the backend or on ties."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from selfablate import ModelConfig, SelfAblatingTransformer
+from selfablate.config import get_preset
+from selfablate.model.masks import hard_topk_soft_grad, soft_topk, topk_winners
+from selfablate.train import autocast_for, make_optimizer, train, train_step
+
+PAPER_WIDTHS = ModelConfig(vocab_size=512, n_ctx=64, d_model=128, n_heads=16, d_mlp=512, n_layers=2,
+                           k_attn=32, k_mlp=32, ablation="local")
+"""The paper's widths (where bf16 scores tie at the cut in many rows), few layers, a small vocabulary."""
+
+
+def grad_norm_of_a_step(cfg: ModelConfig, precision: str, tokens: torch.Tensor) -> float:
+    torch.manual_seed(0)
+    model = SelfAblatingTransformer(cfg)
+    _, tr = get_preset("tiny")
+    opt = make_optimizer(model, dataclasses.replace(tr, grad_clip=1e30))  # clip_grad_norm_ reports, never clips
+    cpu = torch.device("cpu")
+    m = train_step(model, opt, (tokens, tokens), 0, tr, cpu, autocast_for(cpu, precision))
+    return m.grad_norm
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+@pytest.mark.parametrize("ablation", ["local", "global"])
+def test_bf16_step_gradient_norm_tracks_float32(backend, ablation, set_backend):
+    """Under bf16 autocast the mask heads used to score in bf16, tie at the cut in ~15% of rows and
+    divide the gradient by eps (a gradient norm of ~1e6 against ~1)."""
+    set_backend(backend)
+    cfg = dataclasses.replace(PAPER_WIDTHS, ablation=ablation)
+    tokens = torch.randint(0, cfg.vocab_size, (4, cfg.n_ctx), generator=torch.Generator().manual_seed(1))
+    fp32, bf16 = (grad_norm_of_a_step(cfg, p, tokens) for p in ("float32", "bfloat16"))
+    assert 0.5 * fp32 <= bf16 <= 2 * fp32, (fp32, bf16)
+
+
+def test_mask_heads_score_in_float32_under_autocast():
+    model = SelfAblatingTransformer(PAPER_WIDTHS)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, cache = model.run_with_cache(torch.zeros(1, 8, dtype=torch.long),
+                                        names=lambda n: n.endswith(("_scores", "_mask")))
+    assert cache and all(t.dtype == torch.float32 for t in cache.values())
+
+
+@pytest.mark.slow
+def test_short_bf16_run_learns_as_float32_does(tmp_path, stories_dir):
+    model_cfg, tr = get_preset("tiny")
+    tr = dataclasses.replace(tr, data=str(stories_dir), max_steps=40, eval_interval=40, checkpoint_interval=40,
+                             progress=False)
+    val = {p: train(model_cfg, dataclasses.replace(tr, precision=p, out=str(tmp_path / p))).final_eval
+           for p in ("float32", "bfloat16")}
+    assert val["bfloat16"].clean == pytest.approx(val["float32"].clean, abs=0.15), val
+    assert val["bfloat16"].ablated == pytest.approx(val["float32"].ablated, abs=0.15), val
+
+
+# -- ties ------------------------------------------------------------------------------------
+
+
+def tied_scores(rows: int, width: int, dtype=torch.float32) -> torch.Tensor:
+    """Scores in a few distinct values, so that most rows tie at the cut (as bf16 scores do)."""
+    g = torch.Generator().manual_seed(width)
+    return torch.randint(0, 6, (rows, width), generator=g).to(dtype) / 4
+
+
+@pytest.mark.parametrize("width, k", [(32, 8), (128, 32), (512, 32), (20, 7)])
+def test_every_backend_breaks_ties_alike(width, k, set_backend):
+    """Of scores tied at the cut, the earliest win, on the C kernel and on PyTorch's operators (the
+    CUDA path); the scores and positions on either side of the cut agree too."""
+    s = tied_scores(300, width)
+    results = {}
+    for backend in ("cpu", "torch"):
+        set_backend(backend)
+        results[backend] = topk_winners(s, k)
+    for a, b in zip(results["cpu"], results["torch"]):
+        assert torch.equal(a, b)
+    hard = results["torch"].hard
+    assert (hard.sum(-1) == k).all()
+    # The rule itself, by hand: winners above the cut, then ties earliest first.
+    for row, mask in zip(s, hard):
+        order = sorted(range(width), key=lambda i: (-row[i].item(), i))
+        assert mask.nonzero().squeeze(1).tolist() == sorted(order[:k])
+
+
+@pytest.mark.parametrize("width, k", [(128, 32), (512, 32)])
+def test_tied_rows_give_a_bounded_gradient_equal_on_both_backends(width, k, set_backend):
+    """A tie at the cut gives a gradient of order 1/eps with the paper's divisor; with the cut widened
+    to the floor it is bounded, and the same on both backends (float64 autograd through soft_topk is
+    the reference)."""
+    s = tied_scores(64, width)
+    w = torch.randn(s.shape, generator=torch.Generator().manual_seed(0))
+    ref = s.double().requires_grad_()
+    (soft_topk(ref, k, 0.3) * w.double()).sum().backward()
+    for backend in ("cpu", "torch"):
+        set_backend(backend)
+        x = s.clone().requires_grad_()
+        (hard_topk_soft_grad(x, k, 0.3) * w).sum().backward()
+        # float32 rounds s + shift; the gradient is steep at a widened cut: 5e-3 of its largest entry.
+        torch.testing.assert_close(x.grad.double(), ref.grad, rtol=0, atol=5e-3 * ref.grad.abs().max().item())
+    # Bounded by that of a row whose gap is the floor, 1/100 of the mean neighbour gap: here ~6e4,
+    # where the paper's divisor (floor 0) gives ~1e11.
+    assert x.grad.abs().max() < 1e6
+    paper = s.clone().requires_grad_()
+    (hard_topk_soft_grad(paper, k, 0.3, 1e-12, 0.0) * w).sum().backward()
+    assert paper.grad.abs().max() > 1e9
+
+
+def test_the_widened_cut_keeps_the_papers_gradient_above_the_floor():
+    """Rows whose gap at the cut is above the floor get the paper's gradient exactly (floor 0)."""
+    g = torch.Generator().manual_seed(3)
+    s = torch.randn(50, 64, generator=g, dtype=torch.float64)
+    w = torch.randn(50, 64, generator=g, dtype=torch.float64)
+    grads = {}
+    for floor in (0.0, 0.01):
+        x = s.clone().requires_grad_()
+        (hard_topk_soft_grad(x, 16, 0.1, 1e-12, floor) * w).sum().backward()
+        grads[floor] = x.grad
+    top = s.topk(17, dim=-1).values
+    spread = s.amax(-1) - s.amin(-1)
+    above = (top[:, 15] - top[:, 16]) > 0.01 * spread / 63
+    assert above.sum() >= 45  # most rows
+    torch.testing.assert_close(grads[0.01][above], grads[0.0][above], rtol=0, atol=0)
+
+
+def test_a_row_of_equal_scores_has_no_gradient(set_backend):
+    for backend in ("cpu", "torch"):
+        set_backend(backend)
+        x = torch.zeros(3, 32).requires_grad_()
+        (hard_topk_soft_grad(x, 8, 0.1) * torch.randn(3, 32)).sum().backward()
+        assert torch.equal(x.grad, torch.zeros(3, 32))
