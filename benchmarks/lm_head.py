@@ -38,7 +38,7 @@ def main() -> None:
                          # the torch.mm path with a fresh (vocab, rows) logits tensor per chunk, not one buffer
                          "fresh": patched(fused_module, "_logits_buffer", lambda *a: None, mm),
                          # every chunk's softmax shifted by its max (as on CUDA), not tried unshifted first
-                         "shifted": patched(ops.POLICIES, "cpu", ops.POLICIES["cpu"]._replace(unshifted_softmax=False),
+                         "shifted": patched(ops.POLICIES, "cpu", ops.POLICIES["cpu"]._replace(host_reads_free=False),
                                             fused)}, repeats)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {ROWS} rows x {D} -> {VOCAB}, forward + backward")
     print(f"plain F.cross_entropy(h @ W.T)   {ms['plain']:8.1f} ms")

@@ -22,7 +22,7 @@ def grad_norm_of_a_step(cfg: ModelConfig, precision: str, tokens: torch.Tensor) 
     _, tr = get_preset("tiny")
     opt = make_optimizer(model, dataclasses.replace(tr, grad_clip=1e30))  # clip_grad_norm_ reports, never clips
     cpu = torch.device("cpu")
-    m = train_step(model, opt, (tokens, tokens), 0, tr, cpu, autocast_for(cpu, precision))
+    m = train_step(model, opt, (tokens, tokens), 0, tr, cpu, autocast_for(cpu, precision)).read()
     return m.grad_norm
 
 

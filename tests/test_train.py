@@ -157,7 +157,7 @@ def test_bf16_autocast_step_runs_and_tracks_float32():
         model = SelfAblatingTransformer(model_cfg)
         opt = make_optimizer(model, tr)
         autocast = autocast_for(torch.device("cpu"), precision)
-        losses[precision] = train_step(model, opt, (x, x), 0, tr, torch.device("cpu"), autocast)
+        losses[precision] = train_step(model, opt, (x, x), 0, tr, torch.device("cpu"), autocast).read()
     assert math.isfinite(losses["bfloat16"].loss)
     assert losses["bfloat16"].loss_clean == pytest.approx(losses["float32"].loss_clean, rel=0.02)
     assert autocast_for(torch.device("cpu"), "auto") is contextlib.nullcontext

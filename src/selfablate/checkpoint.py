@@ -128,7 +128,9 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
         raise CheckpointError(f"checkpoint {folder} has no {WEIGHTS}") from None
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"corrupt checkpoint {folder}: {WEIGHTS} is unreadable ({_first_line(e)})") from None
-    model = SelfAblatingTransformer(cfg).to(device)
+    with torch.device("cpu"):  # not the default device, which may be anything
+        model = SelfAblatingTransformer(cfg)
+    model = model.to(device)
     _load_weights(model, weights, folder)
     return model
 

@@ -58,7 +58,7 @@ class EvalLossOptions:
     """Sequences per batch."""
     max_batches: int = 0
     """Stop after this many batches; 0 evaluates the whole split."""
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     """Device to run on."""
     json: bool = False
     """Print the result as JSON."""
@@ -82,7 +82,7 @@ class GenerateOptions:
     """Sampling seed."""
     show_units: bool = False
     """Print, for each new token, the units its prediction kept in every layer."""
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     """Device to run on."""
 
 
@@ -95,6 +95,8 @@ def cmd_train(ns: argparse.Namespace) -> None:
     model_base, train_base = get_preset(ns.preset)
     model_cfg, train_cfg = build(ModelConfig, ns, model_base), build(TrainConfig, ns, train_base)
     result = train(model_cfg, train_cfg)
+    if result.final_eval is None:  # a torchrun process other than rank 0
+        return
     ablated = "" if result.final_eval.ablated is None else f", ablated {result.final_eval.ablated:.4f}"
     print(f"trained {result.steps} steps -> {result.checkpoint}; held-out loss: clean {result.final_eval.clean:.4f}{ablated}")
 
@@ -104,7 +106,7 @@ def cmd_eval_loss(ns: argparse.Namespace) -> None:
     from .data.dataset import TokenWindows, tokenize_split
     from .data.sources import resolve_source
     from .eval.lm import evaluate_loss
-    from .train import resolve_device
+    from .runtime import resolve_device
 
     opts = build(EvalLossOptions, ns)
     device = resolve_device(opts.device)
@@ -126,7 +128,7 @@ def cmd_generate(ns: argparse.Namespace) -> None:
     from .checkpoint import load_checkpoint
     from .data.tokenizer import gpt2_tokenizer
     from .generate import generate
-    from .train import resolve_device
+    from .runtime import resolve_device
 
     opts = build(GenerateOptions, ns)
     model = load_checkpoint(ns.checkpoint, device=resolve_device(opts.device))

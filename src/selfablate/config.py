@@ -112,7 +112,8 @@ class TrainConfig:
     a .jsonl/.parquet file, or hf:roneneldan/TinyStories. Empty: $SELFABLATE_DATA, else
     ../shared/data/tinystories when it exists, else the hub."""
     batch_size: int = 24
-    """Sequences per optimiser step."""
+    """Sequences per optimiser step, over all processes (the global batch): under torchrun each of
+    N processes takes batch_size / N of them, in grad_accum micro-batches."""
     seq_len: int = 0
     """Tokens per sequence; 0 means the model's n_ctx."""
     max_steps: int = 400_000
@@ -143,10 +144,15 @@ class TrainConfig:
     """Save a resumable checkpoint every this many steps (and at the end)."""
     resume: bool = False
     """Continue from the checkpoint in `out` if there is one."""
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    """auto: CUDA when available, else CPU."""
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    """auto: CUDA when available, else Apple's MPS, else the CPU."""
     precision: Literal["auto", "float32", "bfloat16"] = "auto"
-    """auto: bf16 autocast on CUDA, float32 on CPU."""
+    """auto: bf16 autocast on CUDA (the mask heads and top-k stay float32), float32 elsewhere."""
+    grad_accum: int = 1
+    """Micro-batches per optimiser step: each process's share of batch_size is split into this
+    many forward/backward passes whose gradients add up (less memory, the same step)."""
+    compile: bool = False
+    """torch.compile the model (fewer, fused GPU kernels; the first steps pay for compilation)."""
     logger: Literal["none", "wandb", "tensorboard"] = "none"
     """Extra metrics sink besides metrics.jsonl (optional extras)."""
     progress: bool = True
@@ -158,10 +164,12 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "max_steps", "eval_interval", "eval_batches",
-                     "log_interval", "checkpoint_interval"):
+                     "log_interval", "checkpoint_interval", "grad_accum"):
             require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         require(self.seq_len >= 0, f"seq_len must be >= 0, got {self.seq_len}")
         require(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        require(self.batch_size % self.grad_accum == 0,
+                f"batch_size {self.batch_size} must be divisible by grad_accum {self.grad_accum}")
         require(0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         require(self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}")
         require(self.grad_clip >= 0, f"grad_clip must be >= 0, got {self.grad_clip}")

@@ -2,8 +2,10 @@
 
 Each step every rank draws the same global batch (same seeded generator) and trains on its own
 contiguous slice; DistributedDataParallel averages the gradients, so N processes take exactly
-the step one process takes on the whole batch (`batch_size` is the global batch). Rank 0 alone
-logs and writes checkpoints; the others wait for it at a barrier. gloo on CPU, NCCL on CUDA.
+the step one process takes on the whole batch (`batch_size` is the global batch; each process
+takes batch_size / N sequences, in `grad_accum` micro-batches). Rank 0 alone evaluates, logs and
+writes checkpoints; the others wait for it at a barrier. gloo on CPU, NCCL on CUDA; reductions
+run on the training device (NCCL reduces CUDA tensors only).
 """
 
 from __future__ import annotations
@@ -29,14 +31,15 @@ class Dist(NamedTuple):
         return self.rank == 0
 
 
-def init(device: torch.device, batch_size: int) -> tuple[Dist, torch.device]:
+def init(device: torch.device, batch_size: int, grad_accum: int = 1) -> tuple[Dist, torch.device]:
     """Join the torchrun job described by the environment (WORLD_SIZE, RANK, LOCAL_RANK), if any.
     Returns the job's Dist and this rank's device."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return Dist(), device
-    if batch_size % world:
-        raise ConfigError(f"batch_size {batch_size} (the global batch) must be divisible by the {world} processes")
+    if batch_size % (world * grad_accum):
+        raise ConfigError(f"batch_size {batch_size} (the global batch) must be divisible by the {world} processes "
+                          f"times grad_accum {grad_accum}")
     import torch.distributed as dist
 
     local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -66,17 +69,27 @@ def wrap(model: torch.nn.Module, d: Dist, device: torch.device) -> torch.nn.Modu
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
-def mean(values: list[float | None], d: Dist) -> list[float | None]:
-    """Average scalars over the ranks (None stays None); every rank must call it."""
+def mean(values: list[float | None], d: Dist, device: torch.device) -> list[float | None]:
+    """Average scalars over the ranks (None stays None); every rank must call it. The reduction
+    runs on `device`, the training device: NCCL reduces CUDA tensors only."""
     if d.world == 1:
         return values
     import torch.distributed as dist
 
     present = [v for v in values if v is not None]
-    t = torch.tensor(present, dtype=torch.float64)
+    t = torch.tensor(present, dtype=torch.float32 if device.type == "mps" else torch.float64, device=device)
     dist.all_reduce(t)
     it = iter((t / d.world).tolist())
     return [None if v is None else next(it) for v in values]
+
+
+def finish(d: Dist) -> None:
+    """Leave the job: destroy the process group (a process that exits with it alive may hang or warn)."""
+    if d.world > 1:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def barrier(d: Dist) -> None:

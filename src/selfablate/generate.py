@@ -51,7 +51,7 @@ def generate(model: SelfAblatingTransformer, prompt: list[int], max_new_tokens: 
     model.eval()
     device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(seed)
-    tokens = model.to_model_ids(torch.tensor(prompt, dtype=torch.long)).tolist()
+    tokens = model.to_model_ids(torch.tensor(prompt, dtype=torch.long, device="cpu")).tolist()
     attn_units, mlp_units = [], []
     for _ in range(max_new_tokens):
         window = torch.tensor([tokens[-model.cfg.n_ctx:]], device=device)
@@ -64,5 +64,5 @@ def generate(model: SelfAblatingTransformer, prompt: list[int], max_new_tokens: 
             attn_units.append(_units(out.attn_mask[0, -1]))
             mlp_units.append(_units(out.mlp_mask[0, -1]))
     ablating = model.cfg.self_ablating
-    tokens = model.to_gpt2_ids(torch.tensor(tokens)).tolist()
+    tokens = model.to_gpt2_ids(torch.tensor(tokens, device=model.wte.weight.device)).tolist()
     return Generated(tokens, tokens[len(prompt):], attn_units if ablating else None, mlp_units if ablating else None)

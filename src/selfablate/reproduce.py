@@ -144,7 +144,7 @@ def _train(cfg: ReproduceConfig, spec: RunSpec) -> None:
 
 def _evaluate(cfg: ReproduceConfig, spec: RunSpec) -> None:
     from .eval.evaluate import EvalConfig, evaluate_checkpoint
-    from .train import resolve_device
+    from .runtime import resolve_device
 
     ecfg = EvalConfig(out="", data=cfg.data, max_tokens=cfg.eval_max_tokens, progress=False)
     result = evaluate_checkpoint(_checkpoint(spec), ecfg, resolve_device(spec.train.device))

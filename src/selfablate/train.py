@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from . import distributed
@@ -21,25 +22,35 @@ from .config import ModelConfig, TrainConfig
 from .data.dataset import TokenWindows, tokenize_split
 from .data.sources import resolve_source
 from .data.vocab import CompactVocab
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, DataError
 from .eval.lm import LossEval, evaluate_loss
 from .metrics_log import MetricsLog
 from .model import SelfAblatingTransformer
 from .perf import keep_freed_memory
+from .runtime import autocast_for, configure, resolve_device, to_device
 
 CHECKPOINT_DIR = "checkpoint"
 
 
 class StepMetrics(NamedTuple):
-    """One optimiser step's numbers."""
+    """One optimiser step's numbers: 0-dim tensors on the training device as `train_step` returns
+    them (reading them would make the host wait for the device), floats after `read`."""
 
     step: int
     lr: float
-    loss: float
-    loss_clean: float
-    loss_ablated: float | None
-    loss_recon: float | None
-    grad_norm: float | None
+    loss: Any
+    loss_clean: Any
+    loss_ablated: Any
+    """None for a baseline."""
+    loss_recon: Any
+    grad_norm: Any
+    """None without gradient clipping."""
+
+    def read(self) -> "StepMetrics":
+        """The same numbers as Python floats: one transfer from the device for all of them."""
+        names = [f for f in LOSS_FIELDS + ("grad_norm",) if getattr(self, f) is not None]
+        values = torch.stack([getattr(self, f).detach().float() for f in names]).tolist()
+        return self._replace(**dict(zip(names, values)))
 
 
 LOSS_FIELDS = ("loss", "loss_clean", "loss_ablated", "loss_recon")
@@ -49,7 +60,8 @@ LOSS_FIELDS = ("loss", "loss_clean", "loss_ablated", "loss_recon")
 class TrainResult(NamedTuple):
     checkpoint: Path
     steps: int
-    final_eval: LossEval
+    final_eval: LossEval | None
+    """None on every process but rank 0 of a torchrun job."""
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -73,37 +85,38 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Adam
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device=cuda requested but CUDA is not available")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
+def check_tokens(batch: tuple[Tensor, Tensor], vocab_size: int) -> None:
+    """Token ids in range, checked on the host before the batch goes to the device (there the
+    check would make the host wait)."""
+    x, y = batch
+    if x.numel() and not (0 <= int(x.min()) and int(x.max()) < vocab_size and int(y.max()) < vocab_size):
+        raise DataError(f"token ids must be in 0..{vocab_size - 1}")
 
 
-def autocast_for(device: torch.device, precision: str):
-    """A context-manager factory: bf16 autocast when asked for (auto: on CUDA), else a no-op."""
-    use_bf16 = precision == "bfloat16" or (precision == "auto" and device.type == "cuda")
-    if not use_bf16:
-        return contextlib.nullcontext
-    return functools.partial(torch.autocast, device_type=device.type, dtype=torch.bfloat16)
-
-
-def train_step(model: SelfAblatingTransformer, opt: torch.optim.Optimizer, batch, step: int,
+def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, batch: tuple[Tensor, Tensor], step: int,
                cfg: TrainConfig, device: torch.device, autocast) -> StepMetrics:
+    """One optimiser step on this process's batch, in cfg.grad_accum micro-batches. Nothing here
+    reads a value back from the device: the metrics stay tensors until someone reads them."""
     lr = lr_at(step, cfg)
     for group in opt.param_groups:
         group["lr"] = lr
-    x, y = (t.to(device, non_blocking=True) for t in batch)
-    with autocast():
-        out = model(x, y, return_logits=False, return_masks=False)
-    out.loss.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item() if cfg.grad_clip else None
+    x, y = (to_device(t, device) for t in batch)
+    n = cfg.grad_accum
+    sums: list[Tensor | None] = [None] * len(LOSS_FIELDS)
+    for i, (xm, ym) in enumerate(zip(x.chunk(n), y.chunk(n))):
+        # DDP averages gradients across processes after the last micro-batch only.
+        sync = i == n - 1 or not hasattr(model, "no_sync")
+        with contextlib.nullcontext() if sync else model.no_sync(), autocast():
+            out = model(xm, ym, return_logits=False, return_masks=False)
+        (out.loss / n).backward()
+        for j, f in enumerate(LOSS_FIELDS):
+            v = getattr(out, f)
+            if v is not None:
+                sums[j] = v.detach() / n if sums[j] is None else sums[j] + v.detach() / n
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip else None
     opt.step()
     opt.zero_grad(set_to_none=True)
-    item = lambda t: None if t is None else t.item()  # noqa: E731
-    return StepMetrics(step + 1, lr, out.loss.item(), out.loss_clean.item(), item(out.loss_ablated),
-                       item(out.loss_recon), grad_norm)
+    return StepMetrics(step + 1, lr, *sums, grad_norm)
 
 
 class RunState(NamedTuple):
@@ -123,7 +136,9 @@ def start_or_resume(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.devi
     torch.manual_seed(cfg.seed)
     data_rng = torch.Generator().manual_seed(cfg.seed)
     if not exists:
-        model = SelfAblatingTransformer(model_cfg).to(device)
+        with torch.device("cpu"):  # the same initial weights on every device (CPU's generator)
+            model = SelfAblatingTransformer(model_cfg)
+        model = model.to(device)
         return RunState(model, make_optimizer(model, cfg), data_rng, 0)
     model = load_checkpoint(ckpt, device=device, expect=model_cfg)
     opt = make_optimizer(model, cfg)
@@ -178,37 +193,64 @@ def attach_vocab(model: SelfAblatingTransformer, vocab: CompactVocab | None, res
     model.vocab_ids.copy_(ids)
 
 
+def _trainee(model: SelfAblatingTransformer, cfg: TrainConfig, dist: distributed.Dist,
+             device: torch.device) -> torch.nn.Module:
+    """What the optimiser steps through: the model, compiled if asked, in DDP under torchrun."""
+    module = torch.compile(model) if cfg.compile else model
+    return distributed.wrap(module, dist, device)
+
+
+def _log_step(m: StepMetrics, dist: distributed.Dist, device: torch.device, log: MetricsLog | None, bar,
+              tokens_per_s: float) -> StepMetrics:
+    """Read a logged step's numbers (the one wait for the device), averaged over the processes."""
+    m = m.read()
+    m = m._replace(**dict(zip(LOSS_FIELDS, distributed.mean([getattr(m, f) for f in LOSS_FIELDS], dist, device))))
+    bar.set_postfix(loss=f"{m.loss_clean:.3f}", **({} if m.loss_ablated is None else {"abl": f"{m.loss_ablated:.3f}"}))
+    if log:
+        log.write({**m._asdict(), "tokens_per_s": tokens_per_s})
+    return m
+
+
 def train(model_cfg: ModelConfig, cfg: TrainConfig, cache_dir: Path | None = None) -> TrainResult:
     """Train (or resume) a model; returns the checkpoint folder and the final held-out losses.
-    Under torchrun, trains data-parallel (see `distributed`): rank 0 logs and checkpoints."""
+    Under torchrun, trains data-parallel (see `distributed`): rank 0 alone evaluates, logs and
+    checkpoints (the other ranks' final_eval is None)."""
     if cfg.keep_freed_memory:
         keep_freed_memory()
-    dist, device = distributed.init(resolve_device(cfg.device), cfg.batch_size)
+    dist, device = distributed.init(resolve_device(cfg.device), cfg.batch_size, cfg.grad_accum)
+    try:
+        return _train(model_cfg, cfg, cache_dir, dist, device)
+    finally:
+        distributed.finish(dist)
+
+
+def _train(model_cfg: ModelConfig, cfg: TrainConfig, cache_dir: Path | None, dist: distributed.Dist,
+           device: torch.device) -> TrainResult:
+    configure(device)
     autocast = autocast_for(device, cfg.precision)
     data = load_data(model_cfg, cfg, cache_dir)
     eval_set = data.valid.spread_batches(cfg.batch_size, cfg.eval_batches)
     run = start_or_resume(data.model_cfg, cfg, device)
     attach_vocab(run.model, data.vocab, resumed=run.step > 0)
-    trainee = distributed.wrap(run.model, dist, device)
+    trainee = _trainee(run.model, cfg, dist, device)
     log = MetricsLog(Path(cfg.out), cfg.logger, keep_until=run.step, config={
         "model": dataclasses.asdict(data.model_cfg), "train": dataclasses.asdict(cfg)}) if dist.main else None
+    evaluate = functools.partial(evaluate_loss, run.model, eval_set, device, autocast)
     evaluation = None
     bar = tqdm(total=cfg.max_steps, initial=run.step, desc="training", disable=not (cfg.progress and dist.main),
                dynamic_ncols=True)
     t0, tokens_seen = time.perf_counter(), 0
     for step in range(run.step, cfg.max_steps):
         batch = data.train.random_batch(cfg.batch_size, run.data_rng)
+        check_tokens(batch, data.model_cfg.vocab_size)
         m = train_step(trainee, run.opt, distributed.shard(batch, dist), step, cfg, device, autocast)
         tokens_seen += batch[0].numel()
         bar.update(1)
-        bar.set_postfix(loss=f"{m.loss_clean:.3f}", **({} if m.loss_ablated is None else {"abl": f"{m.loss_ablated:.3f}"}))
         done = m.step == cfg.max_steps
         if m.step % cfg.log_interval == 0 or done:
-            m = m._replace(**dict(zip(LOSS_FIELDS, distributed.mean([getattr(m, f) for f in LOSS_FIELDS], dist))))
-            if log:
-                log.write({**m._asdict(), "tokens_per_s": tokens_seen / (time.perf_counter() - t0)})
-        if m.step % cfg.eval_interval == 0 or done:
-            evaluation = evaluate_loss(run.model, eval_set, device, autocast)
+            _log_step(m, dist, device, log, bar, tokens_seen / (time.perf_counter() - t0))
+        if dist.main and (m.step % cfg.eval_interval == 0 or done):
+            evaluation = evaluate()
             if log:
                 log.write({"step": m.step, "val_loss_clean": evaluation.clean, "val_loss_ablated": evaluation.ablated})
         if m.step % cfg.checkpoint_interval == 0 or done:
@@ -218,6 +260,6 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, cache_dir: Path | None = Non
     bar.close()
     if log:
         log.close()
-    if evaluation is None:  # resumed a finished run: nothing left to do but report
-        evaluation = evaluate_loss(run.model, eval_set, device, autocast)
+    if evaluation is None and dist.main:  # resumed a finished run: nothing left to do but report
+        evaluation = evaluate()
     return TrainResult(Path(cfg.out) / CHECKPOINT_DIR, cfg.max_steps, evaluation)

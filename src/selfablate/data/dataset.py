@@ -88,7 +88,7 @@ class TokenWindows:
     def random_batch(self, batch_size: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         """Uniformly random windows; deterministic for the generator's state."""
         high = len(self.tokens) - self.seq_len
-        return self._stack(torch.randint(0, high, (batch_size,), generator=generator).tolist())
+        return self._stack(torch.randint(0, high, (batch_size,), generator=generator, device="cpu").tolist())
 
     def num_sequential(self) -> int:
         return (len(self.tokens) - 1) // self.seq_len

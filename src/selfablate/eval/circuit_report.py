@@ -38,7 +38,7 @@ class CircuitConfig:
     """Integration steps of EAP-IG."""
     top_edges: int = 50
     """Edges per EAP ranking written out."""
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     """Device to run on."""
     progress: bool = True
     """Show progress bars."""
@@ -60,7 +60,7 @@ def behaviour(task: CircuitTask, batch) -> dict[str, Any]:
     """IOI logit difference, accuracy and p(IO) of the clean and the ablated stream."""
     with torch.no_grad():
         out = task.model(task.clean)
-    rows = torch.arange(len(task.last))
+    rows = torch.arange(len(task.last), device=task.clean.device)
     res = {"clean": ioi_behaviour(out.logits_clean[rows, task.last], task.io, task.s)._asdict()}
     if out.logits_ablated is not None:
         res["ablated"] = ioi_behaviour(out.logits_ablated[rows, task.last], task.io, task.s)._asdict()
@@ -166,7 +166,7 @@ def circuit_svg(result: dict[str, Any]) -> str:
 
 
 def write_circuits(checkpoint: str, cfg: CircuitConfig) -> dict[str, Any]:
-    from ..train import resolve_device
+    from ..runtime import resolve_device
 
     result = run_circuits(checkpoint, cfg, resolve_device(cfg.device))
     out = Path(cfg.out)

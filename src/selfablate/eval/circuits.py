@@ -124,9 +124,9 @@ def _bias_before(model: SelfAblatingTransformer, layer: int) -> Tensor:
 def cache_run(model: SelfAblatingTransformer, tokens: Tensor) -> tuple[Tensor, RunCache]:
     """One unpatched run: its final residual (B, T, D) and everything patched runs reuse."""
     graph = graph_of(model)
-    final, sources = patched_forward(model, tokens, torch.zeros(graph.n_edges, dtype=model.wte.weight.dtype))
+    final, sources = patched_forward(model, tokens, torch.zeros(graph.n_edges, dtype=model.wte.weight.dtype, device=tokens.device))
     prefix = prefix_sums(sources)
-    rows = torch.arange(3 * model.cfg.n_heads)
+    rows = torch.arange(3 * model.cfg.n_heads, device=tokens.device)
     qkv = [_project(model, l, (prefix[graph.sources_before_attn(l)] + _bias_before(model, l)).expand(len(rows), *final.shape), rows)
            for l in range(model.cfg.n_layers)]
     return final, RunCache(sources, prefix, torch.stack(qkv))
@@ -213,7 +213,8 @@ class _Reuse:
         changed = [i for i, o in enumerate(out) if o is None or full[i]]
         if changed:
             self.first_dirty = min(self.first_dirty, first + changed[0])
-        return out, torch.tensor([i for i, o in enumerate(out) if o is None], dtype=torch.long)
+        todo = [i for i, o in enumerate(out) if o is None]
+        return out, torch.tensor(todo, dtype=torch.long, device=patched.device)  # indexes device tensors
 
     def qkv(self, model: SelfAblatingTransformer, layer: int, rows: Tensor, block: Tensor,
             inputs: Callable[[Tensor], Tensor]) -> Tensor:
@@ -240,8 +241,8 @@ def _attention_sources(model: SelfAblatingTransformer, layer: int, sources: list
     """The head outputs of one layer, block (3H, n) its q/k/v mask rows."""
     H, n = model.cfg.n_heads, block.shape[1]
     if reuse is None:
-        qkv = _project(model, layer, _patched(sources, running, corrupt, block, bias), torch.arange(3 * H))
-        return list(_heads(model, layer, qkv, torch.arange(H)))
+        qkv = _project(model, layer, _patched(sources, running, corrupt, block, bias), torch.arange(3 * H, device=block.device))
+        return list(_heads(model, layer, qkv, torch.arange(H, device=block.device)))
     out, todo = reuse.pick(n, block.view(3, H, n).transpose(0, 1).bool())  # per head: (H, 3, n)
     if len(todo):
         rows = torch.cat([todo, todo + H, todo + 2 * H])
@@ -297,7 +298,7 @@ def patched_forward(model: SelfAblatingTransformer, tokens: Tensor, mask: Tensor
 
 def last_logprobs(model: SelfAblatingTransformer, final: Tensor, last: Tensor) -> Tensor:
     """log softmax of the logits at each prompt's last position: (n, vocab)."""
-    x = model.ln_final(final[torch.arange(len(last)), last])
+    x = model.ln_final(final[torch.arange(len(last), device=final.device), last])
     logits = model.unembed(x)
     return logits.to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(-1)
 

@@ -44,7 +44,7 @@ class BatchView(NamedTuple):
 
 def _random_mask_hook(k: int, generator: torch.Generator, store: dict, key: str):
     def hook(mask: Tensor, hp) -> Tensor:
-        noise = torch.rand(mask.shape, generator=generator).to(mask.device)
+        noise = torch.rand(mask.shape, generator=generator, device="cpu").to(mask.device)
         store.setdefault(key, []).append(r := hard_topk(noise, k))
         return r
 
@@ -128,25 +128,25 @@ class MaskAccumulator:
     """Selection frequency (overall and per token class) and persistence of one kind of mask."""
 
     def __init__(self, n_layers: int, width: int, token_class: Tensor):
-        self.freq_sum = torch.zeros(n_layers, width, dtype=torch.float64)
-        self.class_sum = torch.zeros(len(TOKEN_CLASSES), n_layers, width, dtype=torch.float64)
-        self.class_count = torch.zeros(len(TOKEN_CLASSES), dtype=torch.float64)
-        self.kept = torch.zeros(n_layers, dtype=torch.float64)
-        self.kept_again = torch.zeros(n_layers, dtype=torch.float64)
-        self.random_kept = torch.zeros(n_layers, dtype=torch.float64)
-        self.random_kept_again = torch.zeros(n_layers, dtype=torch.float64)
+        self.freq_sum = torch.zeros(n_layers, width, dtype=torch.float64, device="cpu")
+        self.class_sum = torch.zeros(len(TOKEN_CLASSES), n_layers, width, dtype=torch.float64, device="cpu")
+        self.class_count = torch.zeros(len(TOKEN_CLASSES), dtype=torch.float64, device="cpu")
+        self.kept = torch.zeros(n_layers, dtype=torch.float64, device="cpu")
+        self.kept_again = torch.zeros(n_layers, dtype=torch.float64, device="cpu")
+        self.random_kept = torch.zeros(n_layers, dtype=torch.float64, device="cpu")
+        self.random_kept_again = torch.zeros(n_layers, dtype=torch.float64, device="cpu")
         self.n = 0
         self.token_class = token_class
 
     def update(self, tokens: Tensor, mask: Tensor, random_mask: Tensor) -> None:
-        m = mask.double().cpu()
+        m = mask.cpu().double()  # on the host first: MPS has no float64
         flat = m.flatten(0, 1)  # (B*T, L, W)
         self.freq_sum += flat.sum(0)
         cls = self.token_class[tokens.flatten().cpu()]
         self.class_sum.index_add_(0, cls, flat)
         self.class_count += torch.bincount(cls, minlength=len(TOKEN_CLASSES)).double()
         self.n += flat.shape[0]
-        for kept, again, mm in ((self.kept, self.kept_again, m), (self.random_kept, self.random_kept_again, random_mask.double().cpu())):
+        for kept, again, mm in ((self.kept, self.kept_again, m), (self.random_kept, self.random_kept_again, random_mask.cpu().double())):
             kept += mm[:, :-1].sum(dim=(0, 1, 3))
             again += (mm[:, :-1] * mm[:, 1:]).sum(dim=(0, 1, 3))
 
@@ -182,13 +182,13 @@ class ActivationAccumulator:
 
     def __init__(self, n_layers: int, d_mlp: int, frequent_ids: np.ndarray, vocab_size: int, top: int, eps: float):
         self.eps, self.top, self.n = eps, top, 0
-        self.stats = {name: torch.zeros(n_layers, dtype=torch.float64) for name in ("near_zero", "hoyer", "gini", "kurtosis")}
-        self.row_of = torch.full((vocab_size,), -1, dtype=torch.long)
-        self.row_of[torch.from_numpy(frequent_ids)] = torch.arange(len(frequent_ids))
-        self.id_sum = torch.zeros(len(frequent_ids), n_layers * d_mlp, dtype=torch.float64)
-        self.id_count = torch.zeros(len(frequent_ids), dtype=torch.float64)
-        self.top_vals = torch.full((n_layers * d_mlp, 0), float("-inf"))
-        self.top_pos = torch.zeros((n_layers * d_mlp, 0), dtype=torch.long)
+        self.stats = {name: torch.zeros(n_layers, dtype=torch.float64, device="cpu") for name in ("near_zero", "hoyer", "gini", "kurtosis")}
+        self.row_of = torch.full((vocab_size,), -1, dtype=torch.long, device="cpu")
+        self.row_of[torch.from_numpy(frequent_ids)] = torch.arange(len(frequent_ids), device="cpu")
+        self.id_sum = torch.zeros(len(frequent_ids), n_layers * d_mlp, dtype=torch.float64, device="cpu")
+        self.id_count = torch.zeros(len(frequent_ids), dtype=torch.float64, device="cpu")
+        self.top_vals = torch.full((n_layers * d_mlp, 0), float("-inf"), device="cpu")
+        self.top_pos = torch.zeros((n_layers * d_mlp, 0), dtype=torch.long, device="cpu")
 
     def update(self, tokens: Tensor, mlp_post: Tensor, first_position: int) -> None:
         a = mlp_post.float().cpu()  # (B, T, L, d_mlp)
@@ -203,7 +203,7 @@ class ActivationAccumulator:
         keep = rows >= 0
         self.id_sum.index_add_(0, rows[keep], units[keep].clamp_min(0).double())
         self.id_count += torch.bincount(rows[keep], minlength=len(self.id_count)).double()
-        pos = first_position + torch.arange(B * T)
+        pos = first_position + torch.arange(B * T, device="cpu")
         vals = torch.cat([self.top_vals, units.T], dim=1)
         idx = torch.cat([self.top_pos, pos.expand(L * D, -1)], dim=1)
         best = vals.topk(min(self.top, vals.shape[1]), dim=1)
@@ -221,7 +221,7 @@ class ActivationAccumulator:
         D = self.id_sum.shape[1] // L
         frequent = self.id_count >= min_count
         means = self.id_sum[frequent] / self.id_count[frequent].unsqueeze(1)  # (ids, units)
-        selectivity = M.selectivity_index(means) if frequent.any() else torch.zeros(L * D)
+        selectivity = M.selectivity_index(means) if frequent.any() else torch.zeros(L * D, device="cpu")
         top_tokens = raw_tokens[self.top_pos.numpy()]  # (units, top)
         entropy = np.array([M.token_entropy(row) for row in top_tokens])
         neurons = []

@@ -58,7 +58,7 @@ def kl_with_mask(task: CircuitTask, mask: Tensor, start_layer: int = 0) -> Tenso
     sum p_c log p_c - sum p_c logit + logsumexp(logit): the middle term needs no logits."""
     final, _ = patched_forward(task.model, task.clean, mask, task.corrupt, start_layer, task.clean_run,
                                return_sources=False)
-    x = task.model.ln_final(final[torch.arange(len(task.last)), task.last])  # (n, d_model)
+    x = task.model.ln_final(final[torch.arange(len(task.last), device=final.device), task.last])  # (n, d_model)
     logits = task.model.unembed(x)
     lse = logits.to(torch.promote_types(logits.dtype, torch.float32)).logsumexp(-1)
     return (task.clean_term - (task.clean_readout * x).sum(-1) + lse).mean()
@@ -67,7 +67,7 @@ def kl_with_mask(task: CircuitTask, mask: Tensor, start_layer: int = 0) -> Tenso
 def logit_diff_with_mask(task: CircuitTask, mask: Tensor) -> Tensor:
     final, _ = patched_forward(task.model, task.clean, mask, task.corrupt, return_sources=False)
     logp = last_logprobs(task.model, final, task.last)
-    rows = torch.arange(len(task.last))
+    rows = torch.arange(len(task.last), device=logp.device)
     return (logp[rows, task.io] - logp[rows, task.s]).mean()
 
 

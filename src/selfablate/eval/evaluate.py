@@ -63,7 +63,7 @@ class EvalConfig:
     """Held-out tokens used for attribution and the localisation search."""
     localisation_target: float = 0.9
     """Fraction of the clean loss improvement the kept units must recover."""
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     """Device to run on."""
     progress: bool = True
     """Show progress bars."""
@@ -78,8 +78,8 @@ class EvalConfig:
 def token_class_table(model: SelfAblatingTransformer) -> torch.Tensor:
     """TOKEN_CLASSES index of every model id."""
     enc = gpt2_tokenizer()
-    gpt2_ids = model.to_gpt2_ids(torch.arange(model.cfg.vocab_size)).tolist()
-    return torch.tensor([classify_token(enc.decode([i])) for i in gpt2_ids], dtype=torch.long)
+    gpt2_ids = model.to_gpt2_ids(torch.arange(model.cfg.vocab_size, device=model.wte.weight.device)).tolist()
+    return torch.tensor([classify_token(enc.decode([i])) for i in gpt2_ids], dtype=torch.long, device="cpu")
 
 
 class ProbeCollector:
@@ -205,7 +205,7 @@ def model_names(paths: list[str]) -> list[str]:
 
 def evaluate_many(paths: list[str], cfg: EvalConfig) -> list[dict[str, Any]]:
     """Evaluate each checkpoint; write DIR/<name>.json and DIR/summary.csv. Returns summary rows."""
-    from ..train import resolve_device
+    from ..runtime import resolve_device
 
     device = resolve_device(cfg.device)
     out = Path(cfg.out)

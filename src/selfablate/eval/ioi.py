@@ -75,9 +75,9 @@ def ioi_prompts(n: int, seed: int = 0, names: tuple[str, ...] = NAMES) -> IOIBat
         texts.append(text)
         assert len(clean[-1]) == len(corrupt[-1]), "names must be single tokens"
     width = max(map(len, clean))
-    pad = lambda rows: torch.tensor([r + [r[-1]] * (width - len(r)) for r in rows])  # noqa: E731
-    return IOIBatch(pad(clean), pad(corrupt), torch.tensor([len(r) - 1 for r in clean]),
-                    torch.tensor(io), torch.tensor(s), texts)
+    cpu = lambda x: torch.tensor(x, device="cpu")  # noqa: E731
+    pad = lambda rows: cpu([r + [r[-1]] * (width - len(r)) for r in rows])  # noqa: E731
+    return IOIBatch(pad(clean), pad(corrupt), cpu([len(r) - 1 for r in clean]), cpu(io), cpu(s), texts)
 
 
 class IOIBehaviour(NamedTuple):
@@ -91,7 +91,8 @@ class IOIBehaviour(NamedTuple):
 
 def ioi_behaviour(logits_last: Tensor, io: Tensor, s: Tensor) -> IOIBehaviour:
     """logits_last (n, vocab) at each prompt's final position; io, s (n,) in the model's ids."""
-    rows = torch.arange(len(io))
+    rows = torch.arange(len(io), device=logits_last.device)
+    io, s = io.to(logits_last.device), s.to(logits_last.device)
     diff = logits_last[rows, io] - logits_last[rows, s]
     p_io = logits_last.float().softmax(-1)[rows, io]
     return IOIBehaviour(diff.mean().item(), (diff > 0).float().mean().item(), p_io.mean().item())

@@ -39,18 +39,21 @@ def evaluate_loss(model: SelfAblatingTransformer, batches: Iterable[tuple[Tensor
     (Each batch's mean is weighted by its token count; sums accumulate in float64.)"""
     was_training = model.training
     model.eval()
-    clean = ablated = 0.0
+    device = torch.device(device)
+    # Sums stay on the device until the end (one read, not one per batch); MPS has no float64.
+    sums = torch.zeros(2, dtype=torch.float32 if device.type == "mps" else torch.float64, device=device)
     n = 0
     for x, y in tqdm(batches, desc="evaluating", total=total, disable=not progress, leave=False):
         x, y = x.to(device), y.to(device)
         with autocast():
             out = model(x, y, return_logits=False, return_masks=False)
-        clean += out.loss_clean.item() * y.numel()
+        sums[0] += out.loss_clean.to(sums.dtype) * y.numel()
         if out.loss_ablated is not None:
-            ablated += out.loss_ablated.item() * y.numel()
+            sums[1] += out.loss_ablated.to(sums.dtype) * y.numel()
         n += y.numel()
     model.train(was_training)
-    return LossEval(clean / n, ablated / n if model.cfg.self_ablating else None, n)
+    clean, ablated = (sums / max(n, 1)).tolist()
+    return LossEval(clean, ablated if model.cfg.self_ablating else None, n)
 
 
 def unigram_entropy(tokens) -> float:

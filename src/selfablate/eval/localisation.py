@@ -50,7 +50,7 @@ def ce_with_units(model: SelfAblatingTransformer, batches: list[tuple[Tensor, Te
         a = attn_keep.expand(B, T, *attn_keep.shape)  # (B, T, L, d_model)
         m = mlp_keep.expand(B, T, *mlp_keep.shape)  # (B, T, L, d_mlp)
         final = model.run_stream(model.embed(x), Stream.CLEAN, a, m).final
-        total += per_token_cross_entropy(final, model.wte.weight, y).double().sum().item()
+        total += per_token_cross_entropy(final, model.wte.weight, y).sum().item()
         n += y.numel()
     return total / n
 
@@ -76,7 +76,7 @@ def localisation(model: SelfAblatingTransformer, batches: list[tuple[Tensor, Ten
     total = scores.numel()
 
     def keep(n: int) -> tuple[Tensor, Tensor]:
-        bits = torch.zeros(total)
+        bits = torch.zeros(total, device=scores.device)
         bits[order[:n]] = 1.0
         return bits[: attn.numel()].view_as(attn), bits[attn.numel() :].view_as(mlp)
 

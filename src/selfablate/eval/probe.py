@@ -19,15 +19,15 @@ def softmax_probe(x_train: Tensor, y_train: Tensor, x_test: Tensor, y_test: Tens
     """Multinomial logistic regression trained with minibatch Adam (seeded), early-stopped on the
     CE of a held-back fifth of the training positions (so a probe on uninformative features ends
     near the class prior instead of overfitting); held-out CE (nats) and accuracy on the test set."""
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)  # a CPU generator: the order is the same on every device
     n_val = max(1, len(y_train) // 5)
     x_fit, y_fit, x_val, y_val = x_train[n_val:], y_train[n_val:], x_train[:n_val], y_train[:n_val]
-    w = torch.zeros(x_train.shape[1], n_classes, requires_grad=True)
+    w = x_train.new_zeros(x_train.shape[1], n_classes, requires_grad=True)
     b = torch.log(torch.bincount(y_fit, minlength=n_classes).float() + 1).requires_grad_()  # start at the prior
     opt = torch.optim.Adam([w, b], lr=lr, weight_decay=weight_decay)
     best = (F.cross_entropy(x_val @ w + b, y_val).item(), w.detach().clone(), b.detach().clone())
     for _ in range(epochs):
-        for idx in torch.randperm(len(y_fit), generator=g).split(batch_size):
+        for idx in torch.randperm(len(y_fit), generator=g, device="cpu").to(x_fit.device).split(batch_size):
             opt.zero_grad()
             F.cross_entropy(x_fit[idx] @ w + b, y_fit[idx]).backward()
             opt.step()
@@ -44,8 +44,8 @@ def softmax_probe(x_train: Tensor, y_train: Tensor, x_test: Tensor, y_test: Tens
 
 def one_hot_classes(ids: Tensor, classes: Tensor, n_classes: int) -> Tensor:
     """Map ids to class indices: position in `classes`, or n_classes - 1 ('other')."""
-    table = torch.full((int(max(ids.max(), classes.max())) + 1,), n_classes - 1, dtype=torch.long)
-    table[classes] = torch.arange(len(classes))
+    table = ids.new_full((int(max(ids.max(), classes.max())) + 1,), n_classes - 1)
+    table[classes] = torch.arange(len(classes), device=ids.device)
     return table[ids]
 
 

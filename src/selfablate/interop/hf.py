@@ -73,7 +73,9 @@ def from_gpt_neo(hf: Any) -> SelfAblatingTransformer:
     cfg = ModelConfig(vocab_size=h.vocab_size, n_ctx=n_ctx, d_model=h.hidden_size, n_layers=h.num_layers,
                       n_heads=h.num_heads, d_mlp=h.intermediate_size or 4 * h.hidden_size,
                       ln_eps=h.layer_norm_epsilon, ablation="none")
-    model = SelfAblatingTransformer(cfg).to(next(hf.parameters()).dtype)
+    with torch.device("cpu"):
+        model = SelfAblatingTransformer(cfg)
+    model = model.to(next(hf.parameters()).dtype)
     theirs, ours = hf.state_dict(), model.state_dict()
     with torch.no_grad():
         for a, b in _pairs(cfg.n_layers):

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 import numpy as np
 
+from .. import ops
 from ..config import ModelConfig
 from ..data.tokenizer import EOT
 from ..data.vocab import CompactVocab
@@ -67,21 +68,27 @@ class FinalNorm(nn.LayerNorm):
         return hook(self, "hook_normalized", stream)(super().forward(x))
 
 
-LayerScores = list[tuple[Tensor, Tensor]]
-"""Per layer, the attention-unit scores (batch, pos, d_model) and neuron scores (batch, pos, d_mlp)."""
+class Scores(NamedTuple):
+    """Every layer's unit scores, layers first so that each layer's slice is contiguous."""
+
+    attn: Tensor
+    """(n_layers, batch, pos, d_model) attention-unit scores."""
+    mlp: Tensor
+    """(n_layers, batch, pos, d_mlp) neuron scores."""
 
 
-def _local_scores(model: "SelfAblatingTransformer", clean: StreamRun) -> LayerScores:
+def _local_scores(model: "SelfAblatingTransformer", clean: StreamRun) -> Scores:
     """Each block's head reads the clean residual at that block's input."""
-    return [block.mask_head(x)[0] for block, x in zip(model.blocks, clean.resid_pre)]
+    per_layer = [block.mask_head(x) for block, x in zip(model.blocks, clean.resid_pre)]
+    return Scores(*(torch.stack(s) for s in zip(*per_layer)))  # (n_layers, batch, pos, width) each
 
 
-def _global_scores(model: "SelfAblatingTransformer", clean: StreamRun) -> LayerScores:
+def _global_scores(model: "SelfAblatingTransformer", clean: StreamRun) -> Scores:
     """One head reads the final (normalised) clean residual and scores every layer at once."""
-    return model.global_mask_head(clean.final)
+    return Scores(*model.global_mask_head(clean.final))
 
 
-ScoreSource = Callable[["SelfAblatingTransformer", StreamRun], LayerScores]
+ScoreSource = Callable[["SelfAblatingTransformer", StreamRun], Scores]
 SCORE_SOURCES: dict[str, tuple[ScoreSource, ...]] = {
     "none": (),
     "local": (_local_scores,),
@@ -127,7 +134,10 @@ class SelfAblatingTransformer(HookedModule):
         T = tokens.shape[1]
         if T > self.cfg.n_ctx:
             raise SelfAblateError(f"sequence of {T} tokens exceeds the context length n_ctx={self.cfg.n_ctx}")
-        if tokens.numel() and not 0 <= int(tokens.min()) <= int(tokens.max()) < self.cfg.vocab_size:
+        # Checked where it is free: reading a device tensor's min and max would make the host wait
+        # for the device (the trainer checks each batch on the host before sending it).
+        if ops.policy(tokens.device).host_reads_free and tokens.numel() and \
+                not 0 <= int(tokens.min()) <= int(tokens.max()) < self.cfg.vocab_size:
             raise SelfAblateError(f"token ids must be in 0..{self.cfg.vocab_size - 1}")
         pos = torch.arange(T, device=tokens.device)
         return self.hook_embed(self.wte(tokens)) + self.hook_pos_embed(self.wpe(pos))
@@ -161,17 +171,27 @@ class SelfAblatingTransformer(HookedModule):
     def compute_masks(self, clean: StreamRun) -> list[BlockMasks]:
         """Relevance scores from the clean stream -> each layer's k-winners-take-all masks,
         (batch, pos, d_model) and (batch, pos, d_mlp). Scores and masks pass through each block's
-        hook points."""
+        hook points. Every layer's top-k is taken in one call (two, with the neurons): one launch
+        of each operator instead of one per layer."""
         per_source = [src(self, clean) for src in SCORE_SOURCES[self.cfg.ablation]]
         mask_fn, cfg = MASK_FUNCTIONS[self.cfg.mask_fn], self.cfg
-        masks = []
-        for block, layer_scores in zip(self.blocks, zip(*per_source)):
-            a = block.hook_attn_scores(functools.reduce(torch.add, (s[0] for s in layer_scores)))
-            m = block.hook_mlp_scores(functools.reduce(torch.add, (s[1] for s in layer_scores)))
-            attn_mask = mask_fn(a, cfg.k_attn, cfg.temperature_attn, cfg.topk_eps, cfg.topk_gap_floor)
-            mlp_mask = mask_fn(m, cfg.k_mlp, cfg.temperature_mlp, cfg.topk_eps, cfg.topk_gap_floor)
-            masks.append(BlockMasks(block.hook_attn_mask(attn_mask), block.hook_mlp_mask(mlp_mask)))
-        return masks
+        attn = self._hooked("hook_attn_scores", functools.reduce(torch.add, (s.attn for s in per_source)))
+        mlp = self._hooked("hook_mlp_scores", functools.reduce(torch.add, (s.mlp for s in per_source)))
+        attn = self._hooked("hook_attn_mask", mask_fn(attn, cfg.k_attn, cfg.temperature_attn, cfg.topk_eps,
+                                                      cfg.topk_gap_floor))
+        mlp = self._hooked("hook_mlp_mask", mask_fn(mlp, cfg.k_mlp, cfg.temperature_mlp, cfg.topk_eps,
+                                                    cfg.topk_gap_floor))
+        return [BlockMasks(a, m) for a, m in zip(attn.unbind(0), mlp.unbind(0))]
+
+    def _hooked(self, name: str, stacked: Tensor) -> Tensor:
+        """(n_layers, ...) through each block's hook point `name`; restacked only if a hook
+        replaced a layer's slice."""
+        points = [block.get_submodule(name) for block in self.blocks]
+        if not any(p.active for p in points):
+            return stacked
+        layers = stacked.unbind(0)
+        out = [p(x) for p, x in zip(points, layers)]
+        return stacked if all(o is x for o, x in zip(out, layers)) else torch.stack(out)
 
     # -- entry points -----------------------------------------------------------------------
 
@@ -195,7 +215,7 @@ class SelfAblatingTransformer(HookedModule):
         ablated = self._run_blocks(x, Stream.ABLATED, masks, clean_kv=clean.kv)
         # Off the loss path, so the stacks cost a forward copy and nothing in the backward pass.
         attn_mask, mlp_mask = ((torch.stack([getattr(m, f) for m in masks], dim=2) for f in BlockMasks._fields)
-                               if return_masks else (None, None))
+                               if return_masks else (None, None))  # (batch, pos, n_layers, width) each
         logits_ablated = self.unembed(ablated.final) if return_logits else None
         if targets is None:
             return ForwardOutput(logits_clean, logits_ablated, attn_mask, mlp_mask, None, None, None, None)

@@ -9,16 +9,17 @@ import torch
 
 
 class DevicePolicy(NamedTuple):
-    """How the LM head is chunked on one kind of device."""
+    """How work is cut up, and what the host may read, on one kind of device."""
 
     lm_head_rows: int
     """Rows per chunk at most. A CPU wants a chunk's logits in cache (256 rows measured best);
     a GPU wants few, large launches."""
     lm_head_elements: int
     """Logits per chunk at most (the memory a chunk holds: 4 bytes each in float32)."""
-    unshifted_softmax: bool
-    """Try each chunk's exp2 without subtracting the row max, and check the sums' range: two
-    passes saved, but the check reads a value on the host, which is free on a CPU only."""
+    host_reads_free: bool
+    """Reading a tensor's value on the host costs no wait (a CPU): then the model checks token
+    ranges, and the LM head tries each chunk's exp2 without the row max (two passes saved) and
+    checks the sums' range. On a GPU each such read would stall the queue of launches."""
 
 
 POLICIES = {

@@ -56,7 +56,7 @@ def figures(out: Path, names: list[str], per_model: dict[str, dict[str, float]],
     if ablating:
         model = load_checkpoint(out / "models" / ablating[0] / "checkpoint").eval()
         ids, labels = story(data, min(40, model.cfg.n_ctx))
-        tokens = model.to_model_ids(torch.tensor(ids))
+        tokens = model.to_model_ids(torch.tensor(ids, device="cpu"))
         figs.append((f"Masks of each token of a held-out story ({ablating[0]})",
                      plots.story_masks(model, tokens, labels, folder / "story_masks.png")))
     if circs:

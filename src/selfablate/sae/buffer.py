@@ -52,7 +52,7 @@ class ActivationBuffer:
             parts.append(acts)
             have += len(acts)
         pool = torch.cat([p for p in parts if p.numel()])
-        self.pool = pool[torch.randperm(len(pool), generator=self.gen).to(pool.device)]
+        self.pool = pool[torch.randperm(len(pool), generator=self.gen, device="cpu").to(pool.device)]
 
     def next(self, n: int) -> Tensor:
         if len(self.pool) < max(n, self.pool_tokens // 2):

@@ -38,5 +38,5 @@ def density_histogram(dens: Tensor, bins: int = 20, low: float = -6.0) -> dict[s
     """Histogram of log10(density) over latents in [low, 0]; dead latents are counted apart."""
     alive = dens[dens > 0]
     counts = torch.histc(alive.log10().clamp(min=low), bins=bins, min=low, max=0.0)
-    edges = torch.linspace(low, 0.0, bins + 1)
+    edges = torch.linspace(low, 0.0, bins + 1, device="cpu")
     return {"log10_density_edges": edges.tolist(), "counts": counts.long().tolist(), "dead": int((dens == 0).sum())}

@@ -106,7 +106,8 @@ def load_sae(folder: str | Path, device: str | torch.device = "cpu") -> SAE:
     try:
         raw = json.loads((folder / "cfg.json").read_text())
         raw.pop("meta", None)
-        sae = SAE(config_from_dict(SAEConfig, raw))
+        with torch.device("cpu"):
+            sae = SAE(config_from_dict(SAEConfig, raw))
         sae.load_state_dict(load_file(str(folder / "sae.safetensors"), device=str(device)))
     except FileNotFoundError as e:
         raise CheckpointError(f"no SAE at {folder} ({Path(e.filename).name} not found)") from None

@@ -57,7 +57,7 @@ class SAETrainConfig:
     """Held-out tokens for the final metrics."""
     seed: int = 0
     """Seed for initialisation and data order."""
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     """Device to run on."""
     progress: bool = True
     """Show a progress bar."""
@@ -86,7 +86,9 @@ def train_sae(model: SelfAblatingTransformer, windows: TokenWindows, cfg: SAETra
     buffer = ActivationBuffer(model, windows, cfg.hook, max(1, 4096 // windows.seq_len), pool, gen)
     d_in = buffer.pool.shape[-1]
     scfg = SAEConfig(d_in, cfg.expansion * d_in, cfg.kind, cfg.k, cfg.hook, input_scale(buffer.pool, cfg.input_scaling))
-    sae = SAE(scfg).to(device)
+    with torch.device("cpu"):  # the same initial weights on every device
+        sae = SAE(scfg)
+    sae = sae.to(device)
     with torch.no_grad():  # start the decoder bias at the (scaled) mean: the SAE then models deviations
         sae.b_dec.copy_(buffer.pool.mean(0) * scfg.scale)
     opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
@@ -179,7 +181,7 @@ def run_sae_train(checkpoint: str, cfg: SAETrainConfig) -> dict[str, Any]:
     metrics.json}."""
     import json
 
-    from ..train import resolve_device
+    from ..runtime import resolve_device
 
     t0 = time.perf_counter()
     model = load_checkpoint(checkpoint, device=resolve_device(cfg.device)).eval()
