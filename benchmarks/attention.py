@@ -3,7 +3,8 @@
 (a) the clean stream's causal attention and (b) the ablated stream's two-stream rule, each through
 the compiled CPU kernel (`selfablate.model.cpu_attention`, what the model uses on a float32 CPU) and
 through PyTorch's fused kernel as the model called it before: head dims zero-padded to a multiple of
-16 (`layers.HEAD_ALIGN`), and for (b) one extra "self" key (`layers.attend_self_ablated`).
+16 (the CPU's `ops.DevicePolicy.head_align`), and for (b) one extra "self" key
+(`layers._attend_with_self_key`).
 
     python benchmarks/attention.py [--repeats 10] [--d-head 8]
 """

@@ -66,3 +66,23 @@ def set_backend():
     saved = ops.backend()
     yield ops.select
     ops.select(saved)
+
+
+@pytest.fixture(scope="module", params=["cpu", "torch"])
+def backend(request):
+    """Every test of a module that uses this runs on both `selfablate.ops` backends: `cpu` (the C
+    kernels and oneDNN) and `torch` (PyTorch's operators: the path CUDA and MPS take). Module
+    fixtures made before it (trained checkpoints) are shared by both; subprocesses get it from
+    $SELFABLATE_BACKEND."""
+    import os
+
+    from selfablate import ops
+
+    saved, env = ops.select(request.param), os.environ.get("SELFABLATE_BACKEND")
+    os.environ["SELFABLATE_BACKEND"] = request.param
+    yield request.param
+    ops.select(saved)
+    if env is None:
+        os.environ.pop("SELFABLATE_BACKEND", None)
+    else:
+        os.environ["SELFABLATE_BACKEND"] = env

@@ -7,6 +7,9 @@ from selfablate import ModelConfig, SelfAblatingTransformer, gpt2_tokenizer
 from selfablate.eval.circuits import EdgeGraph, cache_run, kl_last, last_logprobs, patched_forward
 from selfablate.eval.ioi import TEMPLATES, ioi_behaviour, ioi_prompts, single_token_words, NAMES
 
+pytestmark = pytest.mark.usefixtures("backend")  # each test on both backends (conftest)
+
+
 CFG = dict(vocab_size=50257, n_ctx=64, d_model=16, n_layers=2, n_heads=4, d_mlp=32, ablation="local", k_attn=4, k_mlp=8)
 
 
@@ -137,6 +140,7 @@ from selfablate.eval.circuit_report import faithfulness_auc  # noqa: E402
 from selfablate.eval.discovery import acdc, eap_ig_scores, eap_scores, kl_with_mask, logit_diff_with_mask, make_task  # noqa: E402
 
 
+
 @pytest.fixture(scope="module")
 def task(setup):
     model, batch, _ = setup
@@ -183,6 +187,7 @@ def test_faithfulness_auc_by_hand():
 
 
 def test_circuits_command_writes_json_and_svg(tmp_path, setup, capsys):
+    import copy
     import json
     import xml.etree.ElementTree as ET
 
@@ -190,8 +195,7 @@ def test_circuits_command_writes_json_and_svg(tmp_path, setup, capsys):
     from selfablate.cli import main
 
     model, _, graph = setup
-    save_checkpoint(model.float(), tmp_path / "ckpt")
-    model.double()
+    save_checkpoint(copy.deepcopy(model).float(), tmp_path / "ckpt")  # the shared model stays as it is
     code = main(["circuits", str(tmp_path / "ckpt"), "--out", str(tmp_path / "c"), "--prompts", "4",
                  "--tau", "0.0001", "--sweep", "0.001", "--no-progress"])
     assert code == 0 and "ACDC tau=0.0001" in capsys.readouterr().out

@@ -8,6 +8,8 @@ import pytest
 
 from selfablate.cli import main, make_parser
 
+pytestmark = pytest.mark.usefixtures("backend")  # each test on both backends (conftest)
+
 
 def run(capsys, *argv):
     code = main([str(a) for a in argv])
@@ -94,7 +96,8 @@ def test_console_entry_point_runs():
 def test_without_a_c_compiler_training_says_so_once_on_one_line(stories_dir, tmp_path):
     """A missing compiler turns the CPU kernels off with a single stderr line (no warning's source
     line, not one per kernel), and training goes on with PyTorch's kernels."""
-    env = {**os.environ, "CC": "no-such-compiler", "SELFABLATE_KERNEL_CACHE": str(tmp_path / "kernels")}
+    env = {**os.environ, "CC": "no-such-compiler", "SELFABLATE_KERNEL_CACHE": str(tmp_path / "kernels"),
+           "SELFABLATE_BACKEND": "cpu"}  # the backend that builds kernels
     proc = subprocess.run([sys.executable, "-m", "selfablate.cli", "train", "--preset", "tiny", "--max-steps", "2",
                            "--data", str(stories_dir), "--out", str(tmp_path / "run")],
                           capture_output=True, text=True, env=env)

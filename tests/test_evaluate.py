@@ -19,6 +19,8 @@ from selfablate.eval.localisation import ce_with_units, localisation
 from selfablate.eval.probe import leakage_probe
 from selfablate.train import train
 
+pytestmark = pytest.mark.usefixtures("backend")  # each test on both backends (conftest)
+
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory, stories_dir):

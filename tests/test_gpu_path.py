@@ -131,3 +131,15 @@ def test_a_row_of_equal_scores_has_no_gradient(set_backend):
         x = torch.zeros(3, 32).requires_grad_()
         (hard_topk_soft_grad(x, 8, 0.1) * torch.randn(3, 32)).sum().backward()
         assert torch.equal(x.grad, torch.zeros(3, 32))
+
+
+@pytest.mark.slow
+def test_compiled_model_trains_as_the_eager_one(tmp_path, stories_dir, set_backend):
+    """--compile (torch.compile of the model, what a GPU run would use) on PyTorch's path."""
+    set_backend("torch")
+    model_cfg, tr = get_preset("tiny")
+    tr = dataclasses.replace(tr, data=str(stories_dir), max_steps=3, eval_interval=3, checkpoint_interval=3,
+                             log_interval=1, progress=False)
+    runs = {c: train(model_cfg, dataclasses.replace(tr, compile=c, out=str(tmp_path / str(c)))) for c in (False, True)}
+    assert runs[True].final_eval.clean == pytest.approx(runs[False].final_eval.clean, abs=1e-3)
+    assert runs[True].final_eval.ablated == pytest.approx(runs[False].final_eval.ablated, abs=1e-3)

@@ -7,6 +7,8 @@ from selfablate import ModelConfig, SelfAblatingTransformer
 from selfablate.errors import ConfigError
 from selfablate.model.masks import hard_topk, hard_topk_soft_grad, soft_topk
 
+pytestmark = pytest.mark.usefixtures("backend")  # each test on both backends (conftest)
+
 SMALL = dict(vocab_size=97, n_ctx=12, d_model=16, n_layers=3, n_heads=4, d_mlp=32, k_attn=5, k_mlp=7)
 
 
@@ -264,8 +266,16 @@ def test_straight_through_mask_without_autograd_is_the_hard_mask():
     assert (hard_topk_soft_grad(s, 12, 0.1) == 1).all()
 
 
+@pytest.mark.parametrize("policy_of", ["cpu", "cuda"])  # the self-key form, the masked fused call
 @pytest.mark.parametrize("T, d_head", [(7, 4), (1, 8), (9, 15), (5, 16)])
-def test_self_key_attention_equals_the_masked_two_stream_form_with_gradients(T, d_head):
+def test_two_stream_attention_equals_the_naive_masked_form_with_gradients(T, d_head, policy_of):
+    from selfablate import ops
+
+    with ops.device_policy_as(policy_of):
+        _two_stream_equals_naive(T, d_head)
+
+
+def _two_stream_equals_naive(T, d_head):
     from selfablate.model.layers import KV, attend_self_ablated, self_ablated_allowed
 
     g = torch.Generator().manual_seed(0)

@@ -16,6 +16,8 @@ from selfablate.sae.buffer import hook_activations
 from selfablate.sae.train import SAETrainConfig, evaluate_sae, run_sae_train
 from selfablate.train import train
 
+pytestmark = pytest.mark.usefixtures("backend")  # each test on both backends (conftest)
+
 HOOK = "blocks.1.hook_mlp_out"
 
 

@@ -15,6 +15,8 @@ from selfablate.errors import CheckpointError
 from selfablate.metrics_log import read_metrics
 from selfablate.train import lr_at, train
 
+pytestmark = pytest.mark.usefixtures("backend")  # each test on both backends (conftest)
+
 
 def tiny(tmp_path, stories_dir, **kw):
     model, tr = get_preset("tiny")

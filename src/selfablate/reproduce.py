@@ -14,11 +14,11 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, Literal, NamedTuple
 
 from tqdm.auto import tqdm
 
-from .config import ModelConfig, TrainConfig, get_preset, require
+from .config import ModelConfig, TrainConfig, check_choice, get_preset, require
 from .errors import ConfigError
 
 ABLATIONS = ("local", "global", "both")
@@ -59,10 +59,16 @@ class ReproduceConfig:
     """Held-out tokens for each SAE's metrics."""
     sae_sweep: str = ""
     """Extra L1 coefficients for an SAE frontier per model (comma-separated; empty: only 5)."""
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    """Device for every stage; auto: CUDA when available, else Apple's MPS, else the CPU."""
+    precision: Literal["auto", "float32", "bfloat16"] = "auto"
+    """Training precision (as for train; the evaluations run in float32)."""
     progress: bool = True
     """Show progress bars."""
 
     def __post_init__(self) -> None:
+        check_choice(self, "device")
+        check_choice(self, "precision")
         require(all(a in ABLATIONS for a in self.ablation_list()),
                 f"ablations must be a comma-separated subset of {','.join(ABLATIONS)}; got {self.ablations!r}")
         for name in ("ks", "seeds", "tau_sweep", "sae_sweep"):
@@ -111,7 +117,8 @@ def grid(cfg: ReproduceConfig) -> list[RunSpec]:
         for name, changes in variants:
             model = dataclasses.replace(model_base, **changes)  # validates k against d_model and d_mlp
             train = dataclasses.replace(train_base, out=str(root / f"{name}-s{seed}"), data=cfg.data, seed=seed,
-                                        resume=True, progress=False, max_steps=cfg.max_steps or train_base.max_steps)
+                                        resume=True, progress=False, max_steps=cfg.max_steps or train_base.max_steps,
+                                        device=cfg.device, precision=cfg.precision)
             specs.append(RunSpec(f"{name}-s{seed}", model, train))
     return specs
 
@@ -146,8 +153,8 @@ def _evaluate(cfg: ReproduceConfig, spec: RunSpec) -> None:
     from .eval.evaluate import EvalConfig, evaluate_checkpoint
     from .runtime import resolve_device
 
-    ecfg = EvalConfig(out="", data=cfg.data, max_tokens=cfg.eval_max_tokens, progress=False)
-    result = evaluate_checkpoint(_checkpoint(spec), ecfg, resolve_device(spec.train.device))
+    ecfg = EvalConfig(out="", data=cfg.data, max_tokens=cfg.eval_max_tokens, progress=False, device=cfg.device)
+    result = evaluate_checkpoint(_checkpoint(spec), ecfg, resolve_device(cfg.device))
     write_json(Path(cfg.out) / "eval" / f"{spec.name}.json", result)
 
 
@@ -155,7 +162,7 @@ def _circuits(cfg: ReproduceConfig, spec: RunSpec) -> None:
     from .eval.circuit_report import CircuitConfig, write_circuits
 
     ccfg = CircuitConfig(out=str(Path(cfg.out) / "circuits" / spec.name), prompts=cfg.circuit_prompts,
-                         tau=cfg.tau, sweep=cfg.tau_sweep, progress=False)
+                         tau=cfg.tau, sweep=cfg.tau_sweep, progress=False, device=cfg.device)
     write_circuits(str(_checkpoint(spec)), ccfg)
 
 
@@ -168,7 +175,7 @@ def _sae(cfg: ReproduceConfig, spec: RunSpec) -> None:
     from .sae.train import SAETrainConfig, run_sae_sweep
 
     scfg = SAETrainConfig(out=str(Path(cfg.out) / "sae" / spec.name), hook=sae_hook(cfg, spec), data=cfg.data,
-                          steps=cfg.sae_steps, eval_tokens=cfg.sae_eval_tokens, progress=False)
+                          steps=cfg.sae_steps, eval_tokens=cfg.sae_eval_tokens, progress=False, device=cfg.device)
     run_sae_sweep(str(_checkpoint(spec)), scfg, cfg.sae_coefs())
 
 

@@ -58,3 +58,8 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type == "cuda" and t.device.type == "cpu":
         return t.pin_memory().to(device, non_blocking=True)
     return t.to(device)
+
+
+def wide(t: torch.Tensor) -> torch.Tensor:
+    """t in float64 for sums and statistics, or float32 on MPS, which has no float64."""
+    return t.to(torch.float32 if t.device.type == "mps" else torch.float64)

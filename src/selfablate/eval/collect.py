@@ -16,6 +16,7 @@ from torch import Tensor
 from ..model import SelfAblatingTransformer
 from ..model.fused import per_token_cross_entropy
 from ..model.masks import hard_topk
+from ..runtime import wide
 from . import metrics as M
 
 
@@ -90,7 +91,7 @@ class LossAccumulator:
         self.counts += [v.tokens.shape[1]] * v.tokens.shape[0]
         for key, ce in (("clean", v.ce_clean), ("ablated", v.ce_ablated), ("random_mask", v.ce_random)):
             if ce is not None:
-                self.sums[key] += ce.double().sum(dim=1).tolist()
+                self.sums[key] += wide(ce).sum(dim=1).tolist()
 
     def result(self, n_resamples: int, seed: int) -> dict[str, dict[str, float]]:
         counts = np.asarray(self.counts, dtype=np.float64)

@@ -11,6 +11,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..model import SelfAblatingTransformer
+from ..runtime import wide
 
 
 class LossEval(NamedTuple):
@@ -41,7 +42,7 @@ def evaluate_loss(model: SelfAblatingTransformer, batches: Iterable[tuple[Tensor
     model.eval()
     device = torch.device(device)
     # Sums stay on the device until the end (one read, not one per batch); MPS has no float64.
-    sums = torch.zeros(2, dtype=torch.float32 if device.type == "mps" else torch.float64, device=device)
+    sums = wide(torch.zeros(2, device=device))
     n = 0
     for x, y in tqdm(batches, desc="evaluating", total=total, disable=not progress, leave=False):
         x, y = x.to(device), y.to(device)

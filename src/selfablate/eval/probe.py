@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..runtime import wide
+
 
 def softmax_probe(x_train: Tensor, y_train: Tensor, x_test: Tensor, y_test: Tensor, n_classes: int,
                   epochs: int = 16, batch_size: int = 256, lr: float = 0.05, weight_decay: float = 1e-4,
@@ -62,7 +64,7 @@ def leakage_probe(mask_bits: Tensor, random_bits: Tensor, current: Tensor, targe
     n_classes = len(classes) + 1
     y = one_hot_classes(targets, classes, n_classes)
     cur = F.one_hot(one_hot_classes(current, classes, n_classes), n_classes).float()
-    prior = torch.bincount(y[train], minlength=n_classes).double() + 1.0  # add-one smoothed
+    prior = wide(torch.bincount(y[train], minlength=n_classes)) + 1.0  # add-one smoothed
     prior_ce = float(-(prior / prior.sum()).log()[y[test]].mean())
     # Scale each feature set to unit mean squared row norm, so one learning rate suits one-hot
     # (1 bit on) and mask features (n_layers * (k_attn + k_mlp) bits on) alike.

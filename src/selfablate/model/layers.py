@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import ops
 from ..config import ModelConfig
 from . import cpu_attention
 from .activations import gelu_new
@@ -26,21 +27,24 @@ class KV(NamedTuple):
     v: Tensor
 
 
-HEAD_ALIGN = 16
-"""The fused attention kernel gets head dims zero-padded to a multiple of this (zeros change no
-dot product). On these AVX-512 CPUs it runs d_head 16 faster than 8 (1.1-1.3x) and than the
-ablated stream's d_head + 1 = 9 (1.3-1.6x; benchmarks/attention.py); 32 is slower. CUDA's flash
-kernel wants multiples of 8 too."""
-
-
 def _pad_last(x: Tensor, width: int) -> Tensor:
     """Zero-pad the last dim of (B, H, T, D) to `width`: (B, H, T, width)."""
-    return F.pad(x, (0, width - x.shape[-1]))
+    return x if x.shape[-1] == width else F.pad(x, (0, width - x.shape[-1]))
 
 
-def _aligned(d: int) -> int:
-    """d rounded up to a multiple of HEAD_ALIGN."""
-    return -(-d // HEAD_ALIGN) * HEAD_ALIGN
+def _aligned(d: int, device: torch.device) -> int:
+    """d rounded up to the device's head alignment (`ops.DevicePolicy.head_align`)."""
+    align = ops.policy(device).head_align
+    return -(-d // align) * align
+
+
+def _fused(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None) -> Tensor:
+    """PyTorch's fused attention, unscaled, heads padded to the device's alignment; allowed None
+    is causal. (B, H, Tq, Dh) -> (B, H, Tq, Dh)."""
+    Dh, width = q.shape[-1], _aligned(q.shape[-1], q.device)
+    z = F.scaled_dot_product_attention(_pad_last(q, width), _pad_last(k, width), _pad_last(v, width),
+                                       attn_mask=allowed, is_causal=allowed is None, scale=1.0)
+    return z if width == Dh else z[..., :Dh]  # (B, H, Tq, Dh)
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None, pattern: HookPoint) -> Tensor:
@@ -53,10 +57,7 @@ def attend(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None, pattern: Hoo
     if not pattern.active and allowed is None and cpu_attention.applies(q, k, v):
         return cpu_attention.causal(q, k, v)
     if not pattern.active:
-        Dh, width = q.shape[-1], _aligned(q.shape[-1])
-        z = F.scaled_dot_product_attention(_pad_last(q, width), _pad_last(k, width), _pad_last(v, width),
-                                           attn_mask=allowed, is_causal=allowed is None, scale=1.0)
-        return z[..., :Dh]  # (B, H, Tq, Dh)
+        return _fused(q, k, v, allowed)
     if allowed is None:
         allowed = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
     scores = (q @ k.transpose(-1, -2)).masked_fill(~allowed, float("-inf"))  # (B, H, Tq, Tk)
@@ -64,22 +65,31 @@ def attend(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None, pattern: Hoo
 
 
 def attend_self_ablated(q: Tensor, clean: KV, own: KV) -> Tensor:
+    """The two-stream rule: query t sees the clean keys j < t and its own ablated key t.
+    q and the KVs: (B, H, pos, Dh) -> (B, H, pos, Dh). On a float32 CPU `cpu_attention` computes
+    the rule directly; elsewhere one fused call over [clean | own] keys with the rule as its mask,
+    or (`ops.DevicePolicy.two_stream_masked` off) `_attend_with_self_key`."""
+    if cpu_attention.applies(q, clean.k, own.k):
+        return cpu_attention.two_stream(q, clean.k, clean.v, own.k, own.v)
+    if ops.policy(q.device).two_stream_masked:
+        keys = torch.cat([clean.k, own.k], dim=2)  # (B, H, 2 * pos, Dh)
+        values = torch.cat([clean.v, own.v], dim=2)  # (B, H, 2 * pos, Dh)
+        return _fused(q, keys, values, self_ablated_allowed(q.shape[2], q.device))
+    return _attend_with_self_key(q, clean, own)
+
+
+def _attend_with_self_key(q: Tensor, clean: KV, own: KV) -> Tensor:
     """The two-stream rule in one causal fused call over pos keys instead of a masked one over
     2 * pos (same result; tested against the masked form).
 
-    Query t must see the clean keys j < t and its own ablated key t. Put a "self" key first,
-    k* = [0, ..., 0, 1], then the clean keys 0..pos-2 (no ablated query sees the last one), and
-    give each query one more dimension holding its own-key score q_t . k_own_t: then
-    q~_t . k* is that score and q~_t . [k_j, 0] = q_t . k_j, and causal masking lets query t see
-    exactly k* and the clean keys 0..t-1. The self key's value [0, ..., 0, 1] returns its softmax
-    weight w_t in column Dh of the output, so z_t = sum_j<t p_tj v_j + w_t * v_own_t.
-    q and the KVs: (B, H, pos, Dh) -> (B, H, pos, Dh). On a float32 CPU, `cpu_attention` computes
-    the rule directly instead.
+    Put a "self" key first, k* = [0, ..., 0, 1], then the clean keys 0..pos-2 (no ablated query
+    sees the last one), and give each query one more dimension holding its own-key score
+    q_t . k_own_t: then q~_t . k* is that score and q~_t . [k_j, 0] = q_t . k_j, and causal masking
+    lets query t see exactly k* and the clean keys 0..t-1. The self key's value [0, ..., 0, 1]
+    returns its softmax weight w_t in column Dh of the output, so z_t = sum_j<t p_tj v_j + w_t * v_own_t.
     """
-    if cpu_attention.applies(q, clean.k, own.k):
-        return cpu_attention.two_stream(q, clean.k, clean.v, own.k, own.v)
     B, H, T, Dh = q.shape
-    width = _aligned(Dh + 1)
+    width = _aligned(Dh + 1, q.device)
     own_score = (q * own.k).sum(-1, keepdim=True)  # (B, H, T, 1)
     self_key = q.new_zeros(B, H, 1, width)
     self_key[..., Dh] = 1.0
@@ -90,15 +100,21 @@ def attend_self_ablated(q: Tensor, clean: KV, own: KV) -> Tensor:
     return z[..., :Dh] + z[..., Dh : Dh + 1] * own.v  # (B, H, T, Dh)
 
 
+_ALLOWED: dict[tuple[int, torch.device], Tensor] = {}
+
+
 def self_ablated_allowed(pos: int, device: torch.device) -> Tensor:
     """Which keys an ablated query may see, over [clean keys | ablated keys]: (pos, 2 * pos).
 
     Query t sees the clean keys j < t and its own ablated key t, so that the ablation of one
-    token never leaks into another token's computation.
+    token never leaks into another token's computation. Made once per length and device.
     """
-    eye = torch.eye(pos, dtype=torch.bool, device=device)
-    strictly_past = torch.ones(pos, pos, dtype=torch.bool, device=device).tril(diagonal=-1)
-    return torch.cat([strictly_past, eye], dim=1)
+    key = (pos, torch.device(device))
+    if key not in _ALLOWED:
+        eye = torch.eye(pos, dtype=torch.bool, device=device)
+        strictly_past = torch.ones(pos, pos, dtype=torch.bool, device=device).tril(diagonal=-1)
+        _ALLOWED[key] = torch.cat([strictly_past, eye], dim=1)
+    return _ALLOWED[key]
 
 
 class Attention(nn.Module):

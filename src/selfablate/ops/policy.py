@@ -16,6 +16,13 @@ class DevicePolicy(NamedTuple):
     a GPU wants few, large launches."""
     lm_head_elements: int
     """Logits per chunk at most (the memory a chunk holds: 4 bytes each in float32)."""
+    head_align: int
+    """Attention heads are zero-padded to a multiple of this for PyTorch's fused kernel (zeros
+    change no dot product): 16 on a CPU (measured faster than 8 or 9), 8 on CUDA (flash's unit)."""
+    two_stream_masked: bool
+    """The ablated stream's attention as one fused call over [clean keys | own keys] with a mask
+    (few operators, twice the keys: a GPU), else over pos keys with a "self" key that carries each
+    query's own-key score (half the keys, a dozen more small operators: a CPU)."""
     host_reads_free: bool
     """Reading a tensor's value on the host costs no wait (a CPU): then the model checks token
     ranges, and the LM head tries each chunk's exp2 without the row max (two passes saved) and
@@ -23,10 +30,10 @@ class DevicePolicy(NamedTuple):
 
 
 POLICIES = {
-    "cpu": DevicePolicy(256, 1 << 24, True),
-    "cuda": DevicePolicy(1 << 13, 1 << 28, False),  # batch 24 x 256 at GPT-2's vocabulary: 2 chunks, 1 GB
+    "cpu": DevicePolicy(256, 1 << 24, 16, False, True),
+    "cuda": DevicePolicy(1 << 13, 1 << 28, 8, True, False),  # batch 24 x 256, GPT-2's vocabulary: 2 chunks, 1 GB
 }
-OTHER = DevicePolicy(1 << 11, 1 << 26, False)
+OTHER = DevicePolicy(1 << 11, 1 << 26, 8, True, False)
 """MPS and any other device."""
 
 _as: str | None = None

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..runtime import wide
+
 
 def l0(latents: Tensor) -> float:
     """Mean number of active latents per token: mean_t sum_i [f_ti > 0]."""
@@ -14,7 +16,7 @@ def l0(latents: Tensor) -> float:
 def fvu(x: Tensor, x_hat: Tensor) -> float:
     """Fraction of variance unexplained: sum_t ||x_t - x_hat_t||^2 / sum_t ||x_t - mean_t x_t||^2.
     0 for a perfect reconstruction, 1 for predicting the mean. Explained variance = 1 - FVU."""
-    x, x_hat = x.double(), x_hat.double()
+    x, x_hat = wide(x), wide(x_hat)
     return ((x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum()).item()
 
 
