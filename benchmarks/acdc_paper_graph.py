@@ -13,8 +13,8 @@ import time
 import torch
 
 from selfablate import ModelConfig, SelfAblatingTransformer, load_checkpoint
-from selfablate.eval.discovery import acdc, eap_scores, kl_with_mask, make_task
-from selfablate.eval.ioi import ioi_prompts
+from selfablate.circuits.discovery import acdc, eap_scores, kl_with_mask, make_task
+from selfablate.circuits.ioi import ioi_prompts
 
 
 def main() -> None:

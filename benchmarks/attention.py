@@ -1,10 +1,10 @@
 """Attention at the paper's shape (batch 8, 16 heads, pos 256, d_head 8), forward + backward, side by side.
 
 (a) the clean stream's causal attention and (b) the ablated stream's two-stream rule, each through
-the compiled CPU kernel (`selfablate.model.cpu_attention`, what the model uses on a float32 CPU) and
+the compiled CPU kernel (`selfablate.ops.cpu_attention`, what the model uses on a float32 CPU) and
 through PyTorch's fused kernel as the model called it before: head dims zero-padded to a multiple of
 16 (the CPU's `ops.DevicePolicy.head_align`), and for (b) one extra "self" key
-(`layers._attend_with_self_key`).
+(`ops.attention._attend_with_self_key`).
 
     python benchmarks/attention.py [--repeats 10] [--d-head 8]
 """
@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from selfablate.model import cpu_attention, layers
-from selfablate.model.hooks import HookPoint
+from selfablate import ops
+from selfablate.ops import cpu_attention
 from timing import interleaved_ms, on_backend, parser_with_repeats
 
 B, H, POS = 8, 16, 256
@@ -30,9 +30,8 @@ def main() -> None:
     q, k, v, k_own, v_own = (torch.randn(B, POS, H, dh).transpose(1, 2).requires_grad_() for _ in range(5))
     grad = torch.randn(B, H, POS, dh)
     calls = {
-        "clean (causal)": (lambda: layers.attend(q, k, v, None, HookPoint()), (q, k, v)),
-        "ablated (two-stream)": (lambda: layers.attend_self_ablated(q, layers.KV(k, v), layers.KV(k_own, v_own)),
-                                 (q, k, v, k_own, v_own)),
+        "clean (causal)": (lambda: ops.causal_attention(q, k, v), (q, k, v)),
+        "ablated (two-stream)": (lambda: ops.two_stream_attention(q, k, v, k_own, v_own), (q, k, v, k_own, v_own)),
     }
     if not cpu_attention.available(dh):
         raise SystemExit(f"the CPU attention kernel is not available for d_head {dh} (see the warning)")

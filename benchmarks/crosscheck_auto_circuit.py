@@ -25,9 +25,10 @@ from auto_circuit.utils.graph_utils import patch_mode, patchable_model, set_all_
 from auto_circuit.utils.tensor_ops import multibatch_kl_div
 
 from selfablate import ModelConfig, SelfAblatingTransformer, load_checkpoint
-from selfablate.eval.discovery import acdc, eap_scores, kl_with_mask, make_task
-from selfablate.eval.ioi import IOIBatch, ioi_prompts
+from selfablate.circuits.discovery import acdc, eap_scores, kl_with_mask, make_task
+from selfablate.circuits.ioi import IOIBatch, ioi_prompts
 from selfablate.interop.transformer_lens import to_hooked_transformer
+from selfablate.data.vocab import to_model_ids
 
 
 def their_name(name: str) -> str:
@@ -78,7 +79,7 @@ def main() -> None:
     batch = equal_length_prompts(args.prompts, seed=0)
     task = make_task(model, batch)
     g = task.graph
-    ids = lambda t: model.to_model_ids(t)  # noqa: E731
+    ids = lambda t: to_model_ids(model, t)  # noqa: E731
 
     ht = to_hooked_transformer(model, use_attn_result=True, use_split_qkv_input=True, use_hook_mlp_in=True)
     ours_logits = model(ids(batch.clean)).logits_clean

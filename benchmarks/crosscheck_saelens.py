@@ -26,6 +26,7 @@ from selfablate.interop.transformer_lens import to_hooked_transformer
 from selfablate.sae.buffer import hook_activations
 from selfablate.sae.model import SAE, SAEConfig, load_sae
 from selfablate.sae.train import evaluate_sae
+from selfablate.data.vocab import to_model_ids
 
 
 class Windows:
@@ -73,7 +74,7 @@ def main() -> None:
     except DataError as e:  # the cross-check is of metric definitions: any tokens will do
         print(f"no held-out text ({e}); using random GPT-2 token ids")
         raw = torch.randint(0, 50257, (n,), generator=torch.Generator().manual_seed(0))
-    full = model.to_model_ids(raw.view(args.windows, T + 1))  # (windows, T + 1)
+    full = to_model_ids(model, raw.view(args.windows, T + 1))  # (windows, T + 1)
 
     # An SAE with some structure: decoder rows from real activations, a negative encoder bias.
     if args.sae:

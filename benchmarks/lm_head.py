@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 
 from selfablate import ops
-from selfablate.model import fused as fused_module
-from selfablate.model import onednn
-from selfablate.model.fused import chunk_rows_for, linear_cross_entropy
+from selfablate.ops import lm_head as fused_module
+from selfablate.ops import onednn
+from selfablate.ops.lm_head import chunk_rows_for, linear_cross_entropy
 from selfablate.perf import gemm_peaks
 from timing import interleaved_ms, on_backend, patched, repeats_from_argv
 
@@ -64,7 +64,7 @@ def main() -> None:
                          "grad_h P^T @ W": lambda: probs.T @ wd,
                          "grad_W += P @ h": lambda: grad_w.addmm_(probs, hc)}, 5 * repeats)
     flop = 2 * VOCAB * D * rows
-    print(f"its GEMMs, GFLOP/s: " + ", ".join(f"{name} {flop / t / 1e6:.0f}" for name, t in ms.items())
+    print("its GEMMs, GFLOP/s: " + ", ".join(f"{name} {flop / t / 1e6:.0f}" for name, t in ms.items())
           + "; float32 peak (2048^3) " + ", ".join(f"{b} {f / 1e9:.0f}" for b, f in gemm_peaks().items()))
 
 

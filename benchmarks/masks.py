@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from selfablate.model.masks import hard_topk_soft_grad, hard_topk_soft_grad_reference
+from selfablate.ops.masks import hard_topk_soft_grad, hard_topk_soft_grad_reference
 from timing import interleaved_ms, on_backend, repeats_from_argv
 
 B, POS, K = 8, 256, 32

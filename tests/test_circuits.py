@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from selfablate import ModelConfig, SelfAblatingTransformer, gpt2_tokenizer
-from selfablate.eval.circuits import EdgeGraph, cache_run, kl_last, last_logprobs, patched_forward
-from selfablate.eval.ioi import TEMPLATES, ioi_behaviour, ioi_prompts, single_token_words, NAMES
+from selfablate.circuits.patching import EdgeGraph, cache_run, kl_last, last_logprobs, patched_forward
+from selfablate.circuits.ioi import TEMPLATES, ioi_behaviour, ioi_prompts, single_token_words, NAMES
 
 pytestmark = pytest.mark.usefixtures("backend")  # each test on both backends (conftest)
 
@@ -136,8 +136,8 @@ def test_node_and_projection_reuse_is_exact(setup):
 
 # -- discovery --------------------------------------------------------------------------------
 
-from selfablate.eval.circuit_report import faithfulness_auc  # noqa: E402
-from selfablate.eval.discovery import acdc, eap_ig_scores, eap_scores, kl_with_mask, logit_diff_with_mask, make_task  # noqa: E402
+from selfablate.circuits.run import faithfulness_auc  # noqa: E402
+from selfablate.circuits.discovery import acdc, eap_ig_scores, eap_scores, kl_with_mask, logit_diff_with_mask, make_task  # noqa: E402
 
 
 

@@ -106,3 +106,15 @@ def test_without_a_c_compiler_training_says_so_once_on_one_line(stories_dir, tmp
     notes = [ln for ln in lines if "C compiler" in ln or "C kernel" in ln]
     assert len(notes) == 1 and notes[0].endswith("a paper-scale training step about 1.6x slower)"), notes
     assert not any("warnings.warn" in ln or "KernelWarning" in ln for ln in lines)
+
+
+def test_every_command_has_working_help(capsys):
+    """Each subcommand's --help prints and exits 0 (a "%" in a field's docstring once crashed it)."""
+    parser = make_parser()
+    commands = next(a for a in parser._actions if isinstance(a, __import__("argparse")._SubParsersAction)).choices
+    assert {"train", "evaluate", "circuits", "sae", "reproduce"} <= set(commands)
+    for name in commands:
+        with pytest.raises(SystemExit) as exit_:
+            main([name, "--help"])
+        assert exit_.value.code == 0, name
+        assert "usage: selfablate " + name in capsys.readouterr().out

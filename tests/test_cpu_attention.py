@@ -5,8 +5,9 @@ import shutil
 import pytest
 import torch
 
-from selfablate.model import cpu_attention, kernels
-from selfablate.model.layers import KV, attend, attend_self_ablated, self_ablated_allowed
+from selfablate.ops import cpu_attention, kernels
+from selfablate.model.layers import attend
+from selfablate.ops import self_ablated_allowed, two_stream_attention
 
 from .test_model import naive_attention as naive
 
@@ -68,7 +69,7 @@ def test_model_attention_takes_the_kernel_in_float32_only(monkeypatch, set_backe
     monkeypatch.setattr(cpu_attention._KernelAttention, "apply", lambda *a: calls.append(1) or real(*a))
     q, k, v = (x.float() for x in views(1, 2, 5, 8, 3))
     attend(q, k, v, None, HookPoint())
-    attend_self_ablated(q, KV(k, v), KV(k, v))
+    two_stream_attention(q, k, v, k, v)
     assert len(calls) == 2
     assert not cpu_attention.applies(q.double(), k.double())
     assert not cpu_attention.applies(torch.randn(1, 1, 4, 64))  # head dims past MAX_HEAD_DIM
@@ -109,7 +110,7 @@ def test_without_a_compiler_the_model_keeps_pytorch_attention(monkeypatch, tmp_p
             assert not cpu_attention.available(8)
         q, k, v = (x.float() for x in views(1, 2, 5, 8, 3))
         assert not cpu_attention.applies(q, k, v)
-        out = attend_self_ablated(q, KV(k, v), KV(k, v))
+        out = two_stream_attention(q, k, v, k, v)
         slow = naive(q, torch.cat([k, k], 2), torch.cat([v, v], 2), self_ablated_allowed(5, q.device))
         torch.testing.assert_close(out, slow)
         assert not list(tmp_path.iterdir())

@@ -18,6 +18,7 @@ from selfablate.eval.lm import evaluate_loss
 from selfablate.eval.localisation import ce_with_units, localisation
 from selfablate.eval.probe import leakage_probe
 from selfablate.train import train
+from selfablate.data.vocab import token_lookup
 
 pytestmark = pytest.mark.usefixtures("backend")  # each test on both backends (conftest)
 
@@ -51,7 +52,7 @@ def test_evaluate_writes_traceable_json_and_csv(evaluated, checkpoints):
     r = json.loads((out / "local.json").read_text())
     assert r["config"]["ablation"] == "local" and r["checkpoint"] == str(checkpoints[1])
     model = load_checkpoint(checkpoints[1])
-    windows = TokenWindows(tokenize_split(resolve_source(r["data"]["source"]), "valid"), 32, model.token_lookup())
+    windows = TokenWindows(tokenize_split(resolve_source(r["data"]["source"]), "valid"), 32, token_lookup(model))
     whole_windows = min(4096 // 32, windows.num_sequential())  # 4096 tokens, or all of a smaller split
     assert len(r["data"]["sha256"]) == 64 and r["data"]["tokens"] == whole_windows * 32
     base = json.loads((out / "none.json").read_text())
@@ -62,7 +63,7 @@ def test_lm_numbers_agree_with_the_plain_loss_evaluation(evaluated, checkpoints,
     out, _, cfg = evaluated
     r = json.loads((out / "local.json").read_text())
     model = load_checkpoint(checkpoints[1])
-    windows = TokenWindows(tokenize_split(resolve_source(str(stories_dir)), "valid"), 32, model.token_lookup())
+    windows = TokenWindows(tokenize_split(resolve_source(str(stories_dir)), "valid"), 32, token_lookup(model))
     plain = evaluate_loss(model, windows.sequential_batches(32, 4096 // 32))
     assert r["lm"]["clean"]["ce"] == pytest.approx(plain.clean, rel=1e-5)
     assert r["lm"]["ablated"]["ce"] == pytest.approx(plain.ablated, rel=1e-5)
@@ -108,7 +109,7 @@ def test_leakage_probe_catches_a_mask_that_encodes_the_next_token():
 
 def test_localisation_finds_units_that_recover_the_target(checkpoints, stories_dir):
     model = load_checkpoint(checkpoints[0])
-    windows = TokenWindows(tokenize_split(resolve_source(str(stories_dir)), "valid"), 32, model.token_lookup())
+    windows = TokenWindows(tokenize_split(resolve_source(str(stories_dir)), "valid"), 32, token_lookup(model))
     batches = list(windows.sequential_batches(8, 16))
     loc = localisation(model, batches, target=0.9)
     assert 0 < loc.units_needed <= loc.total_units == 2 * (32 + 64)

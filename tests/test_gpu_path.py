@@ -8,7 +8,7 @@ import torch
 
 from selfablate import ModelConfig, SelfAblatingTransformer
 from selfablate.config import get_preset
-from selfablate.model.masks import hard_topk_soft_grad, soft_topk, topk_winners
+from selfablate.ops.masks import hard_topk_soft_grad, soft_topk, topk_winners
 from selfablate.train import autocast_for, make_optimizer, train, train_step
 
 PAPER_WIDTHS = ModelConfig(vocab_size=512, n_ctx=64, d_model=128, n_heads=16, d_mlp=512, n_layers=2,

@@ -5,6 +5,7 @@ import torch
 
 from selfablate import ModelConfig, SelfAblatingTransformer
 from selfablate.errors import SelfAblateError
+from selfablate.data.vocab import to_model_ids
 
 CFG = dict(vocab_size=300, n_ctx=32, d_model=32, n_layers=2, n_heads=4, d_mlp=64, ablation="local", k_attn=8, k_mlp=16)
 
@@ -85,7 +86,7 @@ def test_compact_vocabulary_exports_back_to_gpt2_ids_exactly():
     model.vocab_ids.copy_(kept)
     ht = to_hooked_transformer(model, full_vocab=True)
     gpt2 = torch.tensor([[257, 11, 999, 262, 13, 40000]])  # 999 and 40000 are not kept: both read <unk>
-    ours = model(model.to_model_ids(gpt2)).logits_clean.log_softmax(-1)  # (1, T, 7)
+    ours = model(to_model_ids(model, gpt2)).logits_clean.log_softmax(-1)  # (1, T, 7)
     theirs = ht(gpt2).detach().log_softmax(-1)  # (1, T, 50257)
     torch.testing.assert_close(theirs[..., kept], ours[..., :-1], rtol=0, atol=1e-6)
     missing = torch.ones(50257, dtype=torch.bool)

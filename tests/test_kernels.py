@@ -1,11 +1,11 @@
-"""model.kernels: the C transpose, and the fallbacks where the kernels do not apply."""
+"""ops.kernels: the C transpose, and the fallbacks where the kernels do not apply."""
 
 import shutil
 
 import pytest
 import torch
 
-from selfablate.model import kernels
+from selfablate.ops import kernels
 
 needs_cc = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler to build the kernels")
 
@@ -32,7 +32,7 @@ def test_transposed_falls_back_where_the_kernel_does_not_apply(monkeypatch):
 def test_reconstruction_loss_kernel_is_as_accurate_as_autograd(monkeypatch, set_backend):
     """csrc/recon.c against F.normalize + F.mse_loss in float64, in value and gradients, with a
     zero row and a row whose norm is below F.normalize's eps (the clamp's branch)."""
-    from selfablate.model.losses import reconstruction_loss
+    from selfablate.ops import reconstruction_loss
 
     g = torch.Generator().manual_seed(0)
     clean = [torch.randn(2, 9, 48, generator=g, dtype=torch.float64) for _ in range(3)]
@@ -56,7 +56,7 @@ def test_reconstruction_loss_kernel_is_as_accurate_as_autograd(monkeypatch, set_
 
 
 def test_reconstruction_loss_kernel_is_taken_for_float32_on_the_cpu(monkeypatch):
-    from selfablate.model import losses
+    from selfablate.ops import recon as losses
 
     calls = []
     real = losses._NormalizedMSE.apply

@@ -5,7 +5,7 @@ import torch
 
 from selfablate import ModelConfig, SelfAblatingTransformer
 from selfablate.errors import ConfigError
-from selfablate.model.masks import hard_topk, hard_topk_soft_grad, soft_topk
+from selfablate.ops.masks import hard_topk, hard_topk_soft_grad, soft_topk
 
 pytestmark = pytest.mark.usefixtures("backend")  # each test on both backends (conftest)
 
@@ -48,7 +48,7 @@ def test_hard_mask_has_exactly_k_ones_per_row(k):
 def test_straight_through_gradient_equals_soft_topk_gradient(shape, k):
     """The hand-written backward of hard_topk_soft_grad against autograd through soft_topk (and
     the autograd reference), whose gradient it must be, down to rounding."""
-    from selfablate.model.masks import hard_topk_soft_grad_reference
+    from selfablate.ops.masks import hard_topk_soft_grad_reference
 
     torch.manual_seed(0)
     scores = torch.randn(*shape, dtype=torch.float64)
@@ -106,7 +106,7 @@ def test_ablated_logits_equal_a_naive_rerun_with_the_mask_at_one_position(ablati
 def test_full_width_k_makes_the_ablated_stream_equal_the_clean_one(ablation):
     model = make(ablation, k_attn=SMALL["d_model"], k_mlp=SMALL["d_mlp"])
     toks = tokens()
-    out = model(toks, toks)
+    out = model(toks, toks, return_logits=True)
     assert (out.attn_mask == 1).all() and (out.mlp_mask == 1).all()
     torch.testing.assert_close(out.logits_ablated, out.logits_clean, rtol=1e-10, atol=1e-10)
     assert out.loss_recon.item() == pytest.approx(0.0, abs=1e-20)
@@ -162,7 +162,7 @@ def test_mask_depends_only_on_the_past():
 def test_loss_is_the_weighted_sum_of_its_terms():
     model = make("local", coef_clean=0.7, coef_ablated=0.2, coef_recon=3.0)
     toks = tokens()
-    out = model(toks, toks)
+    out = model(toks, toks, return_logits=True)
     expected = 0.7 * out.loss_clean + 0.2 * out.loss_ablated + 3.0 * out.loss_recon
     torch.testing.assert_close(out.loss, expected)
     ce = torch.nn.functional.cross_entropy(out.logits_ablated.reshape(-1, SMALL["vocab_size"]), toks.reshape(-1))
@@ -276,12 +276,12 @@ def test_two_stream_attention_equals_the_naive_masked_form_with_gradients(T, d_h
 
 
 def _two_stream_equals_naive(T, d_head):
-    from selfablate.model.layers import KV, attend_self_ablated, self_ablated_allowed
+    from selfablate.ops import self_ablated_allowed, two_stream_attention
 
     g = torch.Generator().manual_seed(0)
     q, kc, vc, ka, va = (torch.randn(2, 3, T, d_head, generator=g, dtype=torch.float64, requires_grad=True)
                          for _ in range(5))
-    fast = attend_self_ablated(q, KV(kc, vc), KV(ka, va))
+    fast = two_stream_attention(q, kc, vc, ka, va)
     slow = naive_attention(q, torch.cat([kc, ka], 2), torch.cat([vc, va], 2), self_ablated_allowed(T, q.device))
     torch.testing.assert_close(fast, slow, rtol=0, atol=1e-12)
     w = torch.randn(fast.shape, generator=g, dtype=torch.float64)

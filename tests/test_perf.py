@@ -53,7 +53,7 @@ def test_training_sets_the_allocator_only_when_asked(tmp_path, stories_dir, monk
 
 
 def test_onednn_gemm_computes_the_product_and_both_peaks_are_measured():
-    from selfablate.model.onednn import linear, onednn_available, pack
+    from selfablate.ops.onednn import linear, onednn_available, pack
     from selfablate.perf import gemm_peaks
 
     peaks = gemm_peaks(n=128, repeats=2)

@@ -10,11 +10,12 @@ from selfablate.config import get_preset
 from selfablate.data.dataset import TokenWindows, tokenize_split
 from selfablate.data.sources import resolve_source
 from selfablate.errors import CheckpointError, SelfAblateError
-from selfablate.sae import SAE, SAEConfig, load_sae, save_sae
+from selfablate.sae import SAE, SAEConfig, load_sae
 from selfablate.sae import metrics as M
 from selfablate.sae.buffer import hook_activations
 from selfablate.sae.train import SAETrainConfig, evaluate_sae, run_sae_train
 from selfablate.train import train
+from selfablate.data.vocab import token_lookup
 
 pytestmark = pytest.mark.usefixtures("backend")  # each test on both backends (conftest)
 
@@ -45,7 +46,7 @@ def trained(tmp_path_factory, stories_dir):
     t = dataclasses.replace(tr, data=str(stories_dir), out=str(out / "m"), progress=False, max_steps=30)
     ckpt = train(dataclasses.replace(model_cfg, compact_vocab=True), t).checkpoint
     model = load_checkpoint(ckpt)
-    windows = TokenWindows(tokenize_split(resolve_source(str(stories_dir)), "valid"), 32, model.token_lookup())
+    windows = TokenWindows(tokenize_split(resolve_source(str(stories_dir)), "valid"), 32, token_lookup(model))
     return ckpt, model, windows
 
 

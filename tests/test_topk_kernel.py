@@ -5,8 +5,8 @@ import shutil
 import pytest
 import torch
 
-from selfablate.model import kernels
-from selfablate.model.masks import _torch_topk_winners, hard_topk_soft_grad, soft_topk, topk_winners
+from selfablate.ops import kernels
+from selfablate.ops.masks import _torch_topk_winners, hard_topk_soft_grad, soft_topk, topk_winners
 
 pytestmark = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler to build the kernel")
 
@@ -65,7 +65,7 @@ def test_kernel_is_skipped_where_it_does_not_apply(monkeypatch, set_backend):
     calls = []
     real = kernels.load
     monkeypatch.setattr(kernels, "load", lambda *a, **kw: calls.append(a) or real(*a, **kw))
-    from selfablate.model import masks
+    from selfablate.ops import masks
 
     assert masks._topk_kernel(torch.randn(2, 32)) is not None
     for scores in (torch.randn(2, 24), torch.randn(2, 32, dtype=torch.float64), torch.randn(0, 32)):

@@ -193,3 +193,28 @@ def test_fused_adamw_step_equals_the_plain_one():
     for (n, p), q in zip(a.named_parameters(), b.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7, msg=n)
         assert not torch.equal(p, before[n])  # the steps moved every parameter
+
+
+def test_a_diverging_run_stops_with_one_line_and_keeps_the_good_checkpoint(tmp_path, stories_dir, capsys):
+    """--lr 1e6 on a resumed good run: the weights go non-finite; training stops at a read step
+    with a one-line error naming it, and the checkpoint on disk is still the good one."""
+    from selfablate.cli import main
+
+    common = ["train", "--preset", "tiny", "--data", str(stories_dir), "--out", str(tmp_path / "run"), "--no-progress",
+              "--checkpoint-interval", "5", "--log-interval", "5"]
+    assert main(common + ["--max-steps", "10"]) == 0
+    good = (tmp_path / "run" / "checkpoint" / WEIGHTS).read_bytes()
+    capsys.readouterr()
+    assert main(common + ["--max-steps", "30", "--lr", "1e6", "--resume"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "training diverged at step" in err[0] and "last good checkpoint" in err[0], err
+    assert (tmp_path / "run" / "checkpoint" / WEIGHTS).read_bytes() == good
+
+
+@pytest.mark.parametrize("bad", [dict(lr=float("inf")), dict(lr=float("nan")), dict(beta1=1.5), dict(beta2=-0.1),
+                                 dict(weight_decay=-1.0), dict(grad_clip=float("inf"))])
+def test_optimiser_numbers_are_validated_up_front(bad):
+    from selfablate.errors import ConfigError
+
+    with pytest.raises(ConfigError):
+        TrainConfig(**bad)

@@ -13,6 +13,7 @@ from typing import Any, Callable, Literal, Sequence
 
 from .config import PRESETS, ModelConfig, TrainConfig, field_docs, field_type, get_preset, literal_choices
 from .errors import SelfAblateError
+from .data.vocab import token_lookup
 
 # -- flags from dataclasses -------------------------------------------------------------------
 
@@ -25,7 +26,8 @@ def add_fields(parser: argparse.ArgumentParser, cls: type, title: str) -> None:
     for f in dataclasses.fields(cls):
         kind = field_type(cls, f.name)
         flag = "--" + f.name.replace("_", "-")
-        help_text = f"{docs.get(f.name, '')} (default: {f.default})"
+        # argparse formats help with %: a literal one (a docstring's "95%") must be doubled.
+        help_text = f"{docs.get(f.name, '')} (default: {f.default})".replace("%", "%%")
         if kind is bool:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
         elif getattr(kind, "__origin__", None) is Literal:
@@ -112,7 +114,7 @@ def cmd_eval_loss(ns: argparse.Namespace) -> None:
     device = resolve_device(opts.device)
     model = load_checkpoint(ns.checkpoint, device=device)
     windows = TokenWindows(tokenize_split(resolve_source(opts.data), opts.split), model.cfg.n_ctx,
-                           model.token_lookup())
+                           token_lookup(model))
     limit = opts.max_batches * opts.batch_size if opts.max_batches else None
     result = evaluate_loss(model, windows.sequential_batches(opts.batch_size, limit), device, progress=True,
                            total=windows.num_batches(opts.batch_size, limit))
@@ -179,7 +181,7 @@ def cmd_evaluate(ns: argparse.Namespace) -> None:
 
 
 def cmd_circuits(ns: argparse.Namespace) -> None:
-    from .eval.circuit_report import CircuitConfig, write_circuits
+    from .report.circuits import CircuitConfig, write_circuits
 
     cfg = build(CircuitConfig, ns)
     r = write_circuits(ns.checkpoint, cfg)
@@ -245,7 +247,7 @@ def _sae_config_cls() -> type:
 
 
 def _circuit_config_cls() -> type:
-    from .eval.circuit_report import CircuitConfig
+    from .circuits.run import CircuitConfig
 
     return CircuitConfig
 
@@ -300,7 +302,7 @@ def make_parser() -> argparse.ArgumentParser:
 def _kernel_warnings_on_one_line() -> None:
     """The C kernels' warnings (no compiler, a failed build) as one line each, without a source line.
     Installed once per process: main() may run many times (tests), each would wrap the last."""
-    from .model.kernels import KernelWarning
+    from .ops.kernels import KernelWarning
 
     default = warnings.showwarning
     if getattr(default, "selfablate_one_line", False):

@@ -10,6 +10,7 @@ import ast
 import dataclasses
 import functools
 import inspect
+import math
 import textwrap
 from dataclasses import dataclass
 from typing import Any, Callable, Literal
@@ -68,7 +69,7 @@ class ModelConfig:
     topk_gap_floor: float = 0.01
     """The soft top-k's gap s_(k) - s_(k+1) is floored at this fraction of the row's mean gap between
     neighbouring scores, so that a tie at the cut does not make the gradient 1/eps (rows above the
-    floor keep the paper's formula; 0 gives it everywhere; see `model.masks.divisor`)."""
+    floor keep the paper's formula; 0 gives it everywhere; see `ops.masks.widen_cut`)."""
     coef_clean: float = 1.0
     """Loss weight a of the clean stream's cross-entropy."""
     coef_ablated: float = 0.1
@@ -77,6 +78,10 @@ class ModelConfig:
     """Loss weight c of the reconstruction loss (clean vs ablated residuals)."""
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float):
+                require(math.isfinite(value), f"{f.name} must be a finite number, got {value}")
         for name in ("vocab_size", "n_ctx", "d_model", "n_layers", "n_heads", "d_mlp"):
             require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         require(self.d_model % self.n_heads == 0,
@@ -167,7 +172,14 @@ class TrainConfig:
                      "log_interval", "checkpoint_interval", "grad_accum"):
             require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         require(self.seq_len >= 0, f"seq_len must be >= 0, got {self.seq_len}")
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float):
+                require(math.isfinite(value), f"{f.name} must be a finite number, got {value}")
         require(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        require(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
+        for name in ("beta1", "beta2"):
+            require(0 <= getattr(self, name) < 1, f"{name} must be in [0, 1), got {getattr(self, name)}")
         require(self.batch_size % self.grad_accum == 0,
                 f"batch_size {self.batch_size} must be divisible by grad_accum {self.grad_accum}")
         require(0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")

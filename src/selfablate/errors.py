@@ -19,3 +19,7 @@ class DataError(SelfAblateError):
 
 class CheckpointError(SelfAblateError):
     """A missing, corrupt or incompatible checkpoint."""
+
+
+class DivergedError(SelfAblateError):
+    """Training produced a non-finite loss, gradient or weight; nothing non-finite was saved."""

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from .model import SelfAblatingTransformer
+from .data.vocab import to_gpt2_ids, to_model_ids, unk_id
 
 
 class Generated(NamedTuple):
@@ -51,18 +52,18 @@ def generate(model: SelfAblatingTransformer, prompt: list[int], max_new_tokens: 
     model.eval()
     device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(seed)
-    tokens = model.to_model_ids(torch.tensor(prompt, dtype=torch.long, device="cpu")).tolist()
+    tokens = to_model_ids(model, torch.tensor(prompt, dtype=torch.long, device="cpu")).tolist()
     attn_units, mlp_units = [], []
     for _ in range(max_new_tokens):
         window = torch.tensor([tokens[-model.cfg.n_ctx:]], device=device)
         out = model(window)
         logits = (out.logits_ablated if stream == "ablated" else out.logits_clean)[0, -1].cpu()
-        if model.unk_id is not None:
-            logits[model.unk_id] = float("-inf")  # <unk> stands for many tokens: never sample it
+        if unk_id(model) is not None:
+            logits[unk_id(model)] = float("-inf")  # <unk> stands for many tokens: never sample it
         tokens.append(sample_next(logits, temperature, top_k, gen))
         if out.attn_mask is not None:
             attn_units.append(_units(out.attn_mask[0, -1]))
             mlp_units.append(_units(out.mlp_mask[0, -1]))
     ablating = model.cfg.self_ablating
-    tokens = model.to_gpt2_ids(torch.tensor(tokens, device=model.wte.weight.device)).tolist()
+    tokens = to_gpt2_ids(model, torch.tensor(tokens, device=model.wte.weight.device)).tolist()
     return Generated(tokens, tokens[len(prompt):], attn_units if ablating else None, mlp_units if ablating else None)

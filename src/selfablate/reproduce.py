@@ -159,7 +159,7 @@ def _evaluate(cfg: ReproduceConfig, spec: RunSpec) -> None:
 
 
 def _circuits(cfg: ReproduceConfig, spec: RunSpec) -> None:
-    from .eval.circuit_report import CircuitConfig, write_circuits
+    from .report.circuits import CircuitConfig, write_circuits
 
     ccfg = CircuitConfig(out=str(Path(cfg.out) / "circuits" / spec.name), prompts=cfg.circuit_prompts,
                          tau=cfg.tau, sweep=cfg.tau_sweep, progress=False, device=cfg.device)

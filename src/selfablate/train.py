@@ -22,7 +22,7 @@ from .config import ModelConfig, TrainConfig
 from .data.dataset import TokenWindows, tokenize_split
 from .data.sources import resolve_source
 from .data.vocab import CompactVocab
-from .errors import CheckpointError, ConfigError, DataError
+from .errors import CheckpointError, ConfigError, DataError, DivergedError
 from .eval.lm import LossEval, evaluate_loss
 from .metrics_log import MetricsLog
 from .model import SelfAblatingTransformer
@@ -152,7 +152,23 @@ def start_or_resume(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.devi
     return RunState(model, opt, data_rng, int(ts["step"]))
 
 
+def _last_good(cfg: TrainConfig) -> str:
+    folder = find_checkpoint(Path(cfg.out) / CHECKPOINT_DIR)
+    return f"the last good checkpoint, {folder}, is intact" if folder else "no checkpoint was written"
+
+
+def check_finite(m: StepMetrics, cfg: TrainConfig) -> None:
+    """Stop on a non-finite loss or gradient norm (a read step's), naming the step."""
+    values = {"loss": m.loss, "gradient norm": m.grad_norm}
+    bad = [f"{name} {v}" for name, v in values.items() if v is not None and not math.isfinite(v)]
+    if bad:
+        raise DivergedError(f"training diverged at step {m.step} ({', '.join(bad)}); {_last_good(cfg)}")
+
+
 def save_run(run: RunState, step: int, cfg: TrainConfig, extra: dict[str, Any]) -> Path:
+    """Save a resumable checkpoint, unless a weight is not finite (then nothing replaces the last one)."""
+    if not all(bool(torch.isfinite(p).all()) for p in run.model.parameters()):
+        raise DivergedError(f"a weight is not finite at step {step}: not saved; {_last_good(cfg)}")
     meta = {"train": dataclasses.asdict(cfg), "step": step, **extra}
     state = {"step": step, "data_rng": run.data_rng.get_state(), "torch_rng": torch.get_rng_state()}
     return save_checkpoint(run.model, Path(cfg.out) / CHECKPOINT_DIR, meta=meta, optimizer=run.opt, train_state=state)
@@ -246,14 +262,14 @@ def _train(model_cfg: ModelConfig, cfg: TrainConfig, cache_dir: Path | None, dis
         m = train_step(trainee, run.opt, distributed.shard(batch, dist), step, cfg, device, autocast)
         tokens_seen += batch[0].numel()
         bar.update(1)
-        done = m.step == cfg.max_steps
-        if m.step % cfg.log_interval == 0 or done:
-            _log_step(m, dist, device, log, bar, tokens_seen / (time.perf_counter() - t0))
+        done, saving = m.step == cfg.max_steps, m.step % cfg.checkpoint_interval == 0
+        if m.step % cfg.log_interval == 0 or done or saving:  # read, so checked, before any save
+            check_finite(_log_step(m, dist, device, log, bar, tokens_seen / (time.perf_counter() - t0)), cfg)
         if dist.main and (m.step % cfg.eval_interval == 0 or done):
             evaluation = evaluate()
             if log:
                 log.write({"step": m.step, "val_loss_clean": evaluation.clean, "val_loss_ablated": evaluation.ablated})
-        if m.step % cfg.checkpoint_interval == 0 or done:
+        if saving or done:
             if dist.main:
                 save_run(run, m.step, cfg, {"val": evaluation._asdict() if evaluation else None})
             distributed.barrier(dist)

@@ -10,8 +10,11 @@ which can occur in held-out text (0.22% of the sample's valid tokens) and is nev
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+import torch
+from torch import Tensor
 
 from .tokenizer import EOT, VOCAB_SIZE
 
@@ -41,3 +44,34 @@ class CompactVocab:
         table = np.full(VOCAB_SIZE, self.unk, dtype=np.int64)
         table[self.ids] = np.arange(len(self.ids))
         return table
+
+
+# A model's vocabulary: `model` is a SelfAblatingTransformer (its cfg.compact_vocab and, for a compact
+# vocabulary, its vocab_ids buffer); the model itself knows nothing of GPT-2's ids.
+
+
+def token_lookup(model: Any) -> np.ndarray | None:
+    """(50257,) GPT-2 id -> model id for a compact vocabulary (<unk> for ids it lacks); None when
+    the model uses GPT-2's ids directly."""
+    if not model.cfg.compact_vocab:
+        return None
+    return CompactVocab(model.vocab_ids.cpu().numpy()).lookup()
+
+
+def to_model_ids(model: Any, gpt2_ids: Tensor) -> Tensor:
+    """GPT-2 ids -> the model's ids (the same tensor without a compact vocabulary)."""
+    lookup = token_lookup(model)
+    return gpt2_ids if lookup is None else torch.from_numpy(lookup).to(gpt2_ids.device)[gpt2_ids]
+
+
+def to_gpt2_ids(model: Any, model_ids: Tensor) -> Tensor:
+    """Inverse of to_model_ids; <unk> maps to <|endoftext|>."""
+    if not model.cfg.compact_vocab:
+        return model_ids
+    table = torch.cat([model.vocab_ids, model.vocab_ids.new_tensor([EOT])])
+    return table[model_ids.to(table.device)]
+
+
+def unk_id(model: Any) -> int | None:
+    """The model's <unk> id (the last), or None without a compact vocabulary."""
+    return model.cfg.vocab_size - 1 if model.cfg.compact_vocab else None

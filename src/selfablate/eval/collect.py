@@ -14,8 +14,8 @@ import torch
 from torch import Tensor
 
 from ..model import SelfAblatingTransformer
-from ..model.fused import per_token_cross_entropy
-from ..model.masks import hard_topk
+from ..ops.lm_head import per_token_cross_entropy
+from ..ops.masks import hard_topk
 from ..runtime import wide
 from . import metrics as M
 

@@ -29,6 +29,7 @@ from . import metrics as M
 from .collect import TOKEN_CLASSES, ActivationAccumulator, LossAccumulator, MaskAccumulator, classify_token, run_batch
 from .localisation import localisation
 from .probe import leakage_probe
+from ..data.vocab import to_gpt2_ids, token_lookup
 
 
 @dataclass(frozen=True)
@@ -78,7 +79,7 @@ class EvalConfig:
 def token_class_table(model: SelfAblatingTransformer) -> torch.Tensor:
     """TOKEN_CLASSES index of every model id."""
     enc = gpt2_tokenizer()
-    gpt2_ids = model.to_gpt2_ids(torch.arange(model.cfg.vocab_size, device=model.wte.weight.device)).tolist()
+    gpt2_ids = to_gpt2_ids(model, torch.arange(model.cfg.vocab_size, device=model.wte.weight.device)).tolist()
     return torch.tensor([classify_token(enc.decode([i])) for i in gpt2_ids], dtype=torch.long, device="cpu")
 
 
@@ -135,7 +136,7 @@ def evaluate_checkpoint(path: str | Path, cfg: EvalConfig, device: torch.device)
     model = load_checkpoint(folder, device=device).eval()
     source = resolve_source(cfg.data)
     raw = tokenize_split(source, cfg.split, progress=cfg.progress)
-    windows = TokenWindows(raw, model.cfg.n_ctx, model.token_lookup())
+    windows = TokenWindows(raw, model.cfg.n_ctx, token_lookup(model))
     n_windows = windows.num_sequential()
     if cfg.max_tokens:
         n_windows = max(1, min(n_windows, cfg.max_tokens // model.cfg.n_ctx))

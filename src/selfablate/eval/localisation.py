@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from ..model import SelfAblatingTransformer, Stream
-from ..model.fused import per_token_cross_entropy
+from ..ops.lm_head import per_token_cross_entropy
 
 
 def unit_attributions(model: SelfAblatingTransformer, batches: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:

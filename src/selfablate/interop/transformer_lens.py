@@ -5,7 +5,7 @@ TransformerLens 2.x is what the paper's tools (auto-circuit, SAELens) accept; ve
 the clean stream; `ablation_hooks` reproduces the ablated stream at one chosen position.
 
 A compact-vocabulary model exports over its own ids (d_vocab = cfg.vocab_size; translate tokens
-with `model.to_model_ids`), or with full_vocab=True back over GPT-2's 50257 ids, exactly: every id
+with `data.vocab.to_model_ids`), or with full_vocab=True back over GPT-2's 50257 ids, exactly: every id
 the model lacks reads <unk>'s embedding, and its logit is <unk>'s minus log(number of such ids)
 (through the unembedding bias b_U), so together they carry <unk>'s probability and every kept
 id's probability is unchanged.
@@ -23,6 +23,7 @@ from ..data.tokenizer import VOCAB_SIZE
 from ..errors import SelfAblateError
 from ..model import SelfAblatingTransformer
 from . import optional_import
+from ..data.vocab import token_lookup, unk_id
 
 
 def _transformer_lens() -> Any:
@@ -44,8 +45,8 @@ def _embedding(model: SelfAblatingTransformer, full_vocab: bool) -> tuple[Tensor
     w = model.wte.weight
     if not full_vocab or not model.cfg.compact_vocab:
         return w, w.new_zeros(w.shape[0])
-    lookup = torch.as_tensor(model.token_lookup(), device=w.device)  # GPT-2 id -> model id
-    missing = lookup == model.unk_id
+    lookup = torch.as_tensor(token_lookup(model), device=w.device)  # GPT-2 id -> model id
+    missing = lookup == unk_id(model)
     bias = w.new_zeros(VOCAB_SIZE)
     bias[missing] = -math.log(int(missing.sum()))  # the missing ids share <unk>'s probability
     return w[lookup], bias

@@ -14,10 +14,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..config import ModelConfig
-from . import cpu_attention
-from .activations import gelu_new
 from .hooks import HookPoint, Stream, add_hook_points, hook
-from .onednn import Linear
 
 
 class KV(NamedTuple):
@@ -27,94 +24,18 @@ class KV(NamedTuple):
     v: Tensor
 
 
-def _pad_last(x: Tensor, width: int) -> Tensor:
-    """Zero-pad the last dim of (B, H, T, D) to `width`: (B, H, T, width)."""
-    return x if x.shape[-1] == width else F.pad(x, (0, width - x.shape[-1]))
-
-
-def _aligned(d: int, device: torch.device) -> int:
-    """d rounded up to the device's head alignment (`ops.DevicePolicy.head_align`)."""
-    align = ops.policy(device).head_align
-    return -(-d // align) * align
-
-
-def _fused(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None) -> Tensor:
-    """PyTorch's fused attention, unscaled, heads padded to the device's alignment; allowed None
-    is causal. (B, H, Tq, Dh) -> (B, H, Tq, Dh)."""
-    Dh, width = q.shape[-1], _aligned(q.shape[-1], q.device)
-    z = F.scaled_dot_product_attention(_pad_last(q, width), _pad_last(k, width), _pad_last(v, width),
-                                       attn_mask=allowed, is_causal=allowed is None, scale=1.0)
-    return z if width == Dh else z[..., :Dh]  # (B, H, Tq, Dh)
-
-
 def attend(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None, pattern: HookPoint) -> Tensor:
     """Softmax attention with unscaled scores (GPT-Neo does not divide by sqrt(d_head)).
 
-    q: (B, H, Tq, Dh); k, v: (B, H, Tk, Dh); allowed: bool (Tq, Tk), or None for causal.
-    A fused kernel (`cpu_attention` on a float32 CPU, else PyTorch's) is used unless someone hooks
-    the pattern, which it never materialises.
+    q: (B, H, Tq, Dh); k, v: (B, H, Tk, Dh); allowed: bool (Tq, Tk), or None for causal. A fused
+    kernel (`ops`) runs unless someone hooks the pattern, which it never materialises.
     """
-    if not pattern.active and allowed is None and cpu_attention.applies(q, k, v):
-        return cpu_attention.causal(q, k, v)
     if not pattern.active:
-        return _fused(q, k, v, allowed)
+        return ops.causal_attention(q, k, v) if allowed is None else ops.masked_attention(q, k, v, allowed)
     if allowed is None:
         allowed = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
     scores = (q @ k.transpose(-1, -2)).masked_fill(~allowed, float("-inf"))  # (B, H, Tq, Tk)
     return pattern(scores.softmax(dim=-1)) @ v
-
-
-def attend_self_ablated(q: Tensor, clean: KV, own: KV) -> Tensor:
-    """The two-stream rule: query t sees the clean keys j < t and its own ablated key t.
-    q and the KVs: (B, H, pos, Dh) -> (B, H, pos, Dh). On a float32 CPU `cpu_attention` computes
-    the rule directly; elsewhere one fused call over [clean | own] keys with the rule as its mask,
-    or (`ops.DevicePolicy.two_stream_masked` off) `_attend_with_self_key`."""
-    if cpu_attention.applies(q, clean.k, own.k):
-        return cpu_attention.two_stream(q, clean.k, clean.v, own.k, own.v)
-    if ops.policy(q.device).two_stream_masked:
-        keys = torch.cat([clean.k, own.k], dim=2)  # (B, H, 2 * pos, Dh)
-        values = torch.cat([clean.v, own.v], dim=2)  # (B, H, 2 * pos, Dh)
-        return _fused(q, keys, values, self_ablated_allowed(q.shape[2], q.device))
-    return _attend_with_self_key(q, clean, own)
-
-
-def _attend_with_self_key(q: Tensor, clean: KV, own: KV) -> Tensor:
-    """The two-stream rule in one causal fused call over pos keys instead of a masked one over
-    2 * pos (same result; tested against the masked form).
-
-    Put a "self" key first, k* = [0, ..., 0, 1], then the clean keys 0..pos-2 (no ablated query
-    sees the last one), and give each query one more dimension holding its own-key score
-    q_t . k_own_t: then q~_t . k* is that score and q~_t . [k_j, 0] = q_t . k_j, and causal masking
-    lets query t see exactly k* and the clean keys 0..t-1. The self key's value [0, ..., 0, 1]
-    returns its softmax weight w_t in column Dh of the output, so z_t = sum_j<t p_tj v_j + w_t * v_own_t.
-    """
-    B, H, T, Dh = q.shape
-    width = _aligned(Dh + 1, q.device)
-    own_score = (q * own.k).sum(-1, keepdim=True)  # (B, H, T, 1)
-    self_key = q.new_zeros(B, H, 1, width)
-    self_key[..., Dh] = 1.0
-    queries = _pad_last(torch.cat([q, own_score], -1), width)  # (B, H, T, width)
-    keys = torch.cat([self_key, _pad_last(clean.k[:, :, :-1], width)], dim=2)  # (B, H, T, width)
-    values = torch.cat([self_key, _pad_last(clean.v[:, :, :-1], width)], dim=2)  # (B, H, T, width)
-    z = F.scaled_dot_product_attention(queries, keys, values, is_causal=True, scale=1.0)
-    return z[..., :Dh] + z[..., Dh : Dh + 1] * own.v  # (B, H, T, Dh)
-
-
-_ALLOWED: dict[tuple[int, torch.device], Tensor] = {}
-
-
-def self_ablated_allowed(pos: int, device: torch.device) -> Tensor:
-    """Which keys an ablated query may see, over [clean keys | ablated keys]: (pos, 2 * pos).
-
-    Query t sees the clean keys j < t and its own ablated key t, so that the ablation of one
-    token never leaks into another token's computation. Made once per length and device.
-    """
-    key = (pos, torch.device(device))
-    if key not in _ALLOWED:
-        eye = torch.eye(pos, dtype=torch.bool, device=device)
-        strictly_past = torch.ones(pos, pos, dtype=torch.bool, device=device).tril(diagonal=-1)
-        _ALLOWED[key] = torch.cat([strictly_past, eye], dim=1)
-    return _ALLOWED[key]
 
 
 class Attention(nn.Module):
@@ -123,10 +44,10 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads, self.d_head = cfg.n_heads, cfg.d_head
-        self.q_proj = Linear(cfg.d_model, cfg.d_model, bias=False)
-        self.k_proj = Linear(cfg.d_model, cfg.d_model, bias=False)
-        self.v_proj = Linear(cfg.d_model, cfg.d_model, bias=False)
-        self.out_proj = Linear(cfg.d_model, cfg.d_model)
+        self.q_proj = ops.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.k_proj = ops.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.v_proj = ops.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.out_proj = ops.Linear(cfg.d_model, cfg.d_model)
         add_hook_points(self, "hook_q", "hook_k", "hook_v", "hook_pattern", "hook_z")
 
     def _split_heads(self, x: Tensor) -> Tensor:
@@ -146,11 +67,11 @@ class Attention(nn.Module):
         if clean_kv is None:
             z = attend(q, k, v, None, pattern)
         elif not pattern.active:
-            z = attend_self_ablated(q, clean_kv, KV(k, v))
+            z = ops.two_stream_attention(q, clean_kv.k, clean_kv.v, k, v)
         else:  # a hooked pattern is materialised over [clean keys | ablated keys]: (pos, 2 * pos)
             keys = torch.cat([clean_kv.k, k], dim=2)  # (B, H, 2T, Dh)
             values = torch.cat([clean_kv.v, v], dim=2)  # (B, H, 2T, Dh)
-            z = attend(q, keys, values, self_ablated_allowed(T, x.device), pattern)
+            z = attend(q, keys, values, ops.self_ablated_allowed(T, x.device), pattern)
         z = z.transpose(1, 2)  # (B, T, H, Dh)
         if unit_mask is not None:
             z = z * unit_mask.view(B, T, self.n_heads, self.d_head)  # (B, T, H, Dh)
@@ -163,13 +84,13 @@ class MLP(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.fc_in = Linear(cfg.d_model, cfg.d_mlp)
-        self.fc_out = Linear(cfg.d_mlp, cfg.d_model)
+        self.fc_in = ops.Linear(cfg.d_model, cfg.d_mlp)
+        self.fc_out = ops.Linear(cfg.d_mlp, cfg.d_model)
         add_hook_points(self, "hook_pre", "hook_post")
 
     def forward(self, x: Tensor, stream: Stream, unit_mask: Tensor | None = None) -> Tensor:
         pre = hook(self, "hook_pre", stream)(self.fc_in(x))
-        post = gelu_new(pre, unit_mask)  # gelu_new as in GPT-Neo, times the mask in the same pass
+        post = ops.gelu_new(pre, unit_mask)  # gelu_new as in GPT-Neo, times the mask in the same pass
         return self.fc_out(hook(self, "hook_post", stream)(post))
 
 
@@ -182,8 +103,8 @@ class MaskHead(nn.Module):
     def __init__(self, d_model: int, d_attn: int, d_mlp: int, n_layers: int = 1):
         super().__init__()
         self.n_layers = n_layers
-        self.attn = Linear(d_model, n_layers * d_attn)
-        self.mlp = Linear(d_model, n_layers * d_mlp)
+        self.attn = ops.Linear(d_model, n_layers * d_attn)
+        self.mlp = ops.Linear(d_model, n_layers * d_mlp)
 
     def forward(self, resid: Tensor) -> tuple[Tensor, Tensor]:
         """resid (B, T, d_model) -> scores (B, T, d_model) and (B, T, d_mlp) for one layer, or

@@ -8,18 +8,12 @@ from typing import Callable, NamedTuple
 import torch
 from torch import Tensor, nn
 
-import numpy as np
-
 from .. import ops
 from ..config import ModelConfig
-from ..data.tokenizer import EOT
-from ..data.vocab import CompactVocab
 from ..errors import SelfAblateError
 from .hooks import HookedModule, HookPoint, Stream, add_hook_points, hook
 from .layers import KV, Block, BlockMasks, MaskHead
-from .fused import linear_cross_entropy
-from .losses import combined_loss, cross_entropy, reconstruction_loss
-from .masks import MASK_FUNCTIONS
+from .losses import combined_loss, cross_entropy
 
 
 class ForwardOutput(NamedTuple):
@@ -114,7 +108,7 @@ class SelfAblatingTransformer(HookedModule):
         self.global_mask_head = (MaskHead(cfg.d_model, cfg.d_model, cfg.d_mlp, cfg.n_layers)
                                  if cfg.ablation in ("global", "both") else None)
         self.hook_embed, self.hook_pos_embed = HookPoint(), HookPoint()
-        if cfg.compact_vocab:  # model id i <-> GPT-2 id vocab_ids[i]; the last id is <unk>
+        if cfg.compact_vocab:  # model id i <-> GPT-2 id vocab_ids[i]; the last id is <unk> (`data.vocab`)
             self.register_buffer("vocab_ids", torch.zeros(cfg.vocab_size - 1, dtype=torch.long))
         self.apply(self._init_weights)
         self.setup_hooks()
@@ -174,7 +168,7 @@ class SelfAblatingTransformer(HookedModule):
         hook points. Every layer's top-k is taken in one call (two, with the neurons): one launch
         of each operator instead of one per layer."""
         per_source = [src(self, clean) for src in SCORE_SOURCES[self.cfg.ablation]]
-        mask_fn, cfg = MASK_FUNCTIONS[self.cfg.mask_fn], self.cfg
+        mask_fn, cfg = ops.MASK_FUNCTIONS[self.cfg.mask_fn], self.cfg
         attn = self._hooked("hook_attn_scores", functools.reduce(torch.add, (s.attn for s in per_source)))
         mlp = self._hooked("hook_mlp_scores", functools.reduce(torch.add, (s.mlp for s in per_source)))
         attn = self._hooked("hook_attn_mask", mask_fn(attn, cfg.k_attn, cfg.temperature_attn, cfg.topk_eps,
@@ -195,14 +189,18 @@ class SelfAblatingTransformer(HookedModule):
 
     # -- entry points -----------------------------------------------------------------------
 
-    def forward(self, tokens: Tensor, targets: Tensor | None = None, return_logits: bool = True,
+    def forward(self, tokens: Tensor, targets: Tensor | None = None, return_logits: bool | None = None,
                 return_masks: bool = True) -> ForwardOutput:
         """tokens (batch, pos); targets (batch, pos) next tokens, or None for no loss.
 
-        return_logits=False (training) skips the (batch, pos, vocab) logits: the losses then come
-        from the chunked LM head + cross-entropy, which never holds them (logits_* are None).
+        return_logits: whether to materialise the (batch, pos, vocab) logits; by default (None),
+        only when there are no targets. With targets and without logits, the losses come from
+        the chunked LM head + cross-entropy, which never holds them (logits_* are None): the
+        fast path, so `model(x, targets=y).loss` trains as fast as the trainer does.
         return_masks=False (training) skips stacking the per-layer masks (attn_mask, mlp_mask are None).
         """
+        if return_logits is None:
+            return_logits = targets is None
         x = self.embed(tokens)
         # The clean stream never depends on the ablated one, so it runs first and once; its
         # residuals feed the mask heads (local and global alike) and its keys/values the ablated stream.
@@ -220,7 +218,7 @@ class SelfAblatingTransformer(HookedModule):
         if targets is None:
             return ForwardOutput(logits_clean, logits_ablated, attn_mask, mlp_mask, None, None, None, None)
         ce_ablated = self._lm_loss(ablated.final, logits_ablated, targets)
-        recon = reconstruction_loss(clean.resid_post + [clean.final], ablated.resid_post + [ablated.final])
+        recon = ops.reconstruction_loss(clean.resid_post + [clean.final], ablated.resid_post + [ablated.final])
         loss = combined_loss(ce_clean, ce_ablated, recon, self.cfg.coef_clean, self.cfg.coef_ablated,
                              self.cfg.coef_recon)
         return ForwardOutput(logits_clean, logits_ablated, attn_mask, mlp_mask, loss, ce_clean, ce_ablated, recon)
@@ -229,7 +227,7 @@ class SelfAblatingTransformer(HookedModule):
         """CE from materialised logits, or from the fused chunked head when there are none."""
         if logits is not None:
             return cross_entropy(logits, targets)
-        return linear_cross_entropy(final, self.wte.weight, targets)
+        return ops.linear_cross_entropy(final, self.wte.weight, targets)
 
     def run_with_masks(self, tokens: Tensor, attn_mask: Tensor, mlp_mask: Tensor) -> Tensor:
         """One ordinary causal pass with the given unit masks applied at every position.
@@ -239,30 +237,6 @@ class SelfAblatingTransformer(HookedModule):
         """
         run = self.run_stream(self.embed(tokens), Stream.CLEAN, attn_mask, mlp_mask)
         return self.unembed(run.final)
-
-    # -- vocabulary ---------------------------------------------------------------------------
-
-    def token_lookup(self) -> "np.ndarray | None":
-        """(50257,) GPT-2 id -> model id for a compact vocabulary (<unk> for ids it lacks);
-        None when the model uses GPT-2's ids directly."""
-        if not self.cfg.compact_vocab:
-            return None
-        return CompactVocab(self.vocab_ids.cpu().numpy()).lookup()
-
-    def to_model_ids(self, gpt2_ids: Tensor) -> Tensor:
-        lookup = self.token_lookup()
-        return gpt2_ids if lookup is None else torch.from_numpy(lookup).to(gpt2_ids.device)[gpt2_ids]
-
-    def to_gpt2_ids(self, model_ids: Tensor) -> Tensor:
-        """Inverse of to_model_ids; <unk> maps to <|endoftext|>."""
-        if not self.cfg.compact_vocab:
-            return model_ids
-        table = torch.cat([self.vocab_ids, self.vocab_ids.new_tensor([EOT])])
-        return table[model_ids]
-
-    @property
-    def unk_id(self) -> int | None:
-        return self.cfg.vocab_size - 1 if self.cfg.compact_vocab else None
 
     def num_params(self, non_embedding: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())

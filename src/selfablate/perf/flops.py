@@ -13,7 +13,7 @@ from typing import Literal
 import torch
 
 from ..config import ModelConfig
-from ..model.onednn import linear, onednn_available, pack
+from ..ops.onednn import linear, onednn_available, pack
 
 
 def forward_flops_per_token(cfg: ModelConfig, pos: int | None = None) -> float:

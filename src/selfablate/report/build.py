@@ -9,6 +9,7 @@ from typing import Any
 from . import plots
 from .html import write_html
 from .table import aggregate, cell_name, load_json, model_metrics, write_tables
+from ..data.vocab import to_model_ids
 
 
 def _first_seed(names: list[str]) -> list[str]:
@@ -56,7 +57,7 @@ def figures(out: Path, names: list[str], per_model: dict[str, dict[str, float]],
     if ablating:
         model = load_checkpoint(out / "models" / ablating[0] / "checkpoint").eval()
         ids, labels = story(data, min(40, model.cfg.n_ctx))
-        tokens = model.to_model_ids(torch.tensor(ids, device="cpu"))
+        tokens = to_model_ids(model, torch.tensor(ids, device="cpu"))
         figs.append((f"Masks of each token of a held-out story ({ablating[0]})",
                      plots.story_masks(model, tokens, labels, folder / "story_masks.png")))
     if circs:

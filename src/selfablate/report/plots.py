@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from ..eval.circuit_report import EDGE_COLOURS, edge_geometry, node_xy  # noqa: E402
+from .circuits import EDGE_COLOURS, edge_geometry, node_xy  # noqa: E402
 
 
 def _save(fig: Any, path: Path) -> Path:

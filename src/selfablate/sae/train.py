@@ -19,6 +19,7 @@ from ..model import SelfAblatingTransformer, Stream
 from . import metrics as M
 from .buffer import ActivationBuffer, check_hook, hook_activations
 from .model import SAE, SAEConfig, sae_loss, save_sae
+from ..data.vocab import token_lookup
 
 
 @dataclass(frozen=True)
@@ -187,7 +188,7 @@ def run_sae_train(checkpoint: str, cfg: SAETrainConfig) -> dict[str, Any]:
     model = load_checkpoint(checkpoint, device=resolve_device(cfg.device)).eval()
     check_hook(model, cfg.hook)
     source = resolve_source(cfg.data)
-    lookup = model.token_lookup()
+    lookup = token_lookup(model)
     train_w = TokenWindows(tokenize_split(source, "train", progress=cfg.progress), model.cfg.n_ctx, lookup)
     valid_w = TokenWindows(tokenize_split(source, "valid", progress=cfg.progress), model.cfg.n_ctx, lookup)
     sae = train_sae(model, train_w, cfg)

@@ -14,8 +14,9 @@ from tqdm.auto import tqdm
 
 from ..errors import SelfAblateError
 from ..model import SelfAblatingTransformer
-from .circuits import EdgeGraph, RunCache, cache_run, graph_of, last_logprobs, patched_forward
+from .patching import EdgeGraph, RunCache, cache_run, graph_of, last_logprobs, patched_forward
 from .ioi import IOIBatch
+from ..data.vocab import to_model_ids
 
 
 class CircuitTask(NamedTuple):
@@ -43,7 +44,7 @@ class CircuitTask(NamedTuple):
 @torch.no_grad()
 def make_task(model: SelfAblatingTransformer, batch: IOIBatch) -> CircuitTask:
     device = model.wte.weight.device
-    ids = lambda t: model.to_model_ids(t.to(device))  # noqa: E731
+    ids = lambda t: to_model_ids(model, t.to(device))  # noqa: E731
     _, corrupt = cache_run(model, ids(batch.corrupt))
     final, clean = cache_run(model, ids(batch.clean))
     last = batch.last.to(device)

@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import ops
 from . import kernels
+from .backends import backend
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -46,7 +46,7 @@ def onednn_available() -> bool:
 def use_onednn(*tensors: Tensor) -> bool:
     """Whether GEMMs on these tensors go through oneDNN: the `cpu` backend, all float32 on the
     CPU, no autocast."""
-    return ops.backend() == "cpu" and kernels.float32_cpu(*tensors) and onednn_available()
+    return backend() == "cpu" and kernels.float32_cpu(*tensors) and onednn_available()
 
 
 class _LinearFunction(torch.autograd.Function):

@@ -16,9 +16,9 @@ from typing import Callable, NamedTuple
 import torch
 from torch import Tensor
 
-from .. import ops
 from . import kernels
 from .onednn import linear, pack, use_onednn
+from .policy import policy
 
 IGNORE_INDEX = -100
 
@@ -54,7 +54,7 @@ def chunk_rows_for(vocab: int, device: torch.device | str = "cpu") -> int:
     side over 2048 rows: with GPT-2's vocabulary 256 rows beat 128 by 1-2% and 1024 rows lose 3%;
     with a compact one (8,726 ids, d_model 64) 128 and 256 tie and 1024 rows lose; powers of two
     matter (333-row chunks were far slower than 128 or 256)."""
-    p = ops.policy(device)
+    p = policy(device)
     return min(p.lm_head_rows, 1 << max(0, (p.lm_head_elements // vocab).bit_length() - 1))
 
 
@@ -89,7 +89,7 @@ def _mkl_products(h: Tensor, weight: Tensor, chunk_rows: int, acc: torch.dtype) 
 
 def _onednn_products(weight: Tensor) -> _Products:
     """(n, vocab) logits through oneDNN's linear, which on AMD CPUs runs AVX-512 at full width
-    where torch.mm's MKL does not (`selfablate.model.onednn`). Per 128-row chunk here:
+    where torch.mm's MKL does not (`selfablate.ops.onednn`). Per 128-row chunk here:
     logits 4.0 vs 9.2 ms, grad_h 4.2 vs 9.6 ms, grad_W 4.9 vs 9.0 ms; grad_W is accumulated
     transposed, (d_model, vocab), as oneDNN wants the probabilities as its contiguous operand.
     256-row chunks beat 128 by 4-5% a local step (two side-by-side runs), 64 lose 9%, 512 tie."""
@@ -194,7 +194,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=acc, device=h.device)
         h2 = h * LOG2E  # base-2 logits: log2-sum-exp2 = logsumexp / ln 2
         products = _onednn_products(weight) if onednn else _mkl_products(h, weight, chunk_rows, acc)
-        unshifted = ops.policy(h.device).host_reads_free
+        unshifted = policy(h.device).host_reads_free
         for start in range(0, h.shape[0], chunk_rows):
             rows = slice(start, start + chunk_rows)
             valid = (targets[rows] != IGNORE_INDEX).to(acc)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from .. import ops
+from .backends import backend
 
 CSRC = Path(__file__).with_name("csrc")
 FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fno-signed-zeros", "-fno-trapping-math",
@@ -126,7 +126,7 @@ def float32_cpu(*tensors: torch.Tensor) -> bool:
 
 def on_cpu_float32(*tensors: torch.Tensor) -> bool:
     """Whether the kernels may take these tensors: the `cpu` backend and `float32_cpu`."""
-    return ops.backend() == "cpu" and float32_cpu(*tensors)
+    return backend() == "cpu" and float32_cpu(*tensors)
 
 
 def pointers(*tensors: torch.Tensor | None, dtype: torch.dtype = torch.float32) -> list[int | None]:
