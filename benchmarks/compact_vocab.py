@@ -1,4 +1,4 @@
-"""The optional compact vocabulary (issue #6, item 3): its speed-up, and the loss it trains to.
+"""The optional compact vocabulary: its speed-up, and the loss it trains to.
 
 1. Speed: the local self-ablating training step at the paper's architecture (batch 8 x 256) with
    GPT-2's 50257 ids and with the compact vocabulary of the shared TinyStories sample (the ids that

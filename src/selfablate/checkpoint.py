@@ -19,7 +19,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .config import ModelConfig, config_from_dict
+from .config import Arg, Command, ModelConfig, config_from_dict
 from .errors import CheckpointError, ConfigError
 from .model import SelfAblatingTransformer
 
@@ -164,3 +164,20 @@ def load_training_state(path: str | os.PathLike) -> dict[str, Any]:
 def _first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return text[0] if text else type(e).__name__
+
+
+def _command(checkpoint: str) -> None:
+    import json
+
+    folder = resolve(checkpoint)
+    header = read_header(folder)
+    model = load_checkpoint(folder)
+    meta = header.get("meta", {})
+    print(f"checkpoint: {folder}")
+    print(f"parameters: {model.num_params(False):,} ({model.num_params():,} non-embedding)")
+    print(f"step: {meta.get('step', '?')}; held-out: {json.dumps(meta.get('val'))}")
+    print("model: " + ", ".join(f"{k}={v}" for k, v in header["model"].items()))
+
+
+COMMAND = Command("info", "describe a checkpoint", _command,
+                  args=(Arg("checkpoint", "checkpoint folder (or a run folder holding checkpoint/)"),))

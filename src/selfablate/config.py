@@ -13,7 +13,7 @@ import inspect
 import math
 import textwrap
 from dataclasses import dataclass
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, NamedTuple
 
 from .errors import ConfigError
 
@@ -234,6 +234,36 @@ def config_from_dict(cls: type, values: dict[str, Any]) -> Any:
     unknown = sorted(set(values) - names)
     require(not unknown, f"unknown {cls.__name__} field(s): {', '.join(unknown)}")
     return cls(**values)
+
+
+# ---------------------------------------------------------------------------------------------
+# Commands: each module that owns a command registers it beside its code as `COMMAND = Command(...)`;
+# `selfablate.cli` builds one parser from them, the flags from the options' dataclass fields.
+
+
+class Arg(NamedTuple):
+    """A command-line argument that is not a dataclass field: a positional, or a lone flag."""
+
+    name: str
+    help: str
+    nargs: str | None = None
+    choices: tuple[str, ...] | None = None
+    default: str | None = None
+    """Given (a flag's default), the argument is the option --<name>; else it is positional."""
+
+
+class Command(NamedTuple):
+    """One `selfablate <name>` command."""
+
+    name: str
+    help: str
+    run: Callable[..., None]
+    """Called as run(*options, **args): the options built from the flags, then the args by name."""
+    options: tuple[type, ...] = ()
+    """Config dataclasses whose fields become --flags."""
+    args: tuple[Arg, ...] = ()
+    preset: bool = False
+    """A --preset names the options' defaults (`PRESETS`)."""
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor
 
+from .config import Arg, Command
+from .errors import SelfAblateError
 from .model import SelfAblatingTransformer
 from .data.vocab import to_gpt2_ids, to_model_ids, unk_id
 
@@ -67,3 +70,59 @@ def generate(model: SelfAblatingTransformer, prompt: list[int], max_new_tokens: 
     ablating = model.cfg.self_ablating
     tokens = to_gpt2_ids(model, torch.tensor(tokens, device=model.wte.weight.device)).tolist()
     return Generated(tokens, tokens[len(prompt):], attn_units if ablating else None, mlp_units if ablating else None)
+
+
+@dataclass(frozen=True)
+class GenerateOptions:
+    """Options of `selfablate generate`."""
+
+    prompt: str = "Once upon a time"
+    """Text to continue."""
+    max_new_tokens: int = 60
+    """Tokens to sample."""
+    stream: Literal["clean", "ablated"] = "clean"
+    """Which stream's logits to sample from."""
+    temperature: float = 0.8
+    """Sampling temperature (0: greedy)."""
+    top_k: int = 40
+    """Sample among the top-k tokens only (0: all)."""
+    seed: int = 0
+    """Sampling seed."""
+    show_units: bool = False
+    """Print, for each new token, the units its prediction kept in every layer."""
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    """Device to run on."""
+
+
+def _command(opts: GenerateOptions, checkpoint: str) -> None:
+    from .checkpoint import load_checkpoint
+    from .data.tokenizer import gpt2_tokenizer
+    from .runtime import resolve_device
+
+    model = load_checkpoint(checkpoint, device=resolve_device(opts.device))
+    if opts.stream == "ablated" and not model.cfg.self_ablating:
+        raise SelfAblateError("this checkpoint is a baseline (ablation=none): it has no ablated stream")
+    enc = gpt2_tokenizer()
+    out = generate(model, enc.encode(opts.prompt), opts.max_new_tokens, opts.stream, opts.temperature,
+                   opts.top_k or None, opts.seed)
+    print(opts.prompt + enc.decode(out.new_tokens))
+    if opts.show_units and out.attn_units is not None:
+        print(format_units(enc, out))
+
+
+def format_units(enc, out) -> str:
+    """One line per generated token: per layer the kept attention units (a) and neurons (m)."""
+    lines = []
+    for tok, attn, mlp in zip(out.new_tokens, out.attn_units, out.mlp_units):
+        layers = "  ".join(f"L{i} a{_short(a)} m{_short(m)}" for i, (a, m) in enumerate(zip(attn, mlp)))
+        lines.append(f"{enc.decode([tok])!r:>14}  {layers}")
+    return "\n".join(lines)
+
+
+def _short(units: list[int], shown: int = 6) -> str:
+    more = f",+{len(units) - shown}" if len(units) > shown else ""
+    return "[" + ",".join(map(str, units[:shown])) + more + "]"
+
+
+COMMAND = Command("generate", "sample text from the clean or ablated stream", _command, (GenerateOptions,),
+                  (Arg("checkpoint", "checkpoint folder (or a run folder holding checkpoint/)"),))

@@ -18,8 +18,8 @@ from typing import Any, Callable, Literal, NamedTuple
 
 from tqdm.auto import tqdm
 
-from .config import ModelConfig, TrainConfig, check_choice, get_preset, require
-from .errors import ConfigError
+from .config import Arg, Command, ModelConfig, TrainConfig, check_choice, get_preset, require
+from .errors import ConfigError, SelfAblateError
 
 ABLATIONS = ("local", "global", "both")
 
@@ -215,3 +215,26 @@ def run_reproduce(cfg: ReproduceConfig) -> Path:
         if not stage.result(out, spec).exists():
             stage.run(cfg, spec)
     return write_report(out, cfg.preset)
+
+
+def _command(cfg: ReproduceConfig) -> None:
+    folder = run_reproduce(cfg)
+    print((folder / "table.md").read_text())
+    print(f"report: {folder / 'report.html'} (tables: table.md, table.csv, table.tex)")
+
+
+def _report_command(folder: str) -> None:
+    """Rebuild the report of a reproduce folder."""
+    from .report.build import write_report
+
+    meta = Path(folder) / "reproduce.json"
+    if not meta.exists():
+        raise SelfAblateError(f"{folder} is not a `selfablate reproduce` folder (no reproduce.json)")
+    written = write_report(Path(folder), json.loads(meta.read_text())["config"]["preset"])
+    print(f"report: {written / 'report.html'}")
+
+
+COMMAND = Command("reproduce", "the paper's grid end to end (train, evaluate, circuits, SAEs, report); resumable",
+                  _command, (ReproduceConfig,))
+REPORT_COMMAND = Command("report", "rebuild the report of a reproduce folder", _report_command,
+                         args=(Arg("folder", "the --out folder of `selfablate reproduce`"),))

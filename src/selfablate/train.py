@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from . import distributed
 from .checkpoint import find as find_checkpoint
 from .checkpoint import load_checkpoint, load_training_state, save_checkpoint
-from .config import ModelConfig, TrainConfig
+from .config import Command, ModelConfig, TrainConfig
 from .data.dataset import TokenWindows, tokenize_split
 from .data.sources import resolve_source
 from .data.vocab import CompactVocab
@@ -279,3 +279,14 @@ def _train(model_cfg: ModelConfig, cfg: TrainConfig, cache_dir: Path | None, dis
     if evaluation is None and dist.main:  # resumed a finished run: nothing left to do but report
         evaluation = evaluate()
     return TrainResult(Path(cfg.out) / CHECKPOINT_DIR, cfg.max_steps, evaluation)
+
+
+def _command(model_cfg: ModelConfig, cfg: TrainConfig) -> None:
+    result = train(model_cfg, cfg)
+    if result.final_eval is None:  # a torchrun process other than rank 0
+        return
+    ablated = "" if result.final_eval.ablated is None else f", ablated {result.final_eval.ablated:.4f}"
+    print(f"trained {result.steps} steps -> {result.checkpoint}; held-out loss: clean {result.final_eval.clean:.4f}{ablated}")
+
+
+COMMAND = Command("train", "train (or resume) a model", _command, (ModelConfig, TrainConfig), preset=True)

@@ -1,4 +1,4 @@
-"""`selfablate evaluate`: every evaluation family of issue #3 for one or more checkpoints.
+"""`selfablate evaluate`: every evaluation family for one or more checkpoints.
 
 Writes DIR/<model>.json per model and DIR/summary.csv with one row per model. Each JSON records
 the model's config, the checkpoint and a SHA-256 of the evaluation tokens, so numbers can be traced.
@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..checkpoint import load_checkpoint, resolve
-from ..config import require
+from ..config import Arg, Command, require
 from ..data.dataset import TokenWindows, tokenize_split
 from ..data.sources import resolve_source
 from ..data.tokenizer import gpt2_tokenizer
@@ -232,3 +232,13 @@ def format_summary(rows: list[dict[str, Any]]) -> str:
     for row in rows:
         lines.append("  ".join(f"{fmt.format(row[c]) if c in row else '-':>14}" for c, fmt in cols))
     return "\n".join(lines)
+
+
+def _command(cfg: EvalConfig, checkpoints: list[str]) -> None:
+    rows = evaluate_many(checkpoints, cfg)
+    print(format_summary(rows))
+    print(f"wrote {len(rows)} model JSON file(s) and summary.csv to {cfg.out}")
+
+
+COMMAND = Command("evaluate", "every evaluation (LM, masks, sparsity, specialisation, localisation, leakage)",
+                  _command, (EvalConfig,), (Arg("checkpoints", "checkpoint or run folders", nargs="+"),))

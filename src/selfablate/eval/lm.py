@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Iterable, NamedTuple
+from dataclasses import dataclass
+from typing import Iterable, Literal, NamedTuple
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ..config import Arg, Command
 from ..model import SelfAblatingTransformer
 from ..runtime import wide
 
@@ -65,3 +67,48 @@ def unigram_entropy(tokens) -> float:
     counts = np.bincount(np.asarray(tokens, dtype=np.int64))
     p = counts[counts > 0] / counts.sum()
     return float(-(p * np.log(p)).sum())
+
+
+@dataclass(frozen=True)
+class EvalLossOptions:
+    """Options of `selfablate eval-loss`."""
+
+    data: str = ""
+    """Data source (as for train); empty: the default."""
+    split: Literal["valid", "train"] = "valid"
+    """Which split to evaluate."""
+    batch_size: int = 32
+    """Sequences per batch."""
+    max_batches: int = 0
+    """Stop after this many batches; 0 evaluates the whole split."""
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    """Device to run on."""
+    json: bool = False
+    """Print the result as JSON."""
+
+
+def _command(opts: EvalLossOptions, checkpoint: str) -> None:
+    import json
+
+    from ..checkpoint import load_checkpoint
+    from ..data.dataset import TokenWindows, tokenize_split
+    from ..data.sources import resolve_source
+    from ..data.vocab import token_lookup
+    from ..runtime import resolve_device
+
+    device = resolve_device(opts.device)
+    model = load_checkpoint(checkpoint, device=device)
+    windows = TokenWindows(tokenize_split(resolve_source(opts.data), opts.split), model.cfg.n_ctx, token_lookup(model))
+    limit = opts.max_batches * opts.batch_size if opts.max_batches else None
+    result = evaluate_loss(model, windows.sequential_batches(opts.batch_size, limit), device, progress=True,
+                           total=windows.num_batches(opts.batch_size, limit))
+    if opts.json:
+        print(json.dumps({**result._asdict(), "ppl_clean": result.ppl_clean, "ppl_ablated": result.ppl_ablated}))
+        return
+    print(f"{opts.split}: {result.tokens} tokens; clean CE {result.clean:.4f} (ppl {result.ppl_clean:.2f})")
+    if result.ablated is not None:
+        print(f"{opts.split}: ablated CE {result.ablated:.4f} (ppl {result.ppl_ablated:.2f})")
+
+
+COMMAND = Command("eval-loss", "clean/ablated cross-entropy over a whole split", _command, (EvalLossOptions,),
+                  (Arg("checkpoint", "checkpoint folder (or a run folder holding checkpoint/)"),))

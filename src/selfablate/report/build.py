@@ -6,10 +6,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..data.vocab import to_model_ids
 from . import plots
 from .html import write_html
 from .table import aggregate, cell_name, load_json, model_metrics, write_tables
-from ..data.vocab import to_model_ids
 
 
 def _first_seed(names: list[str]) -> list[str]:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..circuits.run import CircuitConfig, run_circuits
+from ..config import Arg, Command
 
 
 def node_xy(name: str, n_layers: int, n_heads: int) -> tuple[float, float]:
@@ -79,3 +80,20 @@ def write_circuits(checkpoint: str, cfg: CircuitConfig) -> dict[str, Any]:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return result
+
+
+def _command(cfg: CircuitConfig, checkpoint: str) -> None:
+    r = write_circuits(checkpoint, cfg)
+    ioi = r["ioi"]["clean"]
+    print(f"IOI (clean stream): logit diff {ioi['logit_diff']:.3f}, accuracy {ioi['accuracy']:.2f}")
+    if "ablated" in r["ioi"]:
+        a = r["ioi"]["ablated"]
+        print(f"IOI (ablated stream): logit diff {a['logit_diff']:.3f}, accuracy {a['accuracy']:.2f}")
+    print(f"ACDC tau={cfg.tau}: {r['acdc']['edges']} of {r['graph']['edges']} edges, KL {r['acdc']['kl']:.4f}, "
+          f"{r['acdc']['seconds']:.0f} s; EAP over all edges {r['eap']['seconds']:.2f} s; "
+          f"faithfulness AUC {r['faithfulness_auc']:.3f}")
+    print(f"wrote circuit.json, circuit.svg and circuit.png to {cfg.out}")
+
+
+COMMAND = Command("circuits", "IOI behaviour and circuit discovery (ACDC, EAP, EAP-IG)", _command, (CircuitConfig,),
+                  (Arg("checkpoint", "checkpoint folder (or a run folder holding checkpoint/)"),))

@@ -12,14 +12,15 @@ import torch
 from tqdm.auto import tqdm
 
 from ..checkpoint import load_checkpoint
-from ..config import check_choice, require
+from ..config import Arg, Command, check_choice, require
 from ..data.dataset import TokenWindows, tokenize_split
 from ..data.sources import resolve_source
+from ..data.vocab import token_lookup
+from ..errors import SelfAblateError
 from ..model import SelfAblatingTransformer, Stream
 from . import metrics as M
 from .buffer import ActivationBuffer, check_hook, hook_activations
 from .model import SAE, SAEConfig, sae_loss, save_sae
-from ..data.vocab import token_lookup
 
 
 @dataclass(frozen=True)
@@ -217,3 +218,26 @@ def run_sae_sweep(checkpoint: str, cfg: SAETrainConfig, values: list[float]) -> 
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
     (Path(cfg.out) / "frontier.json").write_text(json.dumps({"checkpoint": str(checkpoint), "points": rows}, indent=1) + "\n")
     return rows
+
+
+def _command(cfg: SAETrainConfig, action: str, checkpoint: str, values: str) -> None:
+    import json
+
+    if action == "train":
+        m = run_sae_train(checkpoint, cfg)["metrics"]
+        print(f"SAE on {cfg.hook}: L0 {m['l0']:.2f}, FVU {m['fvu']:.3f}, CE-loss score {m['ce_loss_score_zero']:.3f} "
+              f"(mean-ablation {m['ce_loss_score_mean']:.3f}), dead {m['dead_fraction']:.1%}; written to {cfg.out}")
+        return
+    try:
+        numbers = [float(v) for v in values.split(",") if v.strip()]
+    except ValueError:
+        raise SelfAblateError(f"--values must be comma-separated numbers, got {values!r}") from None
+    for row in run_sae_sweep(checkpoint, cfg, numbers):
+        print(json.dumps(row))
+
+
+COMMAND = Command("sae", "train an SAE on a hook point (sae train), or a frontier of them (sae sweep)", _command,
+                  (SAETrainConfig,), (Arg("action", "train one SAE, or sweep a frontier", choices=("train", "sweep")),
+                                      Arg("checkpoint", "checkpoint or run folder"),
+                                      Arg("values", "sweep: L1 coefficients (relu) or k values (topk)",
+                                          default="1,2,5,10")))
