@@ -1,35 +1,19 @@
-"""Shared fixtures: a small real TinyStories folder cut from the shared sample, or written here."""
+"""Shared fixtures: a small real TinyStories folder cut from the bundled sample, backends."""
 
 from pathlib import Path
 
 import pytest
 
-from selfablate.data.sources import EOT_LINE, default_data_locations
-
-FALLBACK_STORIES = [
-    "Once upon a time, there was a little girl named Lily. She loved to play outside in the park.",
-    "Tom had a big red ball. He liked to throw it to his dog, Max. Max ran fast and caught the ball.",
-    "One day, a small bird sat on a tree. The bird sang a happy song. The sun was warm and bright.",
-    "Sue and Ben went to the beach. They built a sand castle. Then a wave came and took it away.",
-]
-
-
-def shared_data() -> Path | None:
-    return next((p.resolve() for p in default_data_locations() if (p / "train.txt").is_file()), None)
+from selfablate.data.sources import EOT_LINE, SAMPLE, read_stories
 
 
 def cut_stories(path: Path, n: int) -> list[str]:
-    stories, lines = [], []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip() == EOT_LINE:
-                stories.append("".join(lines).strip())
-                lines = []
-                if len(stories) == n:
-                    break
-            else:
-                lines.append(line)
-    return [s for s in stories if s]
+    stories = []
+    for story in read_stories(path):
+        stories.append(story)
+        if len(stories) == n:
+            break
+    return stories
 
 
 def write_txt(path: Path, stories: list[str]) -> None:
@@ -38,16 +22,11 @@ def write_txt(path: Path, stories: list[str]) -> None:
 
 @pytest.fixture(scope="session")
 def stories_dir(tmp_path_factory) -> Path:
-    """train.txt / valid.txt with real TinyStories text: 600 + 150 stories of the shared sample
-    (about 130k + 30k tokens), or a small written set repeated when the sample is absent."""
+    """train.txt / valid.txt with real TinyStories text: the first 600 + 150 stories of the bundled
+    sample (about 130k + 30k tokens)."""
     root = tmp_path_factory.mktemp("tinystories")
-    shared = shared_data()
-    if shared is not None:
-        write_txt(root / "train.txt", cut_stories(shared / "train.txt", 600))
-        write_txt(root / "valid.txt", cut_stories(shared / "valid.txt", 150))
-    else:
-        write_txt(root / "train.txt", FALLBACK_STORIES * 200)
-        write_txt(root / "valid.txt", FALLBACK_STORIES[::-1] * 40)
+    write_txt(root / "train.txt", cut_stories(SAMPLE / "train.txt.xz", 600))
+    write_txt(root / "valid.txt", cut_stories(SAMPLE / "valid.txt.xz", 150))
     return root
 
 

@@ -12,7 +12,7 @@ from selfablate.data.sources import FileSource, FolderSource, HubSource, resolve
 from selfablate.data.tokenizer import EOT
 from selfablate.errors import DataError
 
-from .conftest import shared_data, write_txt
+from .conftest import write_txt
 
 
 def test_gpt2_tokenizer_ids_offline():
@@ -106,8 +106,21 @@ def test_env_var_and_default_data(monkeypatch, tmp_path):
     monkeypatch.setenv("SELFABLATE_DATA", str(tmp_path))
     assert resolve_source("") == FolderSource(tmp_path.resolve())
     monkeypatch.delenv("SELFABLATE_DATA")
-    if shared_data() is not None:
-        assert resolve_source("") == FolderSource(shared_data())
+    monkeypatch.chdir(tmp_path)  # nothing beside the working directory: the default needs no ../shared
+    from selfablate.data.sources import SAMPLE
+
+    source = resolve_source("")
+    assert source == FolderSource(SAMPLE) and source.path("train").name == "train.txt.xz"
+    first = next(source.stories("valid"))
+    assert len(first) > 100 and "<|endoftext|>" not in first
+
+
+def test_the_bundled_sample_has_its_stories_and_its_licence():
+    from selfablate.data.sources import SAMPLE, read_stories
+
+    assert sum(1 for _ in read_stories(SAMPLE / "train.txt.xz")) == 7155
+    assert sum(1 for _ in read_stories(SAMPLE / "valid.txt.xz")) == 3114
+    assert "CDLA-Sharing-1.0" in (SAMPLE / "README.md").read_text()
 
 
 def test_parquet_folder_source(tmp_path):

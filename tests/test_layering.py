@@ -19,7 +19,7 @@ ROOT = Path(selfablate.__file__).parent
 LAYERS = [
     {"errors", "config"},
     {"data"},
-    {"ops", "runtime", "distributed", "metrics_log", "perf"},
+    {"ops", "runtime", "distributed", "metrics_log", "perf", "runlock"},
     {"model"},
     {"checkpoint"},
     {"train", "eval", "circuits", "sae", "interop", "generate"},

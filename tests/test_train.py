@@ -218,3 +218,95 @@ def test_optimiser_numbers_are_validated_up_front(bad):
 
     with pytest.raises(ConfigError):
         TrainConfig(**bad)
+
+
+def test_a_second_writer_on_one_folder_gets_one_line_naming_the_holder(tmp_path, stories_dir, capsys):
+    import os
+
+    from selfablate import runlock
+    from selfablate.cli import main
+
+    out = tmp_path / "run"
+    with runlock.exclusive(out):
+        code = main(["train", "--preset", "tiny", "--data", str(stories_dir), "--out", str(out), "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and f"PID {os.getpid()}" in err[0], err
+    assert not (out / "checkpoint").exists()
+    # Released with its holder: the folder is free again.
+    assert main(["train", "--preset", "tiny", "--data", str(stories_dir), "--out", str(out), "--no-progress",
+                 "--max-steps", "2"]) == 0
+
+
+def test_resume_drops_a_torn_last_metrics_line_and_orphaned_temp_folders(tmp_path, stories_dir):
+    model_cfg, tr = tiny(tmp_path, stories_dir, max_steps=4, checkpoint_interval=2, log_interval=1)
+    train(model_cfg, tr)
+    out = tmp_path / "run"
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "lo')  # what a full disk leaves
+    (out / ".checkpoint.tmp-dead").mkdir()  # what a kill during a save leaves
+    with pytest.warns(UserWarning, match="torn last line"):
+        train(model_cfg, dataclasses.replace(tr, max_steps=6, resume=True))
+    assert [m["step"] for m in read_metrics(out) if "loss" in m] == [1, 2, 3, 4, 5, 6]
+    assert not (out / ".checkpoint.tmp-dead").exists()
+
+
+def test_a_full_disk_says_so_in_one_line_and_keeps_the_previous_checkpoint(tmp_path, stories_dir, monkeypatch):
+    import errno
+
+    import selfablate.checkpoint as ckpt
+
+    model_cfg, tr = tiny(tmp_path, stories_dir, max_steps=2, checkpoint_interval=2)
+    train(model_cfg, tr)
+    good = (tmp_path / "run" / "checkpoint" / WEIGHTS).read_bytes()
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ckpt, "save_file", full)
+    with pytest.raises(CheckpointError, match="No space left on device.*previous one, if any, is intact"):
+        train(model_cfg, dataclasses.replace(tr, max_steps=4, resume=True))
+    assert (tmp_path / "run" / "checkpoint" / WEIGHTS).read_bytes() == good
+
+
+def test_the_paper_preset_is_the_authors_protocol():
+    """Their saved paper-scale run configurations: a = b = 0.5, c = 0, T = 1.0, batch 24, lr 1.4e-3,
+    cosine to 0 with no warm-up, AdamW (0.9, 0.999), float32, PyTorch's initialisation, the best
+    held-out checkpoint."""
+    m, t = get_preset("paper")
+    assert (m.coef_clean, m.coef_ablated, m.coef_recon, m.temperature_attn, m.temperature_mlp) == (0.5, 0.5, 0.0, 1.0, 1.0)
+    assert (m.d_model, m.n_layers, m.n_heads, m.d_mlp, m.n_ctx, m.k_attn, m.k_mlp) == (128, 8, 16, 512, 256, 32, 32)
+    assert m.init == "torch-default" and not m.compact_vocab
+    assert (t.batch_size, t.lr, t.warmup_steps, t.min_lr_ratio, t.beta1, t.beta2) == (24, 1.4e-3, 0, 0.0, 0.9, 0.999)
+    assert (t.weight_decay, t.grad_clip, t.precision, t.keep) == (0.0, 1.0, "float32", "best")
+    # CosineAnnealingLR(T_max=max_steps) stepped once per step: lr_t = lr (1 + cos(pi t / T)) / 2
+    for step in (0, 1, 1000, 200_000, 399_999):
+        assert lr_at(step, t) == pytest.approx(t.lr * (1 + math.cos(math.pi * step / t.max_steps)) / 2)
+
+
+def test_torch_default_initialisation_keeps_pytorchs_own():
+    from selfablate import ModelConfig, SelfAblatingTransformer
+
+    cfg = ModelConfig(vocab_size=500, n_ctx=64, d_model=128, n_layers=2, n_heads=16, d_mlp=512)
+    torch.manual_seed(0)
+    ours = SelfAblatingTransformer(cfg)
+    torch.manual_seed(0)
+    theirs = SelfAblatingTransformer(dataclasses.replace(cfg, init="torch-default"))
+    assert ours.wpe.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert theirs.wpe.weight.std().item() == pytest.approx(1.0, rel=0.05)  # nn.Embedding: N(0, 1)
+    fc = theirs.blocks[0].mlp.fc_in  # Kaiming-uniform: U(-1/sqrt(fan_in), 1/sqrt(fan_in)), biases likewise
+    bound = 1 / math.sqrt(128)
+    assert fc.weight.abs().max() <= bound and fc.weight.abs().mean().item() == pytest.approx(bound / 2, rel=0.05)
+    assert fc.bias.abs().min() > 0 and (ours.blocks[0].mlp.fc_in.bias == 0).all()
+
+
+def test_keep_best_keeps_the_lowest_held_out_objective(tmp_path, stories_dir):
+    from selfablate.checkpoint import find, read_header
+
+    model_cfg, tr = tiny(tmp_path, stories_dir, max_steps=8, eval_interval=2, checkpoint_interval=4, keep="best")
+    train(model_cfg, tr)
+    out = tmp_path / "run"
+    vals = [m for m in read_metrics(out) if "val_loss_clean" in m]
+    objectives = [model_cfg.coef_clean * v["val_loss_clean"] + model_cfg.coef_ablated * v["val_loss_ablated"] for v in vals]
+    best = read_header(out / "best")["meta"]
+    assert best["objective"] == pytest.approx(min(objectives)) and best["step"] == vals[objectives.index(min(objectives))]["step"]
+    assert find(out) == out / "best" and find(out / "checkpoint") == out / "checkpoint"

@@ -46,7 +46,18 @@ def save_checkpoint(model: SelfAblatingTransformer, path: str | os.PathLike, *,
         if optimizer is not None:
             torch.save({"optimizer": optimizer.state_dict(), "train_state": train_state or {}}, tmp / OPTIMIZER)
 
-    return _write_dir_atomically(Path(path), write)
+    try:
+        return _write_dir_atomically(Path(path), write)
+    except (OSError, SafetensorError, RuntimeError) as e:
+        raise CheckpointError(f"could not write the checkpoint {path} ({_first_line(e)}); the previous one, "
+                              "if any, is intact") from None
+
+
+def remove_orphans(folder: str | os.PathLike) -> None:
+    """Delete the temporary folders that a process killed in the middle of a save left in
+    `folder` (call it holding the folder's lock: then no save is in progress)."""
+    for tmp in Path(folder).glob(".*.tmp-*"):
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _write_dir_atomically(target: Path, write: Callable[[Path], None]) -> Path:
@@ -74,11 +85,11 @@ def _write_dir_atomically(target: Path, write: Callable[[Path], None]) -> Path:
 
 
 def find(path: str | os.PathLike) -> Path | None:
-    """The checkpoint folder to read: `path` (or a run folder's `checkpoint/`), or its .old
-    twin if a swap was interrupted; None when there is none."""
+    """The checkpoint folder to read: `path`, or a run folder's `best/` (kept with --keep best)
+    else its `checkpoint/`, or its .old twin if a swap was interrupted; None when there is none."""
     path = Path(path)
-    if not (path / CONFIG).exists() and (path / "checkpoint").is_dir():
-        path = path / "checkpoint"
+    if not (path / CONFIG).exists():
+        path = next((path / sub for sub in ("best", "checkpoint") if (path / sub).is_dir()), path)
     old = path.with_name(path.name + ".old")
     return next((p for p in (path, old) if (p / CONFIG).exists()), None)
 

@@ -47,8 +47,12 @@ class ModelConfig:
     """MLP hidden width: the number of neurons per layer."""
     ln_eps: float = 1e-5
     """LayerNorm epsilon."""
+    init: Literal["gpt-neo", "torch-default"] = "gpt-neo"
+    """gpt-neo: weights and embeddings N(0, init_std), biases zero; torch-default: each module keeps
+    PyTorch's own initialisation (Linear Kaiming-uniform with non-zero biases, Embedding N(0, 1)),
+    as the authors' code does."""
     init_std: float = 0.02
-    """Standard deviation of the normal initialisation of weights and embeddings (GPT-Neo)."""
+    """Standard deviation of the normal initialisation of weights and embeddings (init=gpt-neo)."""
     ablation: Ablation = "local"
     """Mask head: none (baseline), local (per block, from the block input), global (from the final
     clean residual), or both (the two scores added)."""
@@ -87,6 +91,7 @@ class ModelConfig:
         require(self.d_model % self.n_heads == 0,
                  f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
         check_choice(self, "ablation")
+        check_choice(self, "init")
         check_choice(self, "mask_fn")
         require(1 <= self.k_attn <= self.d_model,
                  f"k_attn must be in 1..d_model={self.d_model}, got {self.k_attn}")
@@ -113,9 +118,9 @@ class TrainConfig:
     out: str = "runs/model"
     """Output folder: checkpoint, metrics.jsonl and the final model."""
     data: str = ""
-    """Training data: a folder with train.txt/valid.txt (or TinyStories-train.txt/-valid.txt),
-    a .jsonl/.parquet file, or hf:roneneldan/TinyStories. Empty: $SELFABLATE_DATA, else
-    ../shared/data/tinystories when it exists, else the hub."""
+    """Training data: a folder with train.txt/valid.txt (or TinyStories-train.txt/-valid.txt, or
+    .txt.xz), a .jsonl/.parquet file, or hf:roneneldan/TinyStories. Empty: $SELFABLATE_DATA, else
+    the TinyStories sample bundled with the package (1.5 M training tokens)."""
     batch_size: int = 24
     """Sequences per optimiser step, over all processes (the global batch): under torchrun each of
     N processes takes batch_size / N of them, in grad_accum micro-batches."""
@@ -147,6 +152,9 @@ class TrainConfig:
     """Write a metrics line every this many steps."""
     checkpoint_interval: int = 1000
     """Save a resumable checkpoint every this many steps (and at the end)."""
+    keep: Literal["last", "best"] = "last"
+    """The model the run's evaluations use: the last one (checkpoint/), or (best) the one with the
+    lowest held-out a·CE(clean) + b·CE(ablated) at an evaluation, kept in best/ beside it."""
     resume: bool = False
     """Continue from the checkpoint in `out` if there is one."""
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
@@ -185,7 +193,7 @@ class TrainConfig:
         require(0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         require(self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}")
         require(self.grad_clip >= 0, f"grad_clip must be >= 0, got {self.grad_clip}")
-        for name in ("device", "precision", "logger"):
+        for name in ("device", "precision", "logger", "keep"):
             check_choice(self, name)
 
 
@@ -273,9 +281,15 @@ Preset = Callable[[], tuple[ModelConfig, TrainConfig]]
 
 
 def paper() -> tuple[ModelConfig, TrainConfig]:
-    """The paper's architecture and optimiser (8x128, 16 heads, batch 24, lr 1.4e-3, 400k steps).
-    Meant for a GPU: about 2.5 B tokens."""
-    return ModelConfig(), TrainConfig(batch_size=24, lr=1.4e-3, max_steps=400_000, warmup_steps=2000)
+    """The authors' protocol for their paper-scale runs (8 x 128, 16 heads): a = b = 0.5, c = 0,
+    T = 1.0, PyTorch's default initialisation; AdamW (betas 0.9, 0.999, no weight decay), batch 24,
+    lr 1.4e-3, cosine to 0 without warm-up, gradient clipping at 1, float32, the best held-out
+    checkpoint kept. 400k steps: about 2.5 B tokens, meant for a GPU."""
+    model = ModelConfig(coef_clean=0.5, coef_ablated=0.5, coef_recon=0.0, temperature_attn=1.0, temperature_mlp=1.0,
+                        init="torch-default")
+    train = TrainConfig(batch_size=24, lr=1.4e-3, max_steps=400_000, warmup_steps=0, min_lr_ratio=0.0, beta2=0.999,
+                        weight_decay=0.0, grad_clip=1.0, precision="float32", keep="best")
+    return model, train
 
 
 def cpu_small() -> tuple[ModelConfig, TrainConfig]:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import ConfigError
+from .errors import ConfigError, DataError
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -50,8 +51,7 @@ class MetricsLog:
         self.path = out / METRICS_FILE
         kept = []
         if keep_until and self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= keep_until]
+            kept = [json.dumps(m) for m in read_metrics(out) if m.get("step", 0) <= keep_until]
         self.path.write_text("".join(line + "\n" for line in kept))
         self.extra = EXTRA_SINKS[extra](out, config or {}) if extra in EXTRA_SINKS else None
 
@@ -67,5 +67,16 @@ class MetricsLog:
 
 
 def read_metrics(out: Path) -> list[dict[str, Any]]:
+    """The lines of OUT/metrics.jsonl. A torn last line (what a crash or a full disk leaves) is
+    dropped with a warning; a torn line before the last is an error."""
     path = Path(out) / METRICS_FILE
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    lines = [line for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:
+                raise DataError(f"{path} line {i + 1} is not JSON (only a torn last line is tolerated)") from None
+            warnings.warn(f"selfablate: dropped the torn last line of {path}", stacklevel=2)
+    return records

@@ -19,6 +19,7 @@ from typing import Any, Callable, Literal, NamedTuple
 from tqdm.auto import tqdm
 
 from .config import Arg, Command, ModelConfig, TrainConfig, check_choice, get_preset, require
+from . import runlock
 from .errors import ConfigError, SelfAblateError
 
 ABLATIONS = ("local", "global", "both")
@@ -139,7 +140,8 @@ class Stage(NamedTuple):
 
 
 def _checkpoint(spec: RunSpec) -> Path:
-    return Path(spec.train.out) / "checkpoint"
+    """The model the evaluations use: best/ with keep=best, else checkpoint/ (`checkpoint.find`)."""
+    return Path(spec.train.out)
 
 
 def _train(cfg: ReproduceConfig, spec: RunSpec) -> None:
@@ -201,10 +203,16 @@ def warn_changed(meta: Path, cfg: ReproduceConfig) -> list[str]:
 
 
 def run_reproduce(cfg: ReproduceConfig) -> Path:
-    """Run every missing stage of every model, then write the report. Returns the report folder."""
+    """Run every missing stage of every model, then write the report. Returns the report folder.
+    Holds the folder's lock throughout: one reproduce per folder."""
+    out = Path(cfg.out)
+    with runlock.exclusive(out):
+        return _run(cfg, out)
+
+
+def _run(cfg: ReproduceConfig, out: Path) -> Path:
     from .report.build import write_report
 
-    out = Path(cfg.out)
     specs = grid(cfg)
     warn_changed(out / "reproduce.json", cfg)
     write_json(out / "reproduce.json", {"config": dataclasses.asdict(cfg), "models": [s.name for s in specs]})

@@ -15,9 +15,9 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from . import distributed
+from . import distributed, runlock
 from .checkpoint import find as find_checkpoint
-from .checkpoint import load_checkpoint, load_training_state, save_checkpoint
+from .checkpoint import load_checkpoint, load_training_state, read_header, remove_orphans, save_checkpoint
 from .config import Command, ModelConfig, TrainConfig
 from .data.dataset import TokenWindows, tokenize_split
 from .data.sources import resolve_source
@@ -152,6 +152,21 @@ def start_or_resume(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.devi
     return RunState(model, opt, data_rng, int(ts["step"]))
 
 
+BEST_DIR = "best"
+
+
+def keep_best(run: RunState, step: int, cfg: TrainConfig, evaluation: LossEval) -> None:
+    """With keep=best: write the model to OUT/best when its held-out a·CE(clean) + b·CE(ablated)
+    beats the one recorded there (so a resumed run remembers its best)."""
+    mc = run.model.cfg
+    objective = mc.coef_clean * evaluation.clean + (mc.coef_ablated * evaluation.ablated if evaluation.ablated else 0.0)
+    folder = Path(cfg.out) / BEST_DIR
+    if find_checkpoint(folder) is not None and objective >= read_header(folder)["meta"].get("objective", math.inf):
+        return
+    if math.isfinite(objective) and all(bool(torch.isfinite(p).all()) for p in run.model.parameters()):
+        save_checkpoint(run.model, folder, meta={"step": step, "objective": objective, "val": evaluation._asdict()})
+
+
 def _last_good(cfg: TrainConfig) -> str:
     folder = find_checkpoint(Path(cfg.out) / CHECKPOINT_DIR)
     return f"the last good checkpoint, {folder}, is intact" if folder else "no checkpoint was written"
@@ -235,7 +250,11 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, cache_dir: Path | None = Non
         keep_freed_memory()
     dist, device = distributed.init(resolve_device(cfg.device), cfg.batch_size, cfg.grad_accum)
     try:
-        return _train(model_cfg, cfg, cache_dir, dist, device)
+        # One writer per run folder (rank 0 writes for the job); what a killed save left is removed.
+        with runlock.exclusive(cfg.out) if dist.main else contextlib.nullcontext():
+            if dist.main:
+                remove_orphans(cfg.out)
+            return _train(model_cfg, cfg, cache_dir, dist, device)
     finally:
         distributed.finish(dist)
 
@@ -269,6 +288,8 @@ def _train(model_cfg: ModelConfig, cfg: TrainConfig, cache_dir: Path | None, dis
             evaluation = evaluate()
             if log:
                 log.write({"step": m.step, "val_loss_clean": evaluation.clean, "val_loss_ablated": evaluation.ablated})
+            if cfg.keep == "best":
+                keep_best(run, m.step, cfg, evaluation)
         if saving or done:
             if dist.main:
                 save_run(run, m.step, cfg, {"val": evaluation._asdict() if evaluation else None})

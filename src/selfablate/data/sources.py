@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import lzma
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,10 +22,13 @@ HUB_DATASET = "roneneldan/TinyStories"
 EOT_LINE = "<|endoftext|>"
 # Names tried for each split inside a data folder, in order.
 SPLIT_FILES = {
-    "train": ("TinyStories-train.txt", "train.txt", "train.jsonl", "train.parquet"),
-    "valid": ("TinyStories-valid.txt", "valid.txt", "validation.txt", "valid.jsonl",
+    "train": ("TinyStories-train.txt", "train.txt", "train.txt.xz", "train.jsonl", "train.parquet"),
+    "valid": ("TinyStories-valid.txt", "valid.txt", "valid.txt.xz", "validation.txt", "valid.jsonl",
               "validation.jsonl", "valid.parquet", "validation.parquet"),
 }
+SAMPLE = Path(__file__).with_name("sample")
+"""The bundled TinyStories sample (xz-compressed; CDLA-Sharing-1.0, see its README.md): the
+default data, so that the demo and the tests run offline anywhere."""
 HELD_OUT_EVERY = 50  # a single file: every 50th story is held out as the validation split
 
 
@@ -39,15 +43,16 @@ class Source(Protocol):
 def read_stories(path: Path) -> Iterator[str]:
     """Stories of one file: <|endoftext|>-separated text (.txt), or the `text` field of
     .jsonl records or .parquet rows."""
-    readers = {".txt": _txt_stories, ".jsonl": _jsonl_stories, ".parquet": _parquet_stories}
+    readers = {".txt": _txt_stories, ".xz": _txt_stories, ".jsonl": _jsonl_stories, ".parquet": _parquet_stories}
     if path.suffix not in readers:
-        raise DataError(f"unsupported data file {path} (use .txt, .jsonl or .parquet)")
+        raise DataError(f"unsupported data file {path} (use .txt, .txt.xz, .jsonl or .parquet)")
     yield from readers[path.suffix](path)
 
 
 def _txt_stories(path: Path) -> Iterator[str]:
     lines: list[str] = []
-    with open(path, encoding="utf-8", errors="replace") as f:
+    opener = lzma.open if path.suffix == ".xz" else open
+    with opener(path, "rt", encoding="utf-8", errors="replace") as f:
         for line in f:
             if line.strip() == EOT_LINE:
                 if text := "".join(lines).strip():
@@ -169,18 +174,11 @@ class HubSource:
         return f"{self.dataset}:{split}:{self._load(split)._fingerprint}"
 
 
-def default_data_locations() -> list[Path]:
-    """Where the shared TinyStories sample is looked for when no data is named."""
-    repo_root = Path(__file__).resolve().parents[3]
-    return [Path.cwd() / "../shared/data/tinystories", repo_root / "../shared/data/tinystories"]
-
-
 def resolve_source(spec: str = "") -> Source:
-    """--data value -> Source. Empty: $SELFABLATE_DATA, else the shared sample, else the hub."""
+    """--data value -> Source. Empty: $SELFABLATE_DATA, else the bundled sample (`SAMPLE`)."""
     spec = spec or os.environ.get("SELFABLATE_DATA", "")
     if not spec:
-        found = next((p for p in default_data_locations() if p.is_dir()), None)
-        return FolderSource(found.resolve()) if found else HubSource()
+        return FolderSource(SAMPLE)
     if spec.startswith("hf:"):
         return HubSource(spec[3:] or HUB_DATASET)
     path = Path(spec).expanduser()

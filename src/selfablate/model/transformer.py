@@ -110,7 +110,8 @@ class SelfAblatingTransformer(HookedModule):
         self.hook_embed, self.hook_pos_embed = HookPoint(), HookPoint()
         if cfg.compact_vocab:  # model id i <-> GPT-2 id vocab_ids[i]; the last id is <unk> (`data.vocab`)
             self.register_buffer("vocab_ids", torch.zeros(cfg.vocab_size - 1, dtype=torch.long))
-        self.apply(self._init_weights)
+        if cfg.init == "gpt-neo":  # else every module keeps PyTorch's default, as the authors' code does
+            self.apply(self._init_weights)
         self.setup_hooks()
 
     def _init_weights(self, module: nn.Module) -> None:
