@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from selfablate.cli import main, make_parser
 
@@ -118,3 +119,43 @@ def test_every_command_has_working_help(capsys):
             main([name, "--help"])
         assert exit_.value.code == 0, name
         assert "usage: selfablate " + name in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, msg", [
+    (["generate", "{run}", "--prompt", ""], "prompt must not be empty"),
+    (["generate", "{run}", "--prompt", "a <|endoftext|> b"], "<|endoftext|>"),
+    (["generate", "{run}", "--top-k", "-3"], "top_k must be >= 0"),
+    (["eval-loss", "{run}", "--batch-size", "0"], "batch_size must be >= 1"),
+    (["eval-loss", "{run}", "--max-batches", "-1"], "max_batches must be >= 0"),
+    (["sae", "train", "{run}", "--hook", "blocks.1.hook_mlp_mask"], "0/1 unit mask"),
+    (["train", "--beta1", "1.5"], "beta1 must be in [0, 1)"),
+    (["train", "--lr", "inf"], "lr must be a finite number"),
+])
+def test_bad_options_get_one_line_before_any_compute(trained, capsys, argv, msg):
+    code, out, err = run(capsys, *[a.format(run=trained) for a in argv])
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and msg in lines[0] and "Traceback" not in err, err
+
+
+def test_a_config_json_with_a_wrong_type_is_one_line(trained, tmp_path, capsys):
+    import json
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(trained / "checkpoint", bad)
+    header = json.loads((bad / "config.json").read_text())
+    header["model"]["n_layers"] = "2"
+    (bad / "config.json").write_text(json.dumps(header))
+    code, _, err = run(capsys, "info", bad)
+    assert code == 2 and "n_layers must be of type int" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_generate_on_a_nan_model_is_one_line(trained, tmp_path, capsys):
+    from selfablate import load_checkpoint, save_checkpoint
+
+    model = load_checkpoint(trained)
+    with torch.no_grad():
+        model.wte.weight.fill_(float("nan"))
+    save_checkpoint(model, tmp_path / "nan")
+    code, _, err = run(capsys, "generate", tmp_path / "nan", "--max-new-tokens", "2")
+    assert code == 2 and "not finite" in err and len(err.strip().splitlines()) == 1, err

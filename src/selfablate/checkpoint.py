@@ -113,6 +113,8 @@ def read_header(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"corrupt checkpoint {folder}: {CONFIG} is not valid JSON ({e.msg if hasattr(e, 'msg') else e})") from None
     if not isinstance(header, dict) or header.get("format") != FORMAT or "model" not in header:
         raise CheckpointError(f"{folder} is not a selfablate checkpoint ({CONFIG} lacks format={FORMAT!r})")
+    if not isinstance(header["model"], dict):
+        raise CheckpointError(f"corrupt checkpoint {folder}: the model config in {CONFIG} is not an object")
     return header
 
 

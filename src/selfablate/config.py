@@ -241,6 +241,12 @@ def config_from_dict(cls: type, values: dict[str, Any]) -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
     require(not unknown, f"unknown {cls.__name__} field(s): {', '.join(unknown)}")
+    for name, value in values.items():
+        kind = field_type(cls, name)
+        kinds = {int: (int,), float: (int, float), bool: (bool,), str: (str,)}.get(kind)
+        # bool is an int in Python: an int field holding true/false is still the wrong type
+        wrong = kinds is not None and (not isinstance(value, kinds) or (kind is not bool and isinstance(value, bool)))
+        require(not wrong, f"{cls.__name__}.{name} must be of type {kind.__name__}, got {value!r}")
     return cls(**values)
 
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor
 
-from .config import Arg, Command
+from .config import Arg, Command, check_choice, require
 from .errors import SelfAblateError
 from .model import SelfAblatingTransformer
 from .data.vocab import to_gpt2_ids, to_model_ids, unk_id
@@ -61,6 +62,8 @@ def generate(model: SelfAblatingTransformer, prompt: list[int], max_new_tokens: 
         window = torch.tensor([tokens[-model.cfg.n_ctx:]], device=device)
         out = model(window)
         logits = (out.logits_ablated if stream == "ablated" else out.logits_clean)[0, -1].cpu()
+        if not bool(torch.isfinite(logits).all()):
+            raise SelfAblateError("the model's logits are not finite (a diverged checkpoint?): nothing to sample")
         if unk_id(model) is not None:
             logits[unk_id(model)] = float("-inf")  # <unk> stands for many tokens: never sample it
         tokens.append(sample_next(logits, temperature, top_k, gen))
@@ -92,6 +95,16 @@ class GenerateOptions:
     """Print, for each new token, the units its prediction kept in every layer."""
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     """Device to run on."""
+
+    def __post_init__(self) -> None:
+        require(self.prompt.strip() != "", "prompt must not be empty")
+        require("<|endoftext|>" not in self.prompt, "prompt must not hold <|endoftext|> (the story separator)")
+        require(self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        require(math.isfinite(self.temperature) and self.temperature >= 0,
+                f"temperature must be a finite number >= 0, got {self.temperature}")
+        require(self.top_k >= 0, f"top_k must be >= 0 (0: all), got {self.top_k}")
+        check_choice(self, "stream")
+        check_choice(self, "device")
 
 
 def _command(opts: GenerateOptions, checkpoint: str) -> None:

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ..config import Arg, Command
+from ..config import Arg, Command, check_choice, require
 from ..model import SelfAblatingTransformer
 from ..runtime import wide
 
@@ -85,6 +85,12 @@ class EvalLossOptions:
     """Device to run on."""
     json: bool = False
     """Print the result as JSON."""
+
+    def __post_init__(self) -> None:
+        require(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        require(self.max_batches >= 0, f"max_batches must be >= 0 (0: the whole split), got {self.max_batches}")
+        check_choice(self, "split")
+        check_choice(self, "device")
 
 
 def _command(opts: EvalLossOptions, checkpoint: str) -> None:

@@ -11,9 +11,16 @@ from ..model import SelfAblatingTransformer, Stream
 
 
 def check_hook(model: SelfAblatingTransformer, hook: str) -> None:
+    """One line, before any compute, for a hook an SAE cannot be trained on."""
     if hook not in model.hook_points():
         raise SelfAblateError(f"no hook point named {hook!r} (the model has {model.cfg.n_layers} layers; "
                               f"e.g. blocks.{model.cfg.n_layers - 1}.hook_mlp_out or its _ablated twin)")
+    if hook.endswith(("_mask", "_mask_ablated")):
+        raise SelfAblateError(f"{hook} is a 0/1 unit mask, not an activation: train SAEs on activations "
+                              "(e.g. hook_mlp_out, mlp.hook_post, hook_resid_post)")
+    if not model.cfg.self_ablating and (hook.endswith(Stream.ABLATED.value) or hook.endswith("_scores")):
+        raise SelfAblateError(f"{hook} never fires in a baseline model (ablation=none): it has no ablated "
+                              "stream or mask scores")
 
 
 @torch.no_grad()
