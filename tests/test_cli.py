@@ -159,3 +159,12 @@ def test_generate_on_a_nan_model_is_one_line(trained, tmp_path, capsys):
     save_checkpoint(model, tmp_path / "nan")
     code, _, err = run(capsys, "generate", tmp_path / "nan", "--max-new-tokens", "2")
     assert code == 2 and "not finite" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_an_out_that_is_a_file_is_refused_before_any_compute(tmp_path, capsys):
+    f = tmp_path / "a-file"
+    f.write_text("x")
+    for argv in (["train", "--preset", "tiny", "--out", f], ["reproduce", "--preset", "tiny", "--out", f],
+                 ["circuits", tmp_path, "--out", f], ["sae", "train", tmp_path, "--out", f]):
+        code, _, err = run(capsys, *argv)
+        assert code == 2 and f"--out {f} is a file" in err and len(err.strip().splitlines()) == 1, (argv, err)

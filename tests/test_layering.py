@@ -17,7 +17,7 @@ import selfablate
 ROOT = Path(selfablate.__file__).parent
 
 LAYERS = [
-    {"errors", "config"},
+    {"errors", "config", "files"},
     {"data"},
     {"ops", "runtime", "distributed", "metrics_log", "perf", "runlock"},
     {"model"},

@@ -118,14 +118,25 @@ def test_report_of_a_folder_that_is_not_a_reproduction_is_a_one_line_error(tmp_p
     assert err.startswith("selfablate: error:") and "reproduce.json" in err and "\n" not in err
 
 
-def test_a_changed_config_is_named_when_finished_stages_are_kept(tmp_path, capsys):
-    from selfablate.reproduce import warn_changed, write_json
-
+def test_changed_settings_are_refused_unless_accepted_and_never_rewritten_silently(tmp_path, capsys):
     import dataclasses
+    import json
 
+    from selfablate.reproduce import record
+
+    meta = tmp_path / "reproduce.json"
     cfg = ReproduceConfig(out=str(tmp_path), ks="2,8")
-    assert warn_changed(tmp_path / "reproduce.json", cfg) == []
-    write_json(tmp_path / "reproduce.json", {"config": dataclasses.asdict(cfg)})
-    assert warn_changed(tmp_path / "reproduce.json", dataclasses.replace(cfg, progress=False)) == []
-    assert warn_changed(tmp_path / "reproduce.json", dataclasses.replace(cfg, ks="2", tau=0.01)) == ["ks", "tau"]
-    assert "ks, tau differ" in capsys.readouterr().err
+    record(meta, cfg, ["none-s0"])
+    record(meta, dataclasses.replace(cfg, progress=False, device="cpu"), ["none-s0"])  # computes the same grid
+    with pytest.raises(ConfigError, match=r"ks: '2,8' -> '2'; tau: 0.03 -> 0.01.*--accept-changed"):
+        record(meta, dataclasses.replace(cfg, ks="2", tau=0.01), ["none-s0"])
+    assert json.loads(meta.read_text())["config"]["ks"] == "2,8"  # the record is untouched
+    record(meta, dataclasses.replace(cfg, ks="2", accept_changed=True), ["none-s0"])
+    saved = json.loads(meta.read_text())
+    assert saved["config"]["ks"] == "2" and saved["history"][0]["ks"] == "2,8"
+    assert "ks: '2,8' -> '2'" in capsys.readouterr().err
+    meta.write_text("{not json")
+    with pytest.raises(ConfigError, match="not a reproduce record"):
+        record(meta, cfg, ["none-s0"])
+
+

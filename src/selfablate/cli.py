@@ -13,6 +13,7 @@ from typing import Any, Literal, Sequence
 
 from .config import PRESETS, Command, field_docs, field_type, get_preset, literal_choices
 from .errors import SelfAblateError
+from .files import check_output_folder
 
 # -- flags from dataclasses -------------------------------------------------------------------
 
@@ -77,6 +78,9 @@ def run(command: Command, ns: argparse.Namespace) -> None:
     """Build the command's options from the flags (over the preset's values) and call it."""
     bases = {type(c): c for c in get_preset(ns.preset)} if command.preset else {}
     options = [build(cls, ns, bases.get(cls)) for cls in command.options]
+    for opts in options:  # where results go is checked before any compute
+        if isinstance(getattr(opts, "out", None), str) and opts.out:
+            check_output_folder(opts.out)
     command.run(*options, **{arg.name: getattr(ns, arg.name) for arg in command.args})
 
 
@@ -119,7 +123,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"selfablate: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("selfablate: interrupted (the last checkpoint is intact; continue with --resume)", file=sys.stderr)
+        print("selfablate: interrupted; what was finished is intact (train: continue with --resume; reproduce: "
+              "run the same command again)", file=sys.stderr)
         return 130
     return 0
 

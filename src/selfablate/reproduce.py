@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from tqdm.auto import tqdm
 
 from .config import Arg, Command, ModelConfig, TrainConfig, check_choice, get_preset, require
 from . import runlock
+from .files import write_text_atomically
 from .errors import ConfigError, SelfAblateError
 
 ABLATIONS = ("local", "global", "both")
@@ -64,6 +64,9 @@ class ReproduceConfig:
     """Device for every stage; auto: CUDA when available, else Apple's MPS, else the CPU."""
     precision: Literal["auto", "float32", "bfloat16"] = "auto"
     """Training precision (as for train; the evaluations run in float32)."""
+    accept_changed: bool = False
+    """Go on with a grid folder whose record holds other settings (its finished stages are kept;
+    the earlier settings stay in reproduce.json's history). Without it, such a run is refused."""
     progress: bool = True
     """Show progress bars."""
 
@@ -126,10 +129,7 @@ def grid(cfg: ReproduceConfig) -> list[RunSpec]:
 
 def write_json(path: Path, obj: Any) -> None:
     """Write JSON atomically: a stage's result exists completely or not at all."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
+    write_text_atomically(path, json.dumps(obj, indent=1) + "\n")
 
 
 class Stage(NamedTuple):
@@ -189,17 +189,38 @@ STAGES = (
 )
 
 
-def warn_changed(meta: Path, cfg: ReproduceConfig) -> list[str]:
-    """Finished stages are skipped whatever the config says now: name the settings that differ
-    from the earlier run's, so that nobody mistakes old results for new ones."""
+IGNORED = ("progress", "out", "accept_changed", "device")
+"""Settings that do not change what a grid computes."""
+
+
+def changed_settings(meta: Path, cfg: ReproduceConfig) -> list[str]:
+    """The settings that differ from those the grid in `meta`'s folder was run with, as
+    "name: old -> new"; a corrupt record is a one-line error."""
     if not meta.exists():
         return []
-    old = json.loads(meta.read_text()).get("config", {})
-    changed = [k for k, v in dataclasses.asdict(cfg).items() if k not in ("progress", "out") and old.get(k, v) != v]
+    try:
+        old = json.loads(meta.read_text())["config"]
+        assert isinstance(old, dict)
+    except (json.JSONDecodeError, KeyError, TypeError, AssertionError):
+        raise ConfigError(f"{meta} is not a reproduce record (corrupt JSON or no config); move it away to "
+                          "start a new grid there") from None
+    return [f"{k}: {old[k]!r} -> {v!r}" for k, v in dataclasses.asdict(cfg).items()
+            if k not in IGNORED and k in old and old[k] != v]
+
+
+def record(meta: Path, cfg: ReproduceConfig, names: list[str]) -> None:
+    """Write the grid's record, refusing changed settings unless accepted; accepted ones keep
+    the earlier settings in the record's history (never rewritten silently)."""
+    changed = changed_settings(meta, cfg)
+    if changed and not cfg.accept_changed:
+        raise ConfigError(f"{meta.parent} holds a grid run with other settings ({'; '.join(changed)}): pass "
+                          "--accept-changed to keep its finished stages and go on with these, or choose another --out")
+    history = json.loads(meta.read_text()).get("history", []) if meta.exists() else []
     if changed:
-        print(f"selfablate: warning: {', '.join(changed)} differ from the earlier run in {meta.parent}; its finished "
-              "stages are kept (delete a stage's folder to redo it)", file=sys.stderr)
-    return changed
+        history.append(json.loads(meta.read_text())["config"])
+        print(f"selfablate: warning: {'; '.join(changed)}: finished stages are kept (delete a stage's folder to "
+              "redo it); the earlier settings stay in reproduce.json's history", file=sys.stderr)
+    write_json(meta, {"config": dataclasses.asdict(cfg), "models": names, "history": history})
 
 
 def run_reproduce(cfg: ReproduceConfig) -> Path:
@@ -214,8 +235,7 @@ def _run(cfg: ReproduceConfig, out: Path) -> Path:
     from .report.build import write_report
 
     specs = grid(cfg)
-    warn_changed(out / "reproduce.json", cfg)
-    write_json(out / "reproduce.json", {"config": dataclasses.asdict(cfg), "models": [s.name for s in specs]})
+    record(out / "reproduce.json", cfg, [s.name for s in specs])
     todo = [(spec, stage) for spec in specs for stage in STAGES]
     bar = tqdm(todo, desc="reproduce", disable=not cfg.progress, dynamic_ncols=True)
     for spec, stage in bar:

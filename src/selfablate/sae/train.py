@@ -17,6 +17,7 @@ from ..data.dataset import TokenWindows, tokenize_split
 from ..data.sources import resolve_source
 from ..data.vocab import token_lookup
 from ..errors import SelfAblateError
+from ..files import write_text_atomically
 from ..model import SelfAblatingTransformer, Stream
 from . import metrics as M
 from .buffer import ActivationBuffer, check_hook, hook_activations
@@ -199,7 +200,7 @@ def run_sae_train(checkpoint: str, cfg: SAETrainConfig) -> dict[str, Any]:
     result = {"checkpoint": str(checkpoint), "sae": dataclasses.asdict(sae.cfg), "train": dataclasses.asdict(cfg),
               "metrics": metrics, "seconds": time.perf_counter() - t0}
     save_sae(sae, cfg.out, meta={"checkpoint": str(checkpoint), "train": dataclasses.asdict(cfg)})
-    (Path(cfg.out) / "metrics.json").write_text(json.dumps(result, indent=1) + "\n")
+    write_text_atomically(Path(cfg.out) / "metrics.json", json.dumps(result, indent=1) + "\n")
     return result
 
 
@@ -215,8 +216,9 @@ def run_sae_sweep(checkpoint: str, cfg: SAETrainConfig, values: list[float]) -> 
         m = r["metrics"]
         rows.append({**knob, "l0": m["l0"], "ce_loss_score_zero": m["ce_loss_score_zero"], "fvu": m["fvu"],
                      "dead_fraction": m["dead_fraction"]})
-    Path(cfg.out).mkdir(parents=True, exist_ok=True)
-    (Path(cfg.out) / "frontier.json").write_text(json.dumps({"checkpoint": str(checkpoint), "points": rows}, indent=1) + "\n")
+    # Written last and whole: frontier.json is what marks a reproduce stage done.
+    write_text_atomically(Path(cfg.out) / "frontier.json",
+                          json.dumps({"checkpoint": str(checkpoint), "points": rows}, indent=1) + "\n")
     return rows
 
 
