@@ -168,3 +168,30 @@ def test_an_out_that_is_a_file_is_refused_before_any_compute(tmp_path, capsys):
                  ["circuits", tmp_path, "--out", f], ["sae", "train", tmp_path, "--out", f]):
         code, _, err = run(capsys, *argv)
         assert code == 2 and f"--out {f} is a file" in err and len(err.strip().splitlines()) == 1, (argv, err)
+
+
+def _float_flags():
+    """(command, flag) for every float option of every command's option dataclasses."""
+    import dataclasses
+
+    from selfablate.cli import commands
+
+    for command in commands():
+        for cls in command.options:
+            for f in dataclasses.fields(cls):
+                if f.type in ("float", float):
+                    yield command, "--" + f.name.replace("_", "-")
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "1e400"])
+def test_every_float_option_refuses_non_finite_values_in_one_line(value, tmp_path, capsys):
+    """A fuzz over the dataclasses: each float option given a non-finite value exits 2 with one
+    line, before any compute (positional arguments get a placeholder path)."""
+    flags = list(_float_flags())
+    assert len(flags) >= 20
+    for command, flag in flags:
+        args = [("train" if a.choices else str(tmp_path)) for a in command.args if a.default is None]
+        code, _, err = run(capsys, command.name, *args, f"{flag}={value}")
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and "Traceback" not in err, (command.name, flag, err)
+        assert flag[2:].replace("-", "_") in lines[0], (command.name, flag, lines[0])  # refused for the value

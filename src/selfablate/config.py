@@ -26,6 +26,14 @@ def require(cond: bool, msg: str) -> None:
         raise ConfigError(msg)
 
 
+def require_finite(cfg: Any) -> None:
+    """Every float field of a config dataclass is a finite number (nan and inf pass no range check)."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, float):
+            require(math.isfinite(value), f"{f.name} must be a finite number, got {value}")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Architecture of a GPT-Neo-style self-ablating transformer (defaults: the paper's model)."""
@@ -82,10 +90,7 @@ class ModelConfig:
     """Loss weight c of the reconstruction loss (clean vs ablated residuals)."""
 
     def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, float):
-                require(math.isfinite(value), f"{f.name} must be a finite number, got {value}")
+        require_finite(self)
         for name in ("vocab_size", "n_ctx", "d_model", "n_layers", "n_heads", "d_mlp"):
             require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         require(self.d_model % self.n_heads == 0,
@@ -180,10 +185,7 @@ class TrainConfig:
                      "log_interval", "checkpoint_interval", "grad_accum"):
             require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         require(self.seq_len >= 0, f"seq_len must be >= 0, got {self.seq_len}")
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, float):
-                require(math.isfinite(value), f"{f.name} must be a finite number, got {value}")
+        require_finite(self)
         require(self.lr > 0, f"lr must be > 0, got {self.lr}")
         require(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
         for name in ("beta1", "beta2"):

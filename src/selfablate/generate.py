@@ -9,7 +9,7 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor
 
-from .config import Arg, Command, check_choice, require
+from .config import Arg, Command, check_choice, require, require_finite
 from .errors import SelfAblateError
 from .model import SelfAblatingTransformer
 from .data.vocab import to_gpt2_ids, to_model_ids, unk_id
@@ -97,6 +97,7 @@ class GenerateOptions:
     """Device to run on."""
 
     def __post_init__(self) -> None:
+        require_finite(self)
         require(self.prompt.strip() != "", "prompt must not be empty")
         require("<|endoftext|>" not in self.prompt, "prompt must not hold <|endoftext|> (the story separator)")
         require(self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}")

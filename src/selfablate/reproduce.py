@@ -17,7 +17,7 @@ from typing import Any, Callable, Literal, NamedTuple
 
 from tqdm.auto import tqdm
 
-from .config import Arg, Command, ModelConfig, TrainConfig, check_choice, get_preset, require
+from .config import Arg, Command, ModelConfig, TrainConfig, check_choice, get_preset, require, require_finite
 from . import runlock
 from .files import write_text_atomically
 from .errors import ConfigError, SelfAblateError
@@ -71,6 +71,7 @@ class ReproduceConfig:
     """Show progress bars."""
 
     def __post_init__(self) -> None:
+        require_finite(self)
         check_choice(self, "device")
         check_choice(self, "precision")
         require(all(a in ABLATIONS for a in self.ablation_list()),

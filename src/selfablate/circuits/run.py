@@ -11,7 +11,7 @@ from typing import Any, Literal
 import torch
 
 from ..checkpoint import load_checkpoint, resolve
-from ..config import require
+from ..config import require, require_finite
 from ..errors import ConfigError
 from .patching import EdgeGraph
 from .discovery import CircuitTask, acdc, eap_ig_scores, eap_scores, kl_with_mask, make_task
@@ -42,6 +42,7 @@ class CircuitConfig:
     """Show progress bars."""
 
     def __post_init__(self) -> None:
+        require_finite(self)
         require(self.prompts >= 2, f"prompts must be >= 2, got {self.prompts}")
         require(self.tau >= 0, f"tau must be >= 0, got {self.tau}")
         require(self.ig_steps >= 1, f"ig_steps must be >= 1, got {self.ig_steps}")

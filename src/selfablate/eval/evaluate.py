@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..checkpoint import load_checkpoint, resolve
-from ..config import Arg, Command, require
+from ..config import Arg, Command, require, require_finite
 from ..data.dataset import TokenWindows, tokenize_split
 from ..data.sources import resolve_source
 from ..data.tokenizer import gpt2_tokenizer
@@ -70,6 +70,7 @@ class EvalConfig:
     """Show progress bars."""
 
     def __post_init__(self) -> None:
+        require_finite(self)
         for name in ("batch_size", "bootstrap", "top_examples", "frequent_tokens", "probe_classes", "localisation_tokens"):
             require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         require(self.max_tokens >= 0, f"max_tokens must be >= 0, got {self.max_tokens}")

@@ -12,7 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..checkpoint import load_checkpoint
-from ..config import Arg, Command, check_choice, require
+from ..config import Arg, Command, check_choice, require, require_finite
 from ..data.dataset import TokenWindows, tokenize_split
 from ..data.sources import resolve_source
 from ..data.vocab import token_lookup
@@ -66,6 +66,7 @@ class SAETrainConfig:
     """Show a progress bar."""
 
     def __post_init__(self) -> None:
+        require_finite(self)
         for name in ("expansion", "k", "steps", "batch_tokens", "pool_tokens", "eval_tokens"):
             require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         require(self.lr > 0 and self.l1_coef >= 0, "lr must be > 0 and l1_coef >= 0")
