@@ -195,3 +195,31 @@ def test_every_float_option_refuses_non_finite_values_in_one_line(value, tmp_pat
         lines = err.strip().splitlines()
         assert code == 2 and len(lines) == 1 and "Traceback" not in err, (command.name, flag, err)
         assert flag[2:].replace("-", "_") in lines[0], (command.name, flag, lines[0])  # refused for the value
+
+
+def test_checkpoint_messages_say_what_they_found(trained, tmp_path, capsys):
+    import shutil
+
+    # A run folder whose checkpoint swap was interrupted: only checkpoint.old is left.
+    run_ = tmp_path / "run"
+    shutil.copytree(trained / "checkpoint", run_ / "checkpoint.old")
+    code, out, err = run(capsys, "info", run_)
+    assert code == 0 and "checkpoint.old" in out, err
+    f = tmp_path / "file"
+    f.write_text("x")
+    code, _, err = run(capsys, "info", f)
+    assert code == 2 and "a file, not a checkpoint folder" in err
+
+
+def test_resume_past_max_steps_says_nothing_was_trained(trained, stories_dir, capsys):
+    code, out, err = run(capsys, "train", "--preset", "tiny", "--data", stories_dir, "--out", trained, "--resume",
+                         "--max-steps", "2", "--no-progress", "--ablation", "global", "--k-attn", "6")
+    assert code == 0 and "nothing to train" in out and "at step 4" in out, (out, err)
+
+
+def test_circuits_on_a_folder_in_use_is_one_line(trained, tmp_path, capsys):
+    from selfablate import runlock
+
+    with runlock.exclusive(tmp_path / "c"):
+        code, _, err = run(capsys, "circuits", trained, "--out", tmp_path / "c", "--prompts", "4")
+    assert code == 2 and "in use by another selfablate process" in err and len(err.strip().splitlines()) == 1

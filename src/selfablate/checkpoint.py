@@ -88,8 +88,9 @@ def find(path: str | os.PathLike) -> Path | None:
     """The checkpoint folder to read: `path`, or a run folder's `best/` (kept with --keep best)
     else its `checkpoint/`, or its .old twin if a swap was interrupted; None when there is none."""
     path = Path(path)
-    if not (path / CONFIG).exists():
-        path = next((path / sub for sub in ("best", "checkpoint") if (path / sub).is_dir()), path)
+    if not (path / CONFIG).exists():  # a run folder: its best/, else its checkpoint/ (or their .old twins)
+        subs = [path / sub for sub in ("best", "checkpoint")]
+        path = next((p for p in subs if p.is_dir() or p.with_name(p.name + ".old").is_dir()), path)
     old = path.with_name(path.name + ".old")
     return next((p for p in (path, old) if (p / CONFIG).exists()), None)
 
@@ -100,7 +101,8 @@ def resolve(path: str | os.PathLike) -> Path:
     if found is not None:
         return found
     path = Path(path)
-    why = f"{CONFIG} not found" if path.is_dir() else "no such folder"
+    why = f"{CONFIG} not found" if path.is_dir() else "a file, not a checkpoint folder" if path.exists() \
+        else "no such folder"
     raise CheckpointError(f"no checkpoint at {path} ({why})")
 
 

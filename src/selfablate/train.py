@@ -60,8 +60,11 @@ LOSS_FIELDS = ("loss", "loss_clean", "loss_ablated", "loss_recon")
 class TrainResult(NamedTuple):
     checkpoint: Path
     steps: int
+    """The step the checkpoint is at."""
     final_eval: LossEval | None
     """None on every process but rank 0 of a torchrun job."""
+    trained: int = 0
+    """Steps this call trained (0 when a resumed checkpoint was already at max_steps)."""
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -210,8 +213,8 @@ def load_data(model_cfg: ModelConfig, cfg: TrainConfig, cache_dir: Path | None =
     if vocab is not None:
         model_cfg = dataclasses.replace(model_cfg, vocab_size=vocab.size)
     lookup = None if vocab is None else vocab.lookup()
-    return RunData(model_cfg, vocab, TokenWindows(train_tokens, seq_len, lookup),
-                   TokenWindows(valid_tokens, seq_len, lookup))
+    return RunData(model_cfg, vocab, TokenWindows(train_tokens, seq_len, lookup, "train"),
+                   TokenWindows(valid_tokens, seq_len, lookup, "valid"))
 
 
 def attach_vocab(model: SelfAblatingTransformer, vocab: CompactVocab | None, resumed: bool) -> None:
@@ -266,6 +269,7 @@ def _train(model_cfg: ModelConfig, cfg: TrainConfig, cache_dir: Path | None, dis
     data = load_data(model_cfg, cfg, cache_dir)
     eval_set = data.valid.spread_batches(cfg.batch_size, cfg.eval_batches)
     run = start_or_resume(data.model_cfg, cfg, device)
+    start = run.step
     attach_vocab(run.model, data.vocab, resumed=run.step > 0)
     trainee = _trainee(run.model, cfg, dist, device)
     log = MetricsLog(Path(cfg.out), cfg.logger, keep_until=run.step, config={
@@ -299,7 +303,8 @@ def _train(model_cfg: ModelConfig, cfg: TrainConfig, cache_dir: Path | None, dis
         log.close()
     if evaluation is None and dist.main:  # resumed a finished run: nothing left to do but report
         evaluation = evaluate()
-    return TrainResult(Path(cfg.out) / CHECKPOINT_DIR, cfg.max_steps, evaluation)
+    return TrainResult(Path(cfg.out) / CHECKPOINT_DIR, max(start, cfg.max_steps), evaluation,
+                       max(0, cfg.max_steps - start))
 
 
 def _command(model_cfg: ModelConfig, cfg: TrainConfig) -> None:
@@ -307,7 +312,9 @@ def _command(model_cfg: ModelConfig, cfg: TrainConfig) -> None:
     if result.final_eval is None:  # a torchrun process other than rank 0
         return
     ablated = "" if result.final_eval.ablated is None else f", ablated {result.final_eval.ablated:.4f}"
-    print(f"trained {result.steps} steps -> {result.checkpoint}; held-out loss: clean {result.final_eval.clean:.4f}{ablated}")
+    what = (f"trained {result.trained} steps" if result.trained else
+            f"nothing to train ({result.checkpoint} is at step {result.steps}, not below --max-steps {cfg.max_steps})")
+    print(f"{what} -> {result.checkpoint}; held-out loss: clean {result.final_eval.clean:.4f}{ablated}")
 
 
 COMMAND = Command("train", "train (or resume) a model", _command, (ModelConfig, TrainConfig), preset=True)

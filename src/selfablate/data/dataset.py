@@ -72,10 +72,12 @@ def _write_tokens(source: Source, split: Split, out: Path, progress: bool) -> in
 class TokenWindows:
     """Windows of seq_len + 1 tokens from a token array: inputs and next-token targets."""
 
-    def __init__(self, tokens: np.ndarray, seq_len: int, lookup: np.ndarray | None = None):
-        """lookup: optional (50257,) GPT-2 id -> model id table (a compact vocabulary)."""
+    def __init__(self, tokens: np.ndarray, seq_len: int, lookup: np.ndarray | None = None, split: str = ""):
+        """lookup: optional (50257,) GPT-2 id -> model id table (a compact vocabulary); split: its
+        name, for messages."""
         if len(tokens) < seq_len + 1:
-            raise DataError(f"split has {len(tokens)} tokens, fewer than one window of {seq_len + 1}")
+            name = f"the {split} split" if split else "the split"
+            raise DataError(f"{name} has {len(tokens)} tokens, fewer than one window of {seq_len + 1}")
         self.tokens, self.seq_len, self.lookup = tokens, seq_len, lookup
 
     def _stack(self, starts: Tensor | list[int]) -> tuple[Tensor, Tensor]:

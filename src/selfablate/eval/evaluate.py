@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import hashlib
+import io
 import json
 import time
 from dataclasses import dataclass
@@ -20,7 +21,9 @@ import torch
 from tqdm.auto import tqdm
 
 from ..checkpoint import load_checkpoint, resolve
+from .. import runlock
 from ..config import Arg, Command, require, require_finite
+from ..files import write_text_atomically
 from ..data.dataset import TokenWindows, tokenize_split
 from ..data.sources import resolve_source
 from ..data.tokenizer import gpt2_tokenizer
@@ -211,17 +214,17 @@ def evaluate_many(paths: list[str], cfg: EvalConfig) -> list[dict[str, Any]]:
 
     device = resolve_device(cfg.device)
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for name, path in zip(model_names(paths), paths):
-        result = evaluate_checkpoint(path, cfg, device)
-        (out / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
-        rows.append(summary_row(name, result))
-    fields = list(dict.fromkeys(k for row in rows for k in row))
-    with open(out / "summary.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
+    with runlock.exclusive(out):  # one writer per folder
+        rows = []
+        for name, path in zip(model_names(paths), paths):
+            result = evaluate_checkpoint(path, cfg, device)
+            write_text_atomically(out / f"{name}.json", json.dumps(result, indent=1) + "\n")
+            rows.append(summary_row(name, result))
+        table = io.StringIO()
+        writer = csv.DictWriter(table, fieldnames=list(dict.fromkeys(k for row in rows for k in row)))
         writer.writeheader()
         writer.writerows(rows)
+        write_text_atomically(out / "summary.csv", table.getvalue())
     return rows
 
 

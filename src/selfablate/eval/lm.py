@@ -104,7 +104,8 @@ def _command(opts: EvalLossOptions, checkpoint: str) -> None:
 
     device = resolve_device(opts.device)
     model = load_checkpoint(checkpoint, device=device)
-    windows = TokenWindows(tokenize_split(resolve_source(opts.data), opts.split), model.cfg.n_ctx, token_lookup(model))
+    windows = TokenWindows(tokenize_split(resolve_source(opts.data), opts.split), model.cfg.n_ctx, token_lookup(model),
+                           opts.split)
     limit = opts.max_batches * opts.batch_size if opts.max_batches else None
     result = evaluate_loss(model, windows.sequential_batches(opts.batch_size, limit), device, progress=True,
                            total=windows.num_batches(opts.batch_size, limit))

@@ -9,6 +9,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from .. import runlock
 from ..circuits.run import CircuitConfig, run_circuits
 from ..config import Arg, Command
 
@@ -65,11 +66,17 @@ def write_circuits(checkpoint: str, cfg: CircuitConfig) -> dict[str, Any]:
     (what marks the stage done) into cfg.out, each file whole (written beside, then renamed): a
     run killed in between leaves no circuit.json, and is redone."""
     from ..runtime import resolve_device
+
+    out = Path(cfg.out)
+    with runlock.exclusive(out):  # one writer per folder, before any compute
+        result = run_circuits(checkpoint, cfg, resolve_device(cfg.device))
+        _write(out, checkpoint, result)
+    return result
+
+
+def _write(out: Path, checkpoint: str, result: dict[str, Any]) -> None:
     from .plots import circuits as draw_circuits
 
-    result = run_circuits(checkpoint, cfg, resolve_device(cfg.device))
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".circuit.tmp-", dir=out))
     try:
         (tmp / "circuit.svg").write_text(circuit_svg(result))
@@ -79,7 +86,6 @@ def write_circuits(checkpoint: str, cfg: CircuitConfig) -> dict[str, Any]:
             os.replace(tmp / name, out / name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return result
 
 
 def _command(cfg: CircuitConfig, checkpoint: str) -> None:

@@ -16,6 +16,7 @@ from ..config import Arg, Command, check_choice, require, require_finite
 from ..data.dataset import TokenWindows, tokenize_split
 from ..data.sources import resolve_source
 from ..data.vocab import token_lookup
+from .. import runlock
 from ..errors import SelfAblateError
 from ..files import write_text_atomically
 from ..model import SelfAblatingTransformer, Stream
@@ -182,7 +183,12 @@ def _examples(windows: TokenWindows, values: torch.Tensor, positions: torch.Tens
 
 def run_sae_train(checkpoint: str, cfg: SAETrainConfig) -> dict[str, Any]:
     """Train one SAE on `checkpoint`'s activations, evaluate it, write OUT/{cfg.json, sae.safetensors,
-    metrics.json}."""
+    metrics.json}; one writer per OUT folder."""
+    with runlock.exclusive(cfg.out):
+        return _sae_train(checkpoint, cfg)
+
+
+def _sae_train(checkpoint: str, cfg: SAETrainConfig) -> dict[str, Any]:
     import json
 
     from ..runtime import resolve_device
@@ -192,8 +198,8 @@ def run_sae_train(checkpoint: str, cfg: SAETrainConfig) -> dict[str, Any]:
     check_hook(model, cfg.hook)
     source = resolve_source(cfg.data)
     lookup = token_lookup(model)
-    train_w = TokenWindows(tokenize_split(source, "train", progress=cfg.progress), model.cfg.n_ctx, lookup)
-    valid_w = TokenWindows(tokenize_split(source, "valid", progress=cfg.progress), model.cfg.n_ctx, lookup)
+    train_w = TokenWindows(tokenize_split(source, "train", progress=cfg.progress), model.cfg.n_ctx, lookup, "train")
+    valid_w = TokenWindows(tokenize_split(source, "valid", progress=cfg.progress), model.cfg.n_ctx, lookup, "valid")
     sae = train_sae(model, train_w, cfg)
     from ..data.tokenizer import gpt2_tokenizer
 
@@ -207,7 +213,12 @@ def run_sae_train(checkpoint: str, cfg: SAETrainConfig) -> dict[str, Any]:
 
 def run_sae_sweep(checkpoint: str, cfg: SAETrainConfig, values: list[float]) -> list[dict[str, Any]]:
     """The L0-fidelity frontier: one SAE per L1 coefficient (relu) or per k (topk), each in
-    OUT/<value>/; OUT/frontier.json lists (value, L0, CE-loss score, FVU)."""
+    OUT/<value>/; OUT/frontier.json lists (value, L0, CE-loss score, FVU). One writer per OUT folder."""
+    with runlock.exclusive(cfg.out):
+        return _sae_sweep(checkpoint, cfg, values)
+
+
+def _sae_sweep(checkpoint: str, cfg: SAETrainConfig, values: list[float]) -> list[dict[str, Any]]:
     import json
 
     rows = []
