@@ -135,3 +135,20 @@ def test_parquet_folder_source(tmp_path):
     pq.write_table(pa.table({"story": ["x"]}), tmp_path / "bad.parquet")
     with pytest.raises(DataError, match="has no 'text' column"):
         list(resolve_source(str(tmp_path / "bad.parquet")).stories("train"))
+
+
+def test_a_killed_tokeniser_leaves_no_partial_cache_behind(tmp_path, stories_dir):
+    """A partial cache whose process is gone (kill -9 skips every cleanup) is removed by the next run;
+    one whose process is alive is left alone."""
+    import os
+    import subprocess
+
+    from selfablate.data.dataset import tokenize_split
+    from selfablate.data.sources import FolderSource
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (tmp_path / f"valid-x.tmp{dead.pid}").write_bytes(b"half")
+    (tmp_path / f"valid-y.tmp{os.getpid()}").write_bytes(b"mine")
+    tokenize_split(FolderSource(stories_dir), "valid", tmp_path, progress=False)
+    assert not (tmp_path / f"valid-x.tmp{dead.pid}").exists() and (tmp_path / f"valid-y.tmp{os.getpid()}").exists()

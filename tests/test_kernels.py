@@ -65,3 +65,24 @@ def test_reconstruction_loss_kernel_is_taken_for_float32_on_the_cpu(monkeypatch)
     losses.reconstruction_loss([x], [y])
     losses.reconstruction_loss([x.double()], [y.double()])
     assert len(calls) == (1 if shutil.which("cc") else 0)
+
+
+def test_a_failing_compiler_is_reported_with_its_reason(tmp_path, monkeypatch):
+    """A compiler that fails after a long command line: the warning carries its error line."""
+    import warnings
+
+    cc = tmp_path / "cc"
+    cc.write_text("#!/bin/sh\necho " + "x" * 400 + " >&2\necho 'fatal error: the reason' >&2\nexit 1\n")
+    cc.chmod(0o755)
+    monkeypatch.setenv("CC", str(cc))
+    monkeypatch.setenv("SELFABLATE_KERNEL_CACHE", str(tmp_path / "cache"))
+    kernels._compiler.cache_clear()
+    kernels.load.cache_clear()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert kernels.load("transpose") is None
+        assert any("fatal error: the reason" in str(w.message) for w in caught), [str(w.message) for w in caught]
+    finally:
+        kernels._compiler.cache_clear()
+        kernels.load.cache_clear()

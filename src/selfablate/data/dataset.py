@@ -32,6 +32,20 @@ def cache_key(source: Source, split: Split) -> str:
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:20]
 
 
+def _remove_orphans(cache_dir: Path) -> None:
+    """Delete the partial caches (*.tmp<PID>) of processes that no longer exist (killed mid-write)."""
+    for tmp in cache_dir.glob("*.tmp*"):
+        pid = tmp.suffix[len(".tmp"):]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)  # signal 0: only asks whether the process exists
+        except ProcessLookupError:
+            tmp.unlink(missing_ok=True)
+        except (PermissionError, OSError):
+            pass  # alive (another user's), or unknowable: leave it
+
+
 def tokenize_split(source: Source, split: Split, cache_dir: Path | None = None, progress: bool = True) -> np.ndarray:
     """The split's tokens (uint16 memmap): each story followed by <|endoftext|>.
 
@@ -42,6 +56,7 @@ def tokenize_split(source: Source, split: Split, cache_dir: Path | None = None, 
     path = cache_dir / f"{split}-{cache_key(source, split)}.bin"
     if not path.exists():
         cache_dir.mkdir(parents=True, exist_ok=True)
+        _remove_orphans(cache_dir)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
         try:
             n = _write_tokens(source, split, tmp, progress)

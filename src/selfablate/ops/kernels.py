@@ -96,9 +96,11 @@ def load(name: str, **defines: int) -> ctypes.CDLL | None:
             path = _compile(CSRC / f"{name}.c", (*FLAGS, *consts), tag, compiler)
         return ctypes.CDLL(str(path))
     except (OSError, subprocess.SubprocessError) as e:
-        detail = getattr(e, "stderr", None) or str(e)
-        warnings.warn(f"selfablate: the C kernel {tag} is unavailable ({detail.strip()[:200]}); "
-                      "using PyTorch's", KernelWarning, stacklevel=3)
+        lines = (getattr(e, "stderr", None) or str(e)).strip().splitlines() or [""]
+        # The reason, not the start of a long command line: the first line that says "error", else the last.
+        reason = next((ln for ln in lines if "error" in ln.lower()), lines[-1]).strip()[:300]
+        warnings.warn(f"selfablate: the C kernel {tag} is unavailable ({reason}); using PyTorch's",
+                      KernelWarning, stacklevel=3)
         return None
 
 
