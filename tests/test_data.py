@@ -152,3 +152,18 @@ def test_a_killed_tokeniser_leaves_no_partial_cache_behind(tmp_path, stories_dir
     (tmp_path / f"valid-y.tmp{os.getpid()}").write_bytes(b"mine")
     tokenize_split(FolderSource(stories_dir), "valid", tmp_path, progress=False)
     assert not (tmp_path / f"valid-x.tmp{dead.pid}").exists() and (tmp_path / f"valid-y.tmp{os.getpid()}").exists()
+
+
+def test_a_full_disk_while_caching_tokens_is_one_line(tmp_path, stories_dir, monkeypatch):
+    import errno
+
+    import selfablate.data.dataset as ds
+    from selfablate.data.sources import FolderSource
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ds, "_write_tokens", full)
+    with pytest.raises(DataError, match="could not write the token cache .*No space left on device"):
+        ds.tokenize_split(FolderSource(stories_dir), "valid", tmp_path, progress=False)
+    assert list(tmp_path.iterdir()) == []

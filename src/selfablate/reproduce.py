@@ -259,7 +259,8 @@ def _report_command(folder: str) -> None:
     meta = Path(folder) / "reproduce.json"
     if not meta.exists():
         raise SelfAblateError(f"{folder} is not a `selfablate reproduce` folder (no reproduce.json)")
-    written = write_report(Path(folder), json.loads(meta.read_text())["config"]["preset"])
+    with runlock.exclusive(folder):  # not while a reproduce writes there
+        written = write_report(Path(folder), json.loads(meta.read_text())["config"]["preset"])
     print(f"report: {written / 'report.html'}")
 
 

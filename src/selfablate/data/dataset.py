@@ -60,6 +60,10 @@ def tokenize_split(source: Source, split: Split, cache_dir: Path | None = None, 
         tmp = path.with_suffix(f".tmp{os.getpid()}")
         try:
             n = _write_tokens(source, split, tmp, progress)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise DataError(f"could not write the token cache {path} ({e.strerror or e}); nothing was "
+                            "cached (set $SELFABLATE_CACHE to another folder)") from None
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
