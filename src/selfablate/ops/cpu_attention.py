@@ -22,10 +22,9 @@ from torch import Tensor
 from . import kernels
 
 MAX_HEAD_DIM = 32
-"""Wider heads take PyTorch's kernel. Forward + backward against PyTorch's (padded) fused kernel at
-batch 8, 16 heads, pos 256, clean / two-stream (`benchmarks/attention.py --d-head N`): d_head 8
-3.8-4.9x / 5.6-5.7x (three runs; PyTorch's time varies most), 16 2.7x / 4.2x, 32 1.8x / 2.6x,
-64 0.96x / 1.2x."""
+"""Wider heads take PyTorch's kernel: its per-block overhead, which this kernel avoids, matters
+less as heads widen, and at 64 the two were measured even (`benchmarks/attention.py --d-head N`;
+figures in docs/performance.md)."""
 
 
 @functools.cache

@@ -157,7 +157,7 @@ def _transpose_library() -> ctypes.CDLL | None:
 
 def transposed(x: torch.Tensor) -> torch.Tensor:
     """x.T.contiguous() for a 2-D x; for a contiguous float32 CPU x through csrc/transpose.c, which
-    runs 3-4x faster than PyTorch's strided copy (a (2048, 512) x: 0.14 vs 0.42 ms)."""
+    copies in cache-sized tiles where PyTorch's strided copy walks memory with a large stride."""
     if not (on_cpu_float32(x) and x.dim() == 2 and x.is_contiguous()) or _transpose_library() is None:
         return x.T.contiguous()
     out = x.new_empty(x.shape[1], x.shape[0])  # new_*: on x's device whatever the default device

@@ -89,10 +89,9 @@ def _mkl_products(h: Tensor, weight: Tensor, chunk_rows: int, acc: torch.dtype) 
 
 def _onednn_products(weight: Tensor) -> _Products:
     """(n, vocab) logits through oneDNN's linear, which on AMD CPUs runs AVX-512 at full width
-    where torch.mm's MKL does not (`selfablate.ops.onednn`). Per 128-row chunk here:
-    logits 4.0 vs 9.2 ms, grad_h 4.2 vs 9.6 ms, grad_W 4.9 vs 9.0 ms; grad_W is accumulated
-    transposed, (d_model, vocab), as oneDNN wants the probabilities as its contiguous operand.
-    256-row chunks beat 128 by 4-5% a local step (two side-by-side runs), 64 lose 9%, 512 tie."""
+    where torch.mm's MKL does not (`selfablate.ops.onednn`). grad_W is accumulated transposed,
+    (d_model, vocab), as oneDNN wants the probabilities as its contiguous operand. The chunk size
+    is the CPU policy's (`ops.DevicePolicy`), chosen by side-by-side measurement."""
     packed = pack(weight)  # once per call, for the logits
 
     def grad_w(acc: Tensor | None, probs: Tensor, hs: Tensor) -> Tensor:
@@ -123,7 +122,7 @@ def _lmhead_library() -> ctypes.CDLL | None:
 
 def _exp2_sums(logits: Tensor, dim: int) -> Tensor:
     """2^logits in place, and their sums over dim. A (rows, vocab) float32 CPU chunk takes one C
-    pass (csrc/lmhead.c) instead of two (exp2_, then sum): 1.25 vs 1.76 ms a 256-row chunk."""
+    pass (csrc/lmhead.c) instead of two (exp2_, then sum) over memory that no longer fits in cache."""
     lib = (_lmhead_library() if dim == 1 and kernels.on_cpu_float32(logits) and logits.is_contiguous()
            else None)
     if lib is None:
@@ -168,16 +167,16 @@ def _finish_grad_w(acc: Tensor | None, products: _Products, weight: Tensor, h: T
 class _LinearCrossEntropy(torch.autograd.Function):
     """Chunks of rows, whose logits, loss and gradients are computed while the chunk is hot, in one
     of two layouts (`_Products`). On a float32 CPU with oneDNN: (rows, vocab) logits from oneDNN's
-    GEMMs (1.31x the torch.mm path on the head, benchmarks/lm_head.py). Elsewhere: (vocab, rows)
-    logits through torch.mm, so that the logits GEMM (W @ h^T) and grad_W (G @ h) both have the
-    vocabulary as their long dimension, into one reused buffer (1.16-1.20x: a fresh 25 MB tensor
-    per chunk faults its pages in again). 256-row chunks on both paths (`chunk_rows_for`).
+    GEMMs. Elsewhere: (vocab, rows) logits through torch.mm, so that the logits GEMM (W @ h^T) and
+    grad_W (G @ h) both have the vocabulary as their long dimension, into one reused buffer (a
+    fresh tensor per chunk would fault its pages in again). Rows per chunk: `chunk_rows_for`.
+    `benchmarks/lm_head.py` measures each of these choices against the plain path.
 
-    In both, the logits are in base-2 units, h scaled by log2(e), because exp2 runs 3-4x faster
-    than exp on these CPUs (softmax is unchanged: 2^(l log2 e) = e^l); after their GEMM the
-    chunk's logits are touched by exp2 in place and their sums only (one C pass on a float32 CPU,
-    `_exp2_sums`); the max shift is skipped while the sums stay in Z_RANGE (`_chunk_softmax`;
-    1.03-1.07x on the torch.mm path, 1.10x on oneDNN's); the softmax's normalisation goes into the
+    In both, the logits are in base-2 units, h scaled by log2(e), because exp2 is cheaper than
+    exp on CPUs (softmax is unchanged: 2^(l log2 e) = e^l); after their GEMM the chunk's logits
+    are touched by exp2 in place and their sums only (one C pass on a float32 CPU, `_exp2_sums`);
+    where host reads are free the max shift is skipped while the sums stay in Z_RANGE
+    (`_chunk_softmax`); the softmax's normalisation goes into the
     (rows, d_model) operands of the gradient GEMMs instead of a pass over the logits, and the
     target's -1 into grad_h's small product and one index_add_ over all rows (`_finish_grad_w`).
     """

@@ -1,10 +1,11 @@
 """float32 GEMMs through oneDNN on the CPU, where torch.mm's MKL leaves half the machine idle.
 
-On AMD CPUs MKL does not run AVX-512 at full width: on this project's Zen 5 cores a 2048^3
-torch.mm reaches 216 GFLOP/s and oneDNN's linear (the GEMM PyTorch's compiled CPU code uses,
-`torch.ops.mkldnn._linear_pointwise`, a private op) 486 GFLOP/s (`selfablate.perf.gemm_peaks`).
-The model's linear layers and its chunked LM head (`fused`) take this path for float32 CPU
-tensors outside autocast, where this PyTorch build has the op; everywhere else, torch.mm.
+On AMD CPUs MKL does not run AVX-512 at full width, and oneDNN's linear (the GEMM PyTorch's
+compiled CPU code uses, `torch.ops.mkldnn._linear_pointwise`, a private op) does: about twice
+the GEMM throughput on this project's Zen 5 cores (`selfablate.perf.gemm_peaks` measures both;
+figures in docs/performance.md). The model's linear layers and its chunked LM head (`lm_head`)
+take this path for float32 CPU tensors outside autocast, with the `cpu` backend, where this
+PyTorch build has the op; everywhere else, torch.mm.
 """
 
 from __future__ import annotations
@@ -50,8 +51,8 @@ def use_onednn(*tensors: Tensor) -> bool:
 
 
 class _LinearFunction(torch.autograd.Function):
-    """F.linear with its forward and both backward GEMMs in oneDNN: per 2048 rows of the paper's
-    shapes, forward and grad_input 2.0-2.3x, grad_weight 1.2-1.9x faster than torch.mm here."""
+    """F.linear with its forward and both backward GEMMs in oneDNN (each measured faster than
+    torch.mm's at the paper's shapes on AMD CPUs)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:  # type: ignore[override]
