@@ -51,12 +51,12 @@ def test_hoyer_gini_kurtosis_near_zero():
     assert M.near_zero_fraction(torch.tensor([[0.001, -0.005, 0.5, -2.0]])).item() == 0.5
 
 
-def test_weight_l1_paper_counts_the_tied_embedding_twice():
+def test_weight_l1_all_counts_the_tied_embedding_twice():
     params = [("wte.weight", torch.tensor([[1.0, -1.0]])), ("wpe.weight", torch.tensor([[0.0, 0.0]])),
               ("blocks.0.mlp.fc_in.weight", torch.tensor([[4.0, 0.0]])), ("blocks.0.mlp.fc_in.bias", torch.tensor([2.0])),
               ("blocks.0.mask_head.attn.weight", torch.tensor([[9.0, 9.0]]))]
     # (2*2 + 0 + 4 + 2 + 18) / (2*2 + 2 + 2 + 1 + 2) = 28 / 11
-    assert M.weight_l1_paper(params) == pytest.approx(28 / 11)
+    assert M.weight_l1_all(params) == pytest.approx(28 / 11)
     assert M.weight_l1_nonembedding(params) == pytest.approx(4 / 2)
 
 
@@ -79,3 +79,32 @@ def test_bootstrap_interval_covers_the_mean_and_shrinks_with_data():
     assert (hi_l - lo_l) < (hi_s - lo_s) / 5
     # The standard error of a mean of 5000 N(0,1) values is 0.0141: the 95% interval is ~ +-0.028.
     assert (hi_l - lo_l) == pytest.approx(2 * 1.96 * 1 / math.sqrt(5000), rel=0.15)
+
+
+def test_the_papers_l1_is_over_the_transformer_lens_export():
+    """By hand: every parameter but the mask heads, the tied embedding twice (W_E and W_U), and the
+    zero q/k/v biases (3 x d_model a layer) and unembedding bias (vocab) that the export adds."""
+    from selfablate import ModelConfig, SelfAblatingTransformer
+    from selfablate.interop.transformer_lens import weight_l1_tl
+
+    cfg = ModelConfig(vocab_size=50, n_ctx=8, d_model=16, n_layers=2, n_heads=4, d_mlp=32, k_attn=4, k_mlp=8,
+                      init="torch-default")
+    torch.manual_seed(0)
+    model = SelfAblatingTransformer(cfg)
+    kept = [p for n, p in model.named_parameters() if "mask_head" not in n]
+    total = sum(p.abs().sum().item() for p in kept) + model.wte.weight.abs().sum().item()
+    count = sum(p.numel() for p in kept) + model.wte.weight.numel() + 2 * 3 * 16 + 50
+    assert weight_l1_tl(model) == pytest.approx(total / count, rel=1e-6)
+
+
+def test_the_papers_l1_equals_the_mean_over_the_hooked_transformers_parameters():
+    pytest.importorskip("transformer_lens")
+    from selfablate import ModelConfig, SelfAblatingTransformer
+    from selfablate.interop.transformer_lens import to_hooked_transformer, weight_l1_tl
+
+    torch.manual_seed(0)
+    model = SelfAblatingTransformer(ModelConfig(vocab_size=50, n_ctx=8, d_model=16, n_layers=2, n_heads=4, d_mlp=32,
+                                                k_attn=4, k_mlp=8, init="torch-default"))
+    ht = to_hooked_transformer(model)
+    params = list(ht.parameters())
+    assert weight_l1_tl(model) == pytest.approx(sum(p.abs().sum().item() for p in params) / sum(p.numel() for p in params), rel=1e-6)

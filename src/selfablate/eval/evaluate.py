@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from ..checkpoint import load_checkpoint, resolve
 from .. import runlock
+from ..interop.transformer_lens import weight_l1_tl
 from ..config import Arg, Command, require, require_finite
 from ..files import write_text_atomically
 from ..data.dataset import TokenWindows, tokenize_split
@@ -154,7 +155,7 @@ def evaluate_checkpoint(path: str | Path, cfg: EvalConfig, device: torch.device)
                  "sha256": hashlib.sha256(used.tobytes()).hexdigest()},
         "eval_config": dataclasses.asdict(cfg),
         "lm": acc["loss"].result(cfg.bootstrap, cfg.seed),
-        "sparsity": {"weight_l1_paper": M.weight_l1_paper(named),
+        "sparsity": {"weight_l1_paper": weight_l1_tl(model), "weight_l1_all": M.weight_l1_all(named),
                      "weight_l1_nonembedding": M.weight_l1_nonembedding(named),
                      "activation_eps": cfg.activation_eps, "mlp_activations": acc["acts"].sparsity()},
         "specialisation": acc["acts"].specialisation(raw, enc.decode, model.cfg.n_layers),

@@ -84,10 +84,9 @@ def kurtosis(x: Tensor) -> Tensor:
 # -- weights ----------------------------------------------------------------------------------
 
 
-def weight_l1_paper(named_params: list[tuple[str, Tensor]], tied_embedding: str = "wte.weight") -> float:
-    """The paper's "L1": mean |w| over every parameter of the model as converted for analysis,
-    where the tied embedding appears twice (as embedding and as unembedding):
-    sum_p sum |w| / sum_p numel(p), with the tied matrix counted twice."""
+def weight_l1_all(named_params: list[tuple[str, Tensor]], tied_embedding: str = "wte.weight") -> float:
+    """Mean |w| over every parameter of our model (mask heads included), the tied embedding
+    counted twice (as embedding and as unembedding)."""
     total = count = 0.0
     for name, p in named_params:
         times = 2 if name == tied_embedding else 1

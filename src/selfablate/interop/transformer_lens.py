@@ -75,6 +75,15 @@ def hooked_transformer_state_dict(model: SelfAblatingTransformer, full_vocab: bo
     return {k: v.detach().clone().contiguous() for k, v in sd.items()}
 
 
+def weight_l1_tl(model: SelfAblatingTransformer) -> float:
+    """The paper's "L1", as the authors compute it: mean |w| over the parameters of the model
+    converted to TransformerLens, i.e. over `hooked_transformer_state_dict` (no mask heads; the
+    zero q/k/v and unembedding biases the conversion adds counted; the tied embedding counted
+    twice, as W_E and W_U)."""
+    values = list(hooked_transformer_state_dict(model).values())
+    return sum(v.abs().sum().item() for v in values) / sum(v.numel() for v in values)
+
+
 def to_hooked_transformer(model: SelfAblatingTransformer, full_vocab: bool = False, **cfg_overrides: Any) -> Any:
     """A HookedTransformer computing our clean stream (logits equal to ours to float rounding).
     full_vocab: a compact-vocabulary model over GPT-2's ids (see the module docstring).
