@@ -49,10 +49,16 @@ def widen_cut(scores: Tensor, hard: Tensor, a: Tensor, b: Tensor, floor: float) 
     """
     if floor == 0:
         return Cut(scores, a, b, None)
+    shift, ordered = _shift(scores, a, b, floor)
+    return Cut(scores + (2 * hard - 1) * shift, a + shift, b - shift, ordered)
+
+
+def _shift(scores: Tensor, a: Tensor, b: Tensor, floor: float) -> tuple[Tensor, Tensor]:
+    """`widen_cut`'s shift = max(0, low - (a - b)) / 2 and whether the row is ordered (max > min):
+    (..., 1) each, no gradient."""
     lo, hi = torch.aminmax(scores.detach(), dim=-1, keepdim=True)  # (..., 1) each
     low = (hi - lo) * (floor / (scores.shape[-1] - 1))
-    shift = (low - (a - b).detach()).clamp_(min=0) / 2  # (..., 1)
-    return Cut(scores + (2 * hard - 1) * shift, a + shift, b - shift, hi > lo)
+    return (low - (a - b).detach()).clamp_(min=0) / 2, hi > lo
 
 
 def _divisor(cut: Cut, temperature: float, eps: float) -> Tensor:
@@ -214,15 +220,15 @@ def _kernel_cut(s: Tensor, hard: Tensor, ab: Tensor, floor: float) -> tuple[Tens
     if floor == 0:
         return s, ab, s.new_zeros(0, dtype=torch.long)
     width = s.shape[-1]
-    lo, hi = torch.aminmax(s.view(-1, width), dim=-1)  # (rows,) each
-    shift = ((hi - lo) * (floor / (width - 1)) - (ab[..., 0] - ab[..., 1]).view(-1)).clamp_(min=0) / 2
-    rows = shift.nonzero().squeeze(1)
+    ab2 = ab.view(-1, 2)  # (rows, 2)
+    shift, ordered = _shift(s.view(-1, width), ab2[:, :1], ab2[:, 1:], floor)  # (rows, 1) each
+    rows = shift.squeeze(1).nonzero().squeeze(1)
     if len(rows):
         s, ab = s.clone(), ab.clone()
-        sh = shift[rows, None]  # (r, 1)
+        sh = shift[rows]  # (r, 1)
         s.view(-1, width)[rows] += (2 * hard.reshape(-1, width)[rows] - 1) * sh
         ab.view(-1, 2)[rows] += torch.cat([sh, -sh], -1)
-    return s, ab, (hi == lo).nonzero().squeeze(1)
+    return s, ab, (~ordered).squeeze(1).nonzero().squeeze(1)
 
 
 def _kernel_soft_grad(lib: ctypes.CDLL, s: Tensor, g: Tensor, hard: Tensor, ab: Tensor, ab_idx: Tensor, k: int,
