@@ -14,13 +14,13 @@ from selfablate.reproduce import ReproduceConfig, grid
 
 
 def tiny_cfg(out: Path, data: str) -> ReproduceConfig:
-    return ReproduceConfig(out=str(out), preset="tiny", data=data, ablations="local", ks="2", seeds="0",
-                           max_steps=6, eval_max_tokens=2048, circuit_prompts=4, tau_sweep="0.01", sae_steps=10,
+    return ReproduceConfig(out=str(out), preset="tiny", data=data, ablations=("local",), ks=(2,), seeds=(0,),
+                           max_steps=6, eval_max_tokens=2048, circuit_prompts=4, tau_sweep=(0.01,), sae_steps=10,
                            sae_eval_tokens=1024, progress=False)
 
 
 def test_grid_is_baseline_plus_ablation_by_k_by_seed():
-    cfg = ReproduceConfig(ablations="local,global", ks="2,8", seeds="0,1")
+    cfg = ReproduceConfig(ablations=("local", "global"), ks=(2, 8), seeds=(0, 1))
     names = [s.name for s in grid(cfg)]
     assert names == ["none-s0", "local-k2-s0", "local-k8-s0", "global-k2-s0", "global-k8-s0",
                      "none-s1", "local-k2-s1", "local-k8-s1", "global-k2-s1", "global-k8-s1"]
@@ -28,7 +28,8 @@ def test_grid_is_baseline_plus_ablation_by_k_by_seed():
     assert (spec.model.k_attn, spec.model.k_mlp, spec.train.seed, spec.train.resume) == (8, 8, 0, True)
 
 
-@pytest.mark.parametrize("bad", [dict(ks="2,x"), dict(ablations="local,nope"), dict(ks="0"), dict(preset="huge")])
+@pytest.mark.parametrize("bad", [dict(ks=(2, "x")), dict(ks="2,8"), dict(ks=(2.5,)), dict(ablations=("local", "nope")), dict(ks=(0,)),
+                                 dict(tau_sweep=(0.01, float("nan"))), dict(seeds=(True,)), dict(preset="huge")])
 def test_bad_grid_is_a_config_error(bad):
     with pytest.raises(ConfigError):
         ReproduceConfig(**bad)
@@ -36,7 +37,7 @@ def test_bad_grid_is_a_config_error(bad):
 
 def test_k_wider_than_the_layer_is_a_config_error():
     with pytest.raises(ConfigError, match="k"):
-        grid(ReproduceConfig(preset="tiny", ks="4096"))
+        grid(ReproduceConfig(preset="tiny", ks=(4096,)))
 
 
 def test_aggregate_gives_mean_and_sample_std_over_seeds():
@@ -125,18 +126,33 @@ def test_changed_settings_are_refused_unless_accepted_and_never_rewritten_silent
     from selfablate.reproduce import record
 
     meta = tmp_path / "reproduce.json"
-    cfg = ReproduceConfig(out=str(tmp_path), ks="2,8")
+    cfg = ReproduceConfig(out=str(tmp_path), ks=(2, 8))
     record(meta, cfg, ["none-s0"])
     record(meta, dataclasses.replace(cfg, progress=False, device="cpu"), ["none-s0"])  # computes the same grid
-    with pytest.raises(ConfigError, match=r"ks: '2,8' -> '2'; tau: 0.03 -> 0.01.*--accept-changed"):
-        record(meta, dataclasses.replace(cfg, ks="2", tau=0.01), ["none-s0"])
-    assert json.loads(meta.read_text())["config"]["ks"] == "2,8"  # the record is untouched
-    record(meta, dataclasses.replace(cfg, ks="2", accept_changed=True), ["none-s0"])
+    with pytest.raises(ConfigError, match=r"ks: \[2, 8\] -> \[2\]; tau: 0.03 -> 0.01.*--accept-changed"):
+        record(meta, dataclasses.replace(cfg, ks=(2,), tau=0.01), ["none-s0"])
+    assert json.loads(meta.read_text())["config"]["ks"] == [2, 8]  # the record is untouched
+    record(meta, dataclasses.replace(cfg, ks=(2,), accept_changed=True), ["none-s0"])
     saved = json.loads(meta.read_text())
-    assert saved["config"]["ks"] == "2" and saved["history"][0]["ks"] == "2,8"
-    assert "ks: '2,8' -> '2'" in capsys.readouterr().err
+    assert saved["config"]["ks"] == [2] and saved["history"][0]["ks"] == [2, 8]
+    assert "ks: [2, 8] -> [2]" in capsys.readouterr().err
     meta.write_text("{not json")
     with pytest.raises(ConfigError, match="not a reproduce record"):
         record(meta, cfg, ["none-s0"])
 
 
+
+
+def test_a_record_of_an_older_version_with_lists_as_text_is_the_same_grid(tmp_path):
+    from selfablate.reproduce import changed_settings
+
+    meta = tmp_path / "reproduce.json"
+    cfg = ReproduceConfig(out=str(tmp_path), ks=(2, 8), ablations=("local",), tau_sweep=(0.01, 0.1))
+    old = json.loads(json.dumps(__import__("dataclasses").asdict(cfg)))
+    old.update(ks="2,8", ablations="local", seeds="0", tau_sweep="0.01,0.1", sae_sweep="")
+    meta.write_text(json.dumps({"config": old}))
+    assert changed_settings(meta, cfg) == []
+    old["ks"] = "2,x"
+    meta.write_text(json.dumps({"config": old}))
+    with pytest.raises(ConfigError, match="not a reproduce record"):
+        changed_settings(meta, cfg)

@@ -9,9 +9,9 @@ import dataclasses
 import importlib
 import sys
 import warnings
-from typing import Any, Literal, Sequence
+from typing import Any, Callable, Literal, Sequence
 
-from .config import PRESETS, Command, field_docs, field_type, get_preset, literal_choices
+from .config import PRESETS, Command, field_docs, field_type, get_preset, list_item_type, literal_choices, parse_list
 from .errors import SelfAblateError
 from .files import check_output_folder
 
@@ -27,13 +27,28 @@ def add_fields(parser: argparse.ArgumentParser, cls: type, title: str) -> None:
         kind = field_type(cls, f.name)
         flag = "--" + f.name.replace("_", "-")
         # argparse formats help with %: a literal one (a docstring's "95%") must be doubled.
-        help_text = f"{docs.get(f.name, '')} (default: {f.default})".replace("%", "%%")
+        shown = ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in f.default) \
+            if isinstance(f.default, tuple) else f.default
+        help_text = f"{docs.get(f.name, '')} (default: {shown})".replace("%", "%%")
         if kind is bool:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
         elif getattr(kind, "__origin__", None) is Literal:
             group.add_argument(flag, choices=literal_choices(cls, f.name), default=argparse.SUPPRESS, help=help_text)
+        elif list_item_type(kind) is not None:
+            group.add_argument(flag, type=list_type(list_item_type(kind)), default=argparse.SUPPRESS,
+                               metavar=f"{f.name.upper()},...", help=help_text)
         else:
             group.add_argument(flag, type=kind, default=argparse.SUPPRESS, metavar=f.name.upper(), help=help_text)
+
+
+def list_type(item: Any) -> Callable[[str], tuple]:
+    """argparse's `type` for a list-valued field: `config.parse_list`, its error as argparse's."""
+    def parse(text: str) -> tuple:
+        try:
+            return parse_list(item, text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return parse
 
 
 def overrides(ns: argparse.Namespace, cls: type) -> dict[str, Any]:
@@ -64,7 +79,9 @@ def add_command(sub: argparse._SubParsersAction, command: Command) -> None:
     p = sub.add_parser(command.name, help=command.help, description=command.help)
     for arg in command.args:
         if arg.default is not None:
-            p.add_argument("--" + arg.name.replace("_", "-"), dest=arg.name, default=arg.default, help=arg.help)
+            # argparse passes a string default through `type` too: the list default is parsed alike
+            p.add_argument("--" + arg.name.replace("_", "-"), dest=arg.name, default=arg.default, help=arg.help,
+                           type=list_type(arg.item) if arg.item else None)
         else:
             p.add_argument(arg.name, nargs=arg.nargs, choices=arg.choices, help=arg.help)
     if command.preset:

@@ -12,6 +12,7 @@ import functools
 import inspect
 import math
 import textwrap
+import typing
 from dataclasses import dataclass
 from typing import Any, Callable, Literal, NamedTuple
 
@@ -206,14 +207,62 @@ def check_choice(cfg: Any, name: str) -> None:
 
 
 def literal_choices(cls: type, name: str) -> tuple[str, ...]:
-    """The allowed values of a `Literal[...]` field."""
+    """The allowed values of a `Literal[...]` field (or of a list field's `Literal[...]` items)."""
     hint = _type_hints(cls)[name]
+    hint = list_item_type(hint) or hint
     return tuple(getattr(hint, "__args__", ()))
+
+
+# ---------------------------------------------------------------------------------------------
+# List-valued fields: typed `tuple[X, ...]` (frozen), written "2,8" on the command line and [2, 8]
+# in JSON; parsed and checked here, in one place, for every config and command.
+
+
+def list_item_type(kind: Any) -> Any:
+    """The item type X of a list-valued field `tuple[X, ...]`, else None."""
+    args = typing.get_args(kind)
+    return args[0] if typing.get_origin(kind) is tuple and len(args) == 2 and args[1] is Ellipsis else None
+
+
+def parse_list(item: Any, text: str) -> tuple:
+    """A list as typed on the command line: comma-separated items ("2,8" -> (2, 8); "" -> ()).
+    Raises ValueError naming the item that is not an `item`."""
+    base = str if typing.get_origin(item) is Literal else item
+    try:
+        return tuple(base(part.strip()) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise ValueError(f"expected comma-separated {base.__name__} values, got {text!r}") from None
+
+
+def check_lists(cfg: Any) -> None:
+    """Every list-valued field of a frozen config holds items of its type (a Python list or a JSON
+    array becomes a tuple; ints are accepted as floats; `Literal` items must be among its choices)."""
+    for f in dataclasses.fields(cfg):
+        item = list_item_type(field_type(type(cfg), f.name))
+        if item is None:
+            continue
+        value = getattr(cfg, f.name)
+        require(isinstance(value, (list, tuple)), f"{f.name} must be a list, got {value!r}")
+        choices = typing.get_args(item) if typing.get_origin(item) is Literal else None
+        ok = _item_check(item, choices)
+        bad = [v for v in value if not ok(v)]
+        if bad:
+            kind = f"one of {', '.join(choices)}" if choices else "a finite number" if item is float else \
+                f"of type {item.__name__}"
+            raise ConfigError(f"every item of {f.name} must be {kind}; got {bad[0]!r}")
+        object.__setattr__(cfg, f.name, tuple(float(v) if item is float else v for v in value))
+
+
+def _item_check(item: Any, choices: tuple | None) -> Callable[[Any], bool]:
+    if choices is not None:
+        return lambda v: v in choices
+    if item is float:  # bool is an int in Python, but true/false is not a number here
+        return lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    return lambda v: isinstance(v, item) and not (item is int and isinstance(v, bool))
 
 
 @functools.cache
 def _type_hints(cls: type) -> dict[str, Any]:
-    import typing
     return typing.get_type_hints(cls)
 
 
@@ -245,6 +294,8 @@ def config_from_dict(cls: type, values: dict[str, Any]) -> Any:
     require(not unknown, f"unknown {cls.__name__} field(s): {', '.join(unknown)}")
     for name, value in values.items():
         kind = field_type(cls, name)
+        if list_item_type(kind) is not None:  # checked item by item in the config's check_lists
+            continue
         kinds = {int: (int,), float: (int, float), bool: (bool,), str: (str,)}.get(kind)
         # bool is an int in Python: an int field holding true/false is still the wrong type
         wrong = kinds is not None and (not isinstance(value, kinds) or (kind is not bool and isinstance(value, bool)))
@@ -266,6 +317,8 @@ class Arg(NamedTuple):
     choices: tuple[str, ...] | None = None
     default: str | None = None
     """Given (a flag's default), the argument is the option --<name>; else it is positional."""
+    item: type | None = None
+    """Given, the argument is a list of this type, typed comma-separated (see `parse_list`)."""
 
 
 class Command(NamedTuple):

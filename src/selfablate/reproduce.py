@@ -17,12 +17,11 @@ from typing import Any, Callable, Literal, NamedTuple
 
 from tqdm.auto import tqdm
 
-from .config import Arg, Command, ModelConfig, TrainConfig, check_choice, get_preset, require, require_finite
+from .config import (Arg, Command, ModelConfig, TrainConfig, check_choice, check_lists, field_type, get_preset,
+                     list_item_type, parse_list, require, require_finite)
 from . import runlock
 from .files import write_text_atomically
 from .errors import ConfigError, SelfAblateError
-
-ABLATIONS = ("local", "global", "both")
 
 
 @dataclass(frozen=True)
@@ -35,12 +34,12 @@ class ReproduceConfig:
     """Model and training preset (cpu-small, paper, tiny)."""
     data: str = ""
     """Training data (as for train); empty: the default."""
-    ablations: str = "local,global"
-    """Comma-separated self-ablating modes of the grid (a baseline is always trained)."""
-    ks: str = "1,2,4,8"
-    """Comma-separated k values: k_attn = k_mlp = k for every self-ablating model."""
-    seeds: str = "0"
-    """Comma-separated training seeds; the report gives mean +/- std over them."""
+    ablations: tuple[Literal["local", "global", "both"], ...] = ("local", "global")
+    """Self-ablating modes of the grid (a baseline is always trained)."""
+    ks: tuple[int, ...] = (1, 2, 4, 8)
+    """k values: k_attn = k_mlp = k for every self-ablating model."""
+    seeds: tuple[int, ...] = (0,)
+    """Training seeds; the report gives mean +/- std over them."""
     max_steps: int = 0
     """Optimiser steps per model; 0 keeps the preset's."""
     eval_max_tokens: int = 0
@@ -49,7 +48,7 @@ class ReproduceConfig:
     """IOI prompt pairs for ACDC (the paper: 64)."""
     tau: float = 0.03
     """ACDC threshold (the paper: 0.03)."""
-    tau_sweep: str = "0.003,0.01,0.1"
+    tau_sweep: tuple[float, ...] = (0.003, 0.01, 0.1)
     """More ACDC thresholds for the faithfulness curve."""
     sae_layer: int = -2
     """SAE on blocks.<layer>.hook_mlp_out of the clean stream; negative counts from the end
@@ -58,8 +57,8 @@ class ReproduceConfig:
     """SAE optimiser steps (of 4,096 activations)."""
     sae_eval_tokens: int = 32768
     """Held-out tokens for each SAE's metrics."""
-    sae_sweep: str = ""
-    """Extra L1 coefficients for an SAE frontier per model (comma-separated; empty: only 5)."""
+    sae_sweep: tuple[float, ...] = ()
+    """Extra L1 coefficients for an SAE frontier per model (empty: only 5)."""
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     """Device for every stage; auto: CUDA when available, else Apple's MPS, else the CPU."""
     precision: Literal["auto", "float32", "bfloat16"] = "auto"
@@ -72,34 +71,16 @@ class ReproduceConfig:
 
     def __post_init__(self) -> None:
         require_finite(self)
+        check_lists(self)
         check_choice(self, "device")
         check_choice(self, "precision")
-        require(all(a in ABLATIONS for a in self.ablation_list()),
-                f"ablations must be a comma-separated subset of {','.join(ABLATIONS)}; got {self.ablations!r}")
-        for name in ("ks", "seeds", "tau_sweep", "sae_sweep"):
-            try:
-                self._numbers(name)
-            except ValueError:
-                raise ConfigError(f"{name} must be comma-separated numbers, got {getattr(self, name)!r}") from None
-        require(all(k >= 1 for k in self.k_list()), f"every k must be >= 1, got {self.ks!r}")
+        require(all(k >= 1 for k in self.ks), f"every k must be >= 1, got {self.ks}")
         require(self.max_steps >= 0 and self.eval_max_tokens >= 0 and self.sae_steps >= 1 and self.sae_eval_tokens >= 1,
                 "max_steps and eval_max_tokens must be >= 0, sae_steps and sae_eval_tokens >= 1")
         get_preset(self.preset)
 
-    def _numbers(self, name: str) -> list[float]:
-        return [float(x) for x in getattr(self, name).split(",") if x.strip()]
-
-    def ablation_list(self) -> list[str]:
-        return [a for a in self.ablations.split(",") if a]
-
-    def k_list(self) -> list[int]:
-        return [int(k) for k in self._numbers("ks")]
-
-    def seed_list(self) -> list[int]:
-        return [int(s) for s in self._numbers("seeds")]
-
     def sae_coefs(self) -> list[float]:
-        return sorted({5.0, *self._numbers("sae_sweep")})
+        return sorted({5.0, *self.sae_sweep})
 
 
 class RunSpec(NamedTuple):
@@ -116,9 +97,9 @@ def grid(cfg: ReproduceConfig) -> list[RunSpec]:
     model_base, train_base = get_preset(cfg.preset)
     root = Path(cfg.out) / "models"
     specs = []
-    for seed in cfg.seed_list():
+    for seed in cfg.seeds:
         variants = [("none", {"ablation": "none"})] + [
-            (f"{a}-k{k}", {"ablation": a, "k_attn": k, "k_mlp": k}) for a in cfg.ablation_list() for k in cfg.k_list()]
+            (f"{a}-k{k}", {"ablation": a, "k_attn": k, "k_mlp": k}) for a in cfg.ablations for k in cfg.ks]
         for name, changes in variants:
             model = dataclasses.replace(model_base, **changes)  # validates k against d_model and d_mlp
             train = dataclasses.replace(train_base, out=str(root / f"{name}-s{seed}"), data=cfg.data, seed=seed,
@@ -199,14 +180,17 @@ def changed_settings(meta: Path, cfg: ReproduceConfig) -> list[str]:
     "name: old -> new"; a corrupt record is a one-line error."""
     if not meta.exists():
         return []
+    new = json.loads(json.dumps(dataclasses.asdict(cfg)))  # as the record holds it: lists, not tuples
     try:
         old = json.loads(meta.read_text())["config"]
         assert isinstance(old, dict)
-    except (json.JSONDecodeError, KeyError, TypeError, AssertionError):
+        for name, value in old.items():  # records of older versions wrote lists as "2,8"
+            if isinstance(value, str) and isinstance(new.get(name), list):
+                old[name] = list(parse_list(list_item_type(field_type(ReproduceConfig, name)), value))
+    except (json.JSONDecodeError, KeyError, TypeError, AssertionError, ValueError):
         raise ConfigError(f"{meta} is not a reproduce record (corrupt JSON or no config); move it away to "
                           "start a new grid there") from None
-    return [f"{k}: {old[k]!r} -> {v!r}" for k, v in dataclasses.asdict(cfg).items()
-            if k not in IGNORED and k in old and old[k] != v]
+    return [f"{k}: {old[k]!r} -> {v!r}" for k, v in new.items() if k not in IGNORED and k in old and old[k] != v]
 
 
 def record(meta: Path, cfg: ReproduceConfig, names: list[str]) -> None:

@@ -11,8 +11,7 @@ from typing import Any, Literal
 import torch
 
 from ..checkpoint import load_checkpoint, resolve
-from ..config import require, require_finite
-from ..errors import ConfigError
+from ..config import check_lists, require, require_finite
 from .patching import EdgeGraph
 from .discovery import CircuitTask, acdc, eap_ig_scores, eap_scores, kl_with_mask, make_task
 from .ioi import ioi_behaviour, ioi_prompts
@@ -30,8 +29,8 @@ class CircuitConfig:
     """Seed of the prompt generator."""
     tau: float = 0.03
     """ACDC threshold on the KL increase (the paper: 0.03)."""
-    sweep: str = "0.003,0.01,0.1"
-    """More ACDC thresholds for the faithfulness-vs-edges curve (comma-separated; empty: none)."""
+    sweep: tuple[float, ...] = (0.003, 0.01, 0.1)
+    """More ACDC thresholds for the faithfulness-vs-edges curve (--sweep 0.003,0.01,0.1; empty: none)."""
     ig_steps: int = 5
     """Integration steps of EAP-IG."""
     top_edges: int = 50
@@ -43,16 +42,14 @@ class CircuitConfig:
 
     def __post_init__(self) -> None:
         require_finite(self)
+        check_lists(self)
+        require(all(t >= 0 for t in self.sweep), f"every tau of sweep must be >= 0, got {self.sweep}")
         require(self.prompts >= 2, f"prompts must be >= 2, got {self.prompts}")
         require(self.tau >= 0, f"tau must be >= 0, got {self.tau}")
         require(self.ig_steps >= 1, f"ig_steps must be >= 1, got {self.ig_steps}")
-        try:
-            self.taus()
-        except ValueError:
-            raise ConfigError(f"sweep must be comma-separated numbers, got {self.sweep!r}") from None
 
     def taus(self) -> list[float]:
-        return sorted({self.tau, *(float(t) for t in self.sweep.split(",") if t.strip())})
+        return sorted({self.tau, *self.sweep})
 
 
 def behaviour(task: CircuitTask, batch) -> dict[str, Any]:

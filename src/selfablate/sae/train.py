@@ -17,7 +17,6 @@ from ..data.dataset import TokenWindows, tokenize_split
 from ..data.sources import resolve_source
 from ..data.vocab import token_lookup
 from .. import runlock
-from ..errors import SelfAblateError
 from ..files import write_text_atomically
 from ..model import SelfAblatingTransformer, Stream
 from . import metrics as M
@@ -234,7 +233,7 @@ def _sae_sweep(checkpoint: str, cfg: SAETrainConfig, values: list[float]) -> lis
     return rows
 
 
-def _command(cfg: SAETrainConfig, action: str, checkpoint: str, values: str) -> None:
+def _command(cfg: SAETrainConfig, action: str, checkpoint: str, values: tuple[float, ...]) -> None:
     import json
 
     if action == "train":
@@ -242,11 +241,7 @@ def _command(cfg: SAETrainConfig, action: str, checkpoint: str, values: str) -> 
         print(f"SAE on {cfg.hook}: L0 {m['l0']:.2f}, FVU {m['fvu']:.3f}, CE-loss score {m['ce_loss_score_zero']:.3f} "
               f"(mean-ablation {m['ce_loss_score_mean']:.3f}), dead {m['dead_fraction']:.1%}; written to {cfg.out}")
         return
-    try:
-        numbers = [float(v) for v in values.split(",") if v.strip()]
-    except ValueError:
-        raise SelfAblateError(f"--values must be comma-separated numbers, got {values!r}") from None
-    for row in run_sae_sweep(checkpoint, cfg, numbers):
+    for row in run_sae_sweep(checkpoint, cfg, list(values)):
         print(json.dumps(row))
 
 
@@ -254,4 +249,4 @@ COMMAND = Command("sae", "train an SAE on a hook point (sae train), or a frontie
                   (SAETrainConfig,), (Arg("action", "train one SAE, or sweep a frontier", choices=("train", "sweep")),
                                       Arg("checkpoint", "checkpoint or run folder"),
                                       Arg("values", "sweep: L1 coefficients (relu) or k values (topk)",
-                                          default="1,2,5,10")))
+                                          default="1,2,5,10", item=float)))
