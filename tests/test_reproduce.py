@@ -51,6 +51,25 @@ def test_aggregate_gives_mean_and_sample_std_over_seeds():
     assert "| local-k2 | 2 | 12 ± 3 |" in md and "79" in md  # the paper's baseline row is printed beside
 
 
+def test_the_results_page_reads_ranges_off_the_table():
+    from selfablate.report.results import _reading
+
+    cells = [Cell("none", 1, {"ppl_clean": 30.0, "ioi_accuracy": 0.6, "sae_l0": 4.18}, {}),
+             Cell("local-k2", 1, {"ppl_clean": 41.08, "ppl_ablated": 58.0, "ioi_accuracy": 0.58}, {}),
+             Cell("global-k8", 1, {"ppl_clean": 39.5, "ioi_accuracy": 0.61}, {})]
+    lines = _reading(cells)
+    assert "- Clean perplexity: baseline 30.00; self-ablating models 39.50-41.08." in lines
+    assert "- IOI accuracy: baseline 0.60; self-ablating models 0.58-0.61." in lines
+    assert "- SAE L0: baseline 4.18; self-ablating models -." in lines
+    assert any("barely do IOI (accuracy at most 0.61" in ln for ln in lines)
+    assert any(ln.startswith("- One seed per model") for ln in lines)
+    two = [c._replace(seeds=2, std={"ppl_clean": 0.5 + i}) for i, c in enumerate(cells)]
+    two[0] = two[0]._replace(mean={**two[0].mean, "ioi_accuracy": 0.9})
+    lines = _reading(two)
+    assert "- 2 seeds per model; the largest std of clean perplexity over seeds is 2.50." in lines
+    assert not any("barely" in ln for ln in lines)
+
+
 @pytest.mark.slow
 def test_reproduce_runs_resumes_and_reports(tmp_path, stories_dir, monkeypatch):
     cfg = tiny_cfg(tmp_path / "run", str(stories_dir))
@@ -88,6 +107,18 @@ def test_reproduce_runs_resumes_and_reports(tmp_path, stories_dir, monkeypatch):
         assert (folder / f"{png}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     html = (folder / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 6 and "<table>" in html
+
+    from selfablate.cli import main
+
+    page = tmp_path / "docs" / "results.md"
+    assert main(["report", str(out), "--results", str(page)]) == 0
+    text = page.read_text()
+    assert table.strip() in text  # the run's own table, whole
+    assert "2 models (none-s0, local-k2-s0)" in text and "6 steps of 8 x 32 tokens = 1,536 tokens" in text
+    assert "`blocks.0.hook_mlp_out`, 10 steps" in text and "first 2,048 held-out tokens" in text
+    for png in ("selection_frequency", "circuits", "sae_frontier"):
+        assert f"](results_figures/{png}.png)" in text
+        assert (page.parent / "results_figures" / f"{png}.png").read_bytes() == (folder / f"{png}.png").read_bytes()
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from .config import (Arg, Command, ModelConfig, TrainConfig, check_choice, check_lists, field_type, get_preset,
                      list_item_type, parse_list, require, require_finite)
 from . import runlock
-from .files import write_text_atomically
+from .files import check_output_folder, write_text_atomically
 from .errors import ConfigError, SelfAblateError
 
 
@@ -236,19 +236,24 @@ def _command(cfg: ReproduceConfig) -> None:
     print(f"report: {folder / 'report.html'} (tables: table.md, table.csv, table.tex)")
 
 
-def _report_command(folder: str) -> None:
-    """Rebuild the report of a reproduce folder."""
+def _report_command(folder: str, results: str) -> None:
+    """Rebuild the report of a reproduce folder (and, given a path, its results page)."""
     from .report.build import write_report
 
     meta = Path(folder) / "reproduce.json"
     if not meta.exists():
         raise SelfAblateError(f"{folder} is not a `selfablate reproduce` folder (no reproduce.json)")
+    if results:
+        check_output_folder(Path(results).parent)
     with runlock.exclusive(folder):  # not while a reproduce writes there
-        written = write_report(Path(folder), json.loads(meta.read_text())["config"]["preset"])
-    print(f"report: {written / 'report.html'}")
+        written = write_report(Path(folder), json.loads(meta.read_text())["config"]["preset"],
+                               Path(results) if results else None)
+    print(f"report: {written / 'report.html'}" + (f"; results page: {results}" if results else ""))
 
 
 COMMAND = Command("reproduce", "the paper's grid end to end (train, evaluate, circuits, SAEs, report); resumable",
                   _command, (ReproduceConfig,))
 REPORT_COMMAND = Command("report", "rebuild the report of a reproduce folder", _report_command,
-                         args=(Arg("folder", "the --out folder of `selfablate reproduce`"),))
+                         args=(Arg("folder", "the --out folder of `selfablate reproduce`"),
+                               Arg("results", "also write the results page (Markdown, figures beside it) to this "
+                                   "file, e.g. docs/results.md", default="")))

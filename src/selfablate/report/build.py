@@ -9,6 +9,7 @@ from typing import Any
 from ..data.vocab import to_model_ids
 from . import plots
 from .html import write_html
+from .results import write_results
 from .table import aggregate, cell_name, load_json, model_metrics, write_tables
 
 
@@ -71,8 +72,9 @@ def figures(out: Path, names: list[str], per_model: dict[str, dict[str, float]],
     return figs
 
 
-def write_report(out: Path, preset: str) -> Path:
-    """Tables (md, csv, tex), PNG figures and a self-contained report.html in OUT/report/."""
+def write_report(out: Path, preset: str, results: Path | None = None) -> Path:
+    """Tables (md, csv, tex), PNG figures and a self-contained report.html in OUT/report/; with
+    `results`, also the results page there (`report.results`)."""
     out = Path(out)
     meta = json.loads((out / "reproduce.json").read_text())
     names = meta["models"]
@@ -86,4 +88,6 @@ def write_report(out: Path, preset: str) -> Path:
     figs = figures(out, names, per_model, meta["config"].get("data", ""))
     write_html(folder / "report.html", f"Self-ablating transformers: reproduction ({preset})",
                (folder / "table.md").read_text(), figs)
+    if results is not None:
+        write_results(out, cells, Path(results))
     return folder
