@@ -1,4 +1,5 @@
-"""Shared fixtures: a small real TinyStories folder cut from the bundled sample, backends."""
+"""Shared fixtures: a small real TinyStories folder cut from the bundled sample, two tiny trained
+models, the perturbed float64 model (`helpers`), backends."""
 
 from pathlib import Path
 
@@ -28,6 +29,34 @@ def stories_dir(tmp_path_factory) -> Path:
     write_txt(root / "train.txt", cut_stories(SAMPLE / "train.txt.xz", 600))
     write_txt(root / "valid.txt", cut_stories(SAMPLE / "valid.txt.xz", 150))
     return root
+
+
+@pytest.fixture(scope="session")
+def tiny_runs(tmp_path_factory, stories_dir) -> dict[str, Path]:
+    """Checkpoints of a baseline ("none") and a local self-ablating model: preset tiny with a compact
+    vocabulary, 30 steps on `stories_dir` (trained once per session; tests must not change them)."""
+    import dataclasses
+
+    from selfablate.config import get_preset
+    from selfablate.train import train
+
+    root = tmp_path_factory.mktemp("tiny-runs")
+    model_cfg, tr = get_preset("tiny")
+    runs = {}
+    for mode in ("none", "local"):
+        cfg = dataclasses.replace(model_cfg, ablation=mode, compact_vocab=True)
+        t = dataclasses.replace(tr, data=str(stories_dir), out=str(root / mode), progress=False, max_steps=30)
+        runs[mode] = train(cfg, t).checkpoint
+    return runs
+
+
+@pytest.fixture
+def float64_model():
+    """float64_model(cfg=None, **perturbed's options): `helpers.perturbed` (default: the SMALL
+    config, every parameter moved by N(0, 0.05^2))."""
+    from .helpers import perturbed, small_config
+
+    return lambda cfg=None, **kw: perturbed(cfg or small_config(), **kw)
 
 
 @pytest.fixture(autouse=True)

@@ -7,6 +7,8 @@ from selfablate import ModelConfig, SelfAblatingTransformer, gpt2_tokenizer
 from selfablate.circuits.patching import EdgeGraph, cache_run, kl_last, last_logprobs, patched_forward
 from selfablate.circuits.ioi import TEMPLATES, ioi_behaviour, ioi_prompts, single_token_words, NAMES
 
+from .helpers import perturbed
+
 pytestmark = pytest.mark.usefixtures("backend")  # each test on both backends (conftest)
 
 
@@ -45,11 +47,7 @@ def test_ioi_behaviour_by_hand():
 
 @pytest.fixture(scope="module")
 def setup():
-    torch.manual_seed(0)
-    model = SelfAblatingTransformer(ModelConfig(**CFG)).double().eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)  # away from init, so every edge matters
+    model = perturbed(ModelConfig(**CFG))  # away from init, so every edge matters
     batch = ioi_prompts(6, seed=0)
     return model, batch, EdgeGraph(2, 4)
 

@@ -1,7 +1,6 @@
 """`selfablate evaluate`: the pipeline end to end, the probe, localisation, consistency."""
 
 import csv
-import dataclasses
 import json
 import math
 
@@ -9,7 +8,6 @@ import pytest
 import torch
 
 from selfablate import load_checkpoint
-from selfablate.config import get_preset
 from selfablate.data.dataset import TokenWindows, tokenize_split
 from selfablate.data.sources import resolve_source
 from selfablate.eval.collect import TOKEN_CLASSES, classify_token, run_batch
@@ -17,22 +15,14 @@ from selfablate.eval.evaluate import EvalConfig, evaluate_many
 from selfablate.eval.lm import evaluate_loss
 from selfablate.eval.localisation import ce_with_units, localisation
 from selfablate.eval.probe import leakage_probe
-from selfablate.train import train
 from selfablate.data.vocab import token_lookup
 
 pytestmark = pytest.mark.usefixtures("backend")  # each test on both backends (conftest)
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory, stories_dir):
-    root = tmp_path_factory.mktemp("eval-runs")
-    model_cfg, tr = get_preset("tiny")
-    out = []
-    for mode in ("none", "local"):
-        cfg = dataclasses.replace(model_cfg, ablation=mode, compact_vocab=True)
-        t = dataclasses.replace(tr, data=str(stories_dir), out=str(root / mode), progress=False, max_steps=30)
-        out.append(train(cfg, t).checkpoint)
-    return out
+def checkpoints(tiny_runs):
+    return [tiny_runs["none"], tiny_runs["local"]]
 
 
 @pytest.fixture(scope="module")

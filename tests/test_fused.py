@@ -159,13 +159,10 @@ def test_fused_loss_gradcheck():
     assert torch.autograd.gradcheck(lambda a, b: linear_cross_entropy(a, b, y, 2), (h, w))
 
 
-def test_model_training_path_matches_the_logits_path():
-    from selfablate import ModelConfig, SelfAblatingTransformer
-
-    torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=61, n_ctx=8, d_model=16, n_layers=2, n_heads=2, d_mlp=32, k_attn=4, k_mlp=8)
-    model = SelfAblatingTransformer(cfg).double()
-    x, y = torch.randint(0, 61, (2, 8)), torch.randint(0, 61, (2, 8))
+def test_model_training_path_matches_the_logits_path(float64_model):
+    model = float64_model()
+    vocab, n_ctx = model.cfg.vocab_size, model.cfg.n_ctx
+    x, y = torch.randint(0, vocab, (2, n_ctx)), torch.randint(0, vocab, (2, n_ctx))
     ref = model(x, y, return_logits=True)
     ref.loss.backward()
     ref_grads = {n: p.grad.clone() for n, p in model.named_parameters()}

@@ -7,17 +7,14 @@ from selfablate import ModelConfig, SelfAblatingTransformer
 from selfablate.errors import SelfAblateError
 from selfablate.data.vocab import to_model_ids
 
+from .helpers import perturbed
+
 CFG = dict(vocab_size=300, n_ctx=32, d_model=32, n_layers=2, n_heads=4, d_mlp=64, ablation="local", k_attn=8, k_mlp=16)
 
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    m = SelfAblatingTransformer(ModelConfig(**CFG)).double().eval()
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return m
+    return perturbed(ModelConfig(**CFG))
 
 
 def test_transformer_lens_export_matches_both_streams(model):

@@ -3,25 +3,17 @@
 import pytest
 import torch
 
-from selfablate import ModelConfig, SelfAblatingTransformer
 from selfablate.errors import ConfigError
 from selfablate.ops.masks import hard_topk, hard_topk_soft_grad, soft_topk
 
-pytestmark = pytest.mark.usefixtures("backend")  # each test on both backends (conftest)
+from .helpers import SMALL, perturbed, small_config
 
-SMALL = dict(vocab_size=97, n_ctx=12, d_model=16, n_layers=3, n_heads=4, d_mlp=32, k_attn=5, k_mlp=7)
+pytestmark = pytest.mark.usefixtures("backend")  # each test on both backends (conftest)
 
 
 def make(ablation="local", dtype=torch.float64, seed=0, **kw):
-    torch.manual_seed(seed)
-    cfg = ModelConfig(**{**SMALL, "ablation": ablation, **kw})
-    model = SelfAblatingTransformer(cfg).to(dtype).eval()
-    # Perturb the mask heads and LayerNorms away from their init so that tests see real masks.
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "mask_head" in name or "ln" in name:
-                p.add_(torch.randn_like(p) * 0.5)
-    return model
+    """The small float64 model with its mask heads and LayerNorms perturbed, so that tests see real masks."""
+    return perturbed(small_config(ablation=ablation, **kw), scale=0.5, only=("mask_head", "ln"), seed=seed, dtype=dtype)
 
 
 def tokens(B=2, T=10, seed=1):
@@ -254,7 +246,7 @@ def test_unscaled_attention_scores():
 ])
 def test_bad_model_config_gives_one_line_error(kw, msg):
     with pytest.raises(ConfigError, match=msg) as e:
-        ModelConfig(**{**SMALL, **kw})
+        small_config(**kw)
     assert "\n" not in str(e.value)
 
 

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from selfablate import load_checkpoint
-from selfablate.config import get_preset
 from selfablate.data.dataset import TokenWindows, tokenize_split
 from selfablate.data.sources import resolve_source
 from selfablate.errors import CheckpointError, SelfAblateError
@@ -14,7 +13,6 @@ from selfablate.sae import SAE, SAEConfig, load_sae
 from selfablate.sae import metrics as M
 from selfablate.sae.buffer import hook_activations
 from selfablate.sae.train import SAETrainConfig, evaluate_sae, run_sae_train
-from selfablate.train import train
 from selfablate.data.vocab import token_lookup
 
 pytestmark = pytest.mark.usefixtures("backend")  # each test on both backends (conftest)
@@ -40,11 +38,8 @@ def test_topk_sae_keeps_at_most_k():
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, stories_dir):
-    model_cfg, tr = get_preset("tiny")
-    out = tmp_path_factory.mktemp("sae-model")
-    t = dataclasses.replace(tr, data=str(stories_dir), out=str(out / "m"), progress=False, max_steps=30)
-    ckpt = train(dataclasses.replace(model_cfg, compact_vocab=True), t).checkpoint
+def trained(tiny_runs, stories_dir):
+    ckpt = tiny_runs["local"]
     model = load_checkpoint(ckpt)
     windows = TokenWindows(tokenize_split(resolve_source(str(stories_dir)), "valid"), 32, token_lookup(model))
     return ckpt, model, windows
