@@ -44,6 +44,7 @@ crosscheck:
 	$(CROSS)/bin/pip install -q -e .
 	$(CROSS)/bin/python -m pytest -q tests/test_interop.py
 	$(CROSS)/bin/python benchmarks/crosscheck_auto_circuit.py
+	cd benchmarks && ../$(CROSS)/bin/python crosscheck_authors_prompts.py
 	$(CROSS)/bin/python benchmarks/crosscheck_saelens.py
 
 clean:

@@ -194,7 +194,7 @@ def test_circuits_command_writes_json_and_svg(tmp_path, setup, capsys):
 
     model, _, graph = setup
     save_checkpoint(copy.deepcopy(model).float(), tmp_path / "ckpt")  # the shared model stays as it is
-    code = main(["circuits", str(tmp_path / "ckpt"), "--out", str(tmp_path / "c"), "--prompts", "4",
+    code = main(["circuits", str(tmp_path / "ckpt"), "--out", str(tmp_path / "c"), "--pairs", "4",
                  "--tau", "0.0001", "--sweep", "0.001", "--no-progress"])
     assert code == 0 and "ACDC tau=0.0001" in capsys.readouterr().out
     r = json.loads((tmp_path / "c" / "circuit.json").read_text())

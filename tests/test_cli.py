@@ -221,5 +221,5 @@ def test_circuits_on_a_folder_in_use_is_one_line(trained, tmp_path, capsys):
     from selfablate import runlock
 
     with runlock.exclusive(tmp_path / "c"):
-        code, _, err = run(capsys, "circuits", trained, "--out", tmp_path / "c", "--prompts", "4")
+        code, _, err = run(capsys, "circuits", trained, "--out", tmp_path / "c", "--pairs", "4")
     assert code == 2 and "in use by another selfablate process" in err and len(err.strip().splitlines()) == 1

@@ -1,5 +1,6 @@
 """`selfablate reproduce`: the grid end to end at tiny scale, resumable, and its report."""
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -187,3 +188,22 @@ def test_a_record_of_an_older_version_with_lists_as_text_is_the_same_grid(tmp_pa
     meta.write_text(json.dumps({"config": old}))
     with pytest.raises(ConfigError, match="not a reproduce record"):
         changed_settings(meta, cfg)
+
+
+def test_the_paper_preset_takes_the_authors_prompts_and_sae_settings(monkeypatch, tmp_path):
+    import selfablate.report.circuits as circuits
+    import selfablate.sae.train as sae_train
+
+    seen = {}
+    monkeypatch.setattr(circuits, "write_circuits", lambda ckpt, cfg: seen.setdefault("circuits", cfg))
+    monkeypatch.setattr(sae_train, "run_sae_sweep", lambda ckpt, cfg, values: seen.setdefault("sae", cfg))
+    for preset, prompts, lr, steps in (("paper", "authors", 1e-5, 100_000), ("cpu-small", "templates", 4e-4, 2000)):
+        seen.clear()
+        cfg = ReproduceConfig(out=str(tmp_path), preset=preset)
+        spec = grid(cfg)[1]
+        reproduce._circuits(cfg, spec)
+        reproduce._sae(cfg, spec)
+        assert seen["circuits"].prompts == prompts and (seen["sae"].lr, seen["sae"].steps) == (lr, steps)
+    seen.clear()
+    reproduce._sae(dataclasses.replace(cfg, sae_steps=7), spec)
+    assert seen["sae"].steps == 7

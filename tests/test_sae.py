@@ -96,3 +96,42 @@ def test_sae_training_reconstructs_and_sparsifies(trained, stories_dir, tmp_path
     (tmp_path / "a" / "sae.safetensors").write_bytes(b"junk")
     with pytest.raises(CheckpointError, match="corrupt SAE"):
         load_sae(tmp_path / "a")
+
+
+def test_without_subtracting_the_decoder_bias_the_encoder_reads_the_input_itself():
+    torch.manual_seed(0)
+    x = torch.randn(5, 8, dtype=torch.float64)
+    for subtract in (True, False):
+        sae = SAE(SAEConfig(d_in=8, d_sae=16, hook=HOOK, scale=2.0, subtract_b_dec=subtract)).double()
+        with torch.no_grad():
+            sae.b_dec.copy_(torch.randn(8, dtype=torch.float64))
+            sae.b_enc.copy_(torch.randn(16, dtype=torch.float64))
+        centred = x * 2.0 - (sae.b_dec if subtract else 0.0)
+        expected = torch.relu(centred @ sae.W_enc + sae.b_enc)  # by hand, from the class docstring
+        torch.testing.assert_close(sae.encode(x), expected, rtol=0, atol=0)
+        torch.testing.assert_close(sae(x).recon, (expected @ sae.W_dec + sae.b_dec) / 2.0, rtol=0, atol=0)
+
+
+def test_the_papers_sae_settings():
+    from selfablate.sae.train import SAETrainConfig, paper_protocol
+
+    cfg = paper_protocol(SAETrainConfig(out="x", hook="blocks.6.hook_mlp_out"))
+    assert (cfg.lr, cfg.steps, cfg.batch_tokens, cfg.expansion, cfg.l1_coef, cfg.l1_warmup) == (1e-5, 100_000, 4096, 16,
+                                                                                                 5.0, 0.05)
+    assert (cfg.b_dec_init, cfg.subtract_b_dec, cfg.kind, cfg.input_scaling, cfg.seed) == ("zeros", False, "relu",
+                                                                                            "sqrt_d", 42)
+    assert cfg.out == "x" and cfg.hook == "blocks.6.hook_mlp_out"
+
+
+def test_a_zero_initialised_sae_starts_with_a_zero_decoder_bias(trained):
+    import dataclasses
+
+    from selfablate.sae.train import SAETrainConfig, train_sae
+
+    ckpt, model, windows = trained
+    cfg = SAETrainConfig(out="", hook="blocks.1.hook_mlp_out", steps=1, lr=1e-12, pool_tokens=2048, batch_tokens=256,
+                         progress=False)
+    mean_init = train_sae(model, windows, cfg)
+    zero_init = train_sae(model, windows, dataclasses.replace(cfg, b_dec_init="zeros", subtract_b_dec=False))
+    assert mean_init.b_dec.abs().max() > 1e-3 and zero_init.b_dec.abs().max() < 1e-9
+    assert zero_init.cfg.subtract_b_dec is False and mean_init.cfg.subtract_b_dec is True

@@ -44,8 +44,12 @@ class ReproduceConfig:
     """Optimiser steps per model; 0 keeps the preset's."""
     eval_max_tokens: int = 0
     """Evaluate on the first this many held-out tokens; 0: the whole split."""
+    ioi_prompts: str = "auto"
+    """IOI prompts for the circuits (as `circuits --prompts`): templates, authors (the authors'
+    file and split, 128 pairs for discovery), a prompt file; auto: authors for the paper preset,
+    templates otherwise."""
     circuit_prompts: int = 64
-    """IOI prompt pairs for ACDC (the paper: 64)."""
+    """Template prompt pairs for the circuits (with templates)."""
     tau: float = 0.03
     """ACDC threshold (the paper: 0.03)."""
     tau_sweep: tuple[float, ...] = (0.003, 0.01, 0.1)
@@ -53,8 +57,9 @@ class ReproduceConfig:
     sae_layer: int = -2
     """SAE on blocks.<layer>.hook_mlp_out of the clean stream; negative counts from the end
     (-2: layer 6 of 8, the paper's)."""
-    sae_steps: int = 2000
-    """SAE optimiser steps (of 4,096 activations)."""
+    sae_steps: int = 0
+    """SAE optimiser steps (of 4,096 activations); 0: the protocol's (the paper preset: the
+    authors' SAE settings, 100k steps; otherwise 2,000)."""
     sae_eval_tokens: int = 32768
     """Held-out tokens for each SAE's metrics."""
     sae_sweep: tuple[float, ...] = ()
@@ -75,8 +80,8 @@ class ReproduceConfig:
         check_choice(self, "device")
         check_choice(self, "precision")
         require(all(k >= 1 for k in self.ks), f"every k must be >= 1, got {self.ks}")
-        require(self.max_steps >= 0 and self.eval_max_tokens >= 0 and self.sae_steps >= 1 and self.sae_eval_tokens >= 1,
-                "max_steps and eval_max_tokens must be >= 0, sae_steps and sae_eval_tokens >= 1")
+        require(self.max_steps >= 0 and self.eval_max_tokens >= 0 and self.sae_steps >= 0 and self.sae_eval_tokens >= 1,
+                "max_steps, eval_max_tokens and sae_steps must be >= 0, sae_eval_tokens >= 1")
         get_preset(self.preset)
 
     def sae_coefs(self) -> list[float]:
@@ -145,7 +150,8 @@ def _evaluate(cfg: ReproduceConfig, spec: RunSpec) -> None:
 def _circuits(cfg: ReproduceConfig, spec: RunSpec) -> None:
     from .report.circuits import CircuitConfig, write_circuits
 
-    ccfg = CircuitConfig(out=str(Path(cfg.out) / "circuits" / spec.name), prompts=cfg.circuit_prompts,
+    prompts = cfg.ioi_prompts if cfg.ioi_prompts != "auto" else "authors" if cfg.preset == "paper" else "templates"
+    ccfg = CircuitConfig(out=str(Path(cfg.out) / "circuits" / spec.name), prompts=prompts, pairs=cfg.circuit_prompts,
                          tau=cfg.tau, sweep=cfg.tau_sweep, progress=False, device=cfg.device)
     write_circuits(str(_checkpoint(spec)), ccfg)
 
@@ -156,10 +162,12 @@ def sae_hook(cfg: ReproduceConfig, spec: RunSpec) -> str:
 
 
 def _sae(cfg: ReproduceConfig, spec: RunSpec) -> None:
-    from .sae.train import SAETrainConfig, run_sae_sweep
+    from .sae.train import SAETrainConfig, paper_protocol, run_sae_sweep
 
     scfg = SAETrainConfig(out=str(Path(cfg.out) / "sae" / spec.name), hook=sae_hook(cfg, spec), data=cfg.data,
-                          steps=cfg.sae_steps, eval_tokens=cfg.sae_eval_tokens, progress=False, device=cfg.device)
+                          eval_tokens=cfg.sae_eval_tokens, progress=False, device=cfg.device)
+    scfg = paper_protocol(scfg) if cfg.preset == "paper" else scfg
+    scfg = dataclasses.replace(scfg, steps=cfg.sae_steps or scfg.steps)
     run_sae_sweep(str(_checkpoint(spec)), scfg, cfg.sae_coefs())
 
 

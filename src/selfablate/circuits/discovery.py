@@ -16,7 +16,8 @@ from ..errors import SelfAblateError
 from ..model import SelfAblatingTransformer
 from .patching import EdgeGraph, RunCache, cache_run, graph_of, last_logprobs, patched_forward
 from .ioi import IOIBatch
-from ..data.vocab import to_model_ids
+from ..data.tokenizer import gpt2_tokenizer
+from ..data.vocab import to_model_ids, unk_id
 
 
 class CircuitTask(NamedTuple):
@@ -41,10 +42,25 @@ class CircuitTask(NamedTuple):
     """(n, d_model) W_U^T p_clean: sum_v p_clean(v) logit(v) = clean_readout . ln_final(x)."""
 
 
+def check_answers(model: SelfAblatingTransformer, batch: IOIBatch) -> None:
+    """Every answer must be a token of the model's vocabulary: a compact vocabulary maps the words
+    its training data lacked to <unk>, whose logit says nothing about IOI."""
+    unk = unk_id(model)
+    if unk is None:
+        return
+    answers = torch.cat([batch.io, batch.s])
+    missing = answers[to_model_ids(model, answers.to(model.wte.weight.device)).cpu() == unk].unique()
+    if len(missing):
+        words = ", ".join(repr(gpt2_tokenizer().decode([int(t)])) for t in missing[:5])
+        raise SelfAblateError(f"{len(missing)} IOI answer(s) are not in this model's compact vocabulary (its training "
+                              f"data lacked them): {words}; use prompts whose names the model has seen")
+
+
 @torch.no_grad()
 def make_task(model: SelfAblatingTransformer, batch: IOIBatch) -> CircuitTask:
     device = model.wte.weight.device
     ids = lambda t: to_model_ids(model, t.to(device))  # noqa: E731
+    check_answers(model, batch)
     _, corrupt = cache_run(model, ids(batch.corrupt))
     final, clean = cache_run(model, ids(batch.clean))
     last = batch.last.to(device)

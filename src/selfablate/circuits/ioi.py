@@ -14,7 +14,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ..data.tokenizer import gpt2_tokenizer
+from ..data.tokenizer import EOT, gpt2_tokenizer
 from ..errors import SelfAblateError
 
 NAMES = ("Lily", "Tom", "Ben", "Sue", "Max", "Tim", "Anna", "Sam", "Mia", "Jack", "Lucy", "Sara", "Mark",
@@ -54,9 +54,11 @@ def single_token_words(words: tuple[str, ...]) -> list[str]:
     return [w for w in words if len(enc.encode(" " + w)) == 1]
 
 
-def ioi_prompts(n: int, seed: int = 0, names: tuple[str, ...] = NAMES) -> IOIBatch:
-    """n seeded prompt pairs, alternating ABBA and BABA, cycling through the templates."""
+def ioi_prompts(n: int, seed: int = 0, names: tuple[str, ...] = NAMES, bos: bool = False) -> IOIBatch:
+    """n seeded prompt pairs, alternating ABBA and BABA, cycling through the templates; with `bos`,
+    each starts with <|endoftext|>."""
     enc = gpt2_tokenizer()
+    head = [EOT] if bos else []
     pool = single_token_words(names)
     if len(pool) < 5:
         raise SelfAblateError("IOI needs at least 5 names that are single GPT-2 tokens")
@@ -68,8 +70,8 @@ def ioi_prompts(n: int, seed: int = 0, names: tuple[str, ...] = NAMES) -> IOIBat
         fill = dict(place=rng.choice(PLACES), object=rng.choice(OBJECTS))
         first, second = (a_io, a_s) if i % 2 == 0 else (a_s, a_io)
         text = template.format(A=first, B=second, S=a_s, **fill)
-        clean.append(enc.encode(text))
-        corrupt.append(enc.encode(template.format(A=x, B=y, S=z, **fill)))
+        clean.append(head + enc.encode(text))
+        corrupt.append(head + enc.encode(template.format(A=x, B=y, S=z, **fill)))
         io.append(enc.encode(" " + a_io)[0])
         s.append(enc.encode(" " + a_s)[0])
         texts.append(text)

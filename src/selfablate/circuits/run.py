@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -14,7 +15,8 @@ from ..checkpoint import load_checkpoint, resolve
 from ..config import check_lists, require, require_finite
 from .patching import EdgeGraph
 from .discovery import CircuitTask, acdc, eap_ig_scores, eap_scores, kl_with_mask, make_task
-from .ioi import ioi_behaviour, ioi_prompts
+from .ioi import IOIBatch, ioi_behaviour, ioi_prompts
+from .prompt_file import AUTHORS, load_prompt_file
 
 
 @dataclass(frozen=True)
@@ -23,10 +25,22 @@ class CircuitConfig:
 
     out: str = "runs/circuits"
     """Folder for circuit.json, circuit.svg and circuit.png."""
-    prompts: int = 64
-    """IOI prompt pairs (the paper: 64)."""
+    prompts: str = "templates"
+    """IOI prompts: templates (generated from TinyStories-style templates), authors (the paper
+    authors' 1,000 prompts, shipped), or the path of a prompt file in auto-circuit's format."""
+    pairs: int = 64
+    """Prompt pairs generated from the templates."""
     seed: int = 0
-    """Seed of the prompt generator."""
+    """Seed of the template generator."""
+    split: tuple[int, ...] = (128, 128)
+    """Prompt pairs of a prompt file for discovery (train) and for behaviour on unseen prompts
+    (test), after auto-circuit's shuffle (the authors': 128, 128)."""
+    batch: int = 64
+    """Prompt pairs of a prompt file's train split that discovery reads: the first batch, as
+    auto-circuit's ACDC reads only the first batch of its loader (the authors: 64 of 128)."""
+    bos: bool = False
+    """Start every prompt with <|endoftext|>. The authors' loader prepends it, but their
+    TransformerLens model masks it as padding, so without it is their protocol."""
     tau: float = 0.03
     """ACDC threshold on the KL increase (the paper: 0.03)."""
     sweep: tuple[float, ...] = (0.003, 0.01, 0.1)
@@ -44,7 +58,11 @@ class CircuitConfig:
         require_finite(self)
         check_lists(self)
         require(all(t >= 0 for t in self.sweep), f"every tau of sweep must be >= 0, got {self.sweep}")
-        require(self.prompts >= 2, f"prompts must be >= 2, got {self.prompts}")
+        require(self.pairs >= 2 and self.batch >= 2, f"pairs and batch must be >= 2, got {self.pairs}, {self.batch}")
+        require(len(self.split) == 2 and self.split[0] >= 2 and self.split[1] >= 0,
+                f"split must be two numbers, train >= 2 and test >= 0; got {self.split}")
+        require(self.prompts in ("templates", AUTHORS) or Path(self.prompts).is_file(),
+                f"prompts must be templates, authors or a prompt file; {self.prompts!r} is none of these")
         require(self.tau >= 0, f"tau must be >= 0, got {self.tau}")
         require(self.ig_steps >= 1, f"ig_steps must be >= 1, got {self.ig_steps}")
 
@@ -78,10 +96,20 @@ def ranked(graph: EdgeGraph, scores: torch.Tensor, top: int) -> list[dict[str, A
     return [{"source": graph.edge_names[e][0], "dest": graph.edge_names[e][1], "score": float(scores[e])} for e in order]
 
 
+def prompt_batches(cfg: CircuitConfig) -> tuple[IOIBatch, IOIBatch | None]:
+    """The prompts circuits are found on (of a prompt file: the first batch of its train split), and
+    held-out ones (a prompt file's test split)."""
+    if cfg.prompts == "templates":
+        return ioi_prompts(cfg.pairs, cfg.seed, bos=cfg.bos), None
+    split = load_prompt_file(cfg.prompts, (cfg.split[0], cfg.split[1]), cfg.bos)
+    first = min(cfg.batch, len(split.train.texts))
+    return IOIBatch(*(t[:first] for t in split.train[:5]), split.train.texts[:first]), split.test
+
+
 def run_circuits(checkpoint: str, cfg: CircuitConfig, device: torch.device) -> dict[str, Any]:
     t0 = time.perf_counter()
     model = load_checkpoint(checkpoint, device=device).eval()
-    batch = ioi_prompts(cfg.prompts, cfg.seed)
+    batch, test = prompt_batches(cfg)
     task = make_task(model, batch)
     g = task.graph
     with torch.no_grad():
@@ -103,6 +131,8 @@ def run_circuits(checkpoint: str, cfg: CircuitConfig, device: torch.device) -> d
         "checkpoint": str(resolve(checkpoint)), "config": dataclasses.asdict(model.cfg),
         "circuit_config": dataclasses.asdict(cfg), "scale_note": "edge graph of this checkpoint's architecture",
         "graph": {"sources": g.n_sources, "edges": g.n_edges}, "ioi": behaviour(task, batch),
+        "ioi_test": behaviour(make_task(model, test), test) if test is not None and len(test.texts) else None,
+        "prompts": {"discovery": len(batch.texts), "held_out": len(test.texts) if test is not None else 0},
         "prompts_sample": batch.texts[:4], "kl_all_edges_patched": kl_empty,
         "acdc": {"tau": cfg.tau, "edges": main["edges"], "kl": main["kl"], "seconds": main["seconds"],
                  "circuit": main["circuit"]},

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from ..files import write_text_atomically
-from .table import Cell
+from .table import Cell, load_json
 
 FIGURES = (("selection_frequency.png", "Unit selection frequency per layer"),
            ("circuits.png", "IOI circuits found by ACDC"),
@@ -26,7 +26,6 @@ def _what_ran(out: Path, config: dict[str, Any], names: list[str]) -> list[str]:
     m, t = header["model"], header["meta"]["train"]
     seq = t["seq_len"] or m["n_ctx"]
     tokens = t["max_steps"] * t["batch_size"] * seq
-    layer = config["sae_layer"] % m["n_layers"]  # negative counts from the end, as reproduce reads it
     vocab = f"a compact vocabulary of {m['vocab_size']:,} ids" if m["compact_vocab"] else "the GPT-2 vocabulary"
     ablated = [n for n in names if not n.startswith("none-")]
     return [
@@ -41,11 +40,30 @@ def _what_ran(out: Path, config: dict[str, Any], names: list[str]) -> list[str]:
         f"tokens per model; AdamW lr {t['lr']:g}, betas ({t['beta1']:g}, {t['beta2']:g}), warm-up "
         f"{t['warmup_steps']}, cosine to {t['min_lr_ratio']:g} x lr; the {t['keep']} checkpoint evaluated.",
         f"- **Evaluations:** perplexity on {_held_out(config)}; ACDC at tau {config['tau']:g} (and "
-        f"{', '.join(f'{x:g}' for x in config['tau_sweep']) or 'no other tau'}) on {config['circuit_prompts']} "
-        f"IOI prompt pairs; an SAE (L1 coefficient 5) on the clean stream's `blocks.{layer}.hook_mlp_out`, "
-        f"{config['sae_steps']:,} steps of 4,096 activations."
+        f"{', '.join(f'{x:g}' for x in config['tau_sweep']) or 'no other tau'}) on {_prompts(out, names[-1])}; "
+        f"{_sae(out, names[-1])}."
         + ("" if ablated else " No self-ablating model in this grid."),
     ]
+
+
+def _prompts(out: Path, name: str) -> str:
+    circuit = load_json(out / "circuits" / name / "circuit.json")
+    if circuit is None:
+        return "IOI prompts (circuits not run)"
+    c = circuit["circuit_config"]
+    what = "the authors' IOI prompts" if c["prompts"] == "authors" else \
+        "IOI prompts from the templates" if c["prompts"] == "templates" else f"the IOI prompts of {c['prompts']}"
+    pairs = circuit.get("prompts", {}).get("discovery", c.get("pairs", "?"))
+    return f"{what} ({pairs} pairs{', BOS first' if c.get('bos') else ''})"
+
+
+def _sae(out: Path, name: str) -> str:
+    runs = sorted((out / "sae" / name).glob("*/metrics.json"))
+    if not runs:
+        return "no SAE"
+    t = json.loads(runs[0].read_text())["train"]
+    return (f"SAEs ({t['expansion']}x, L1 coefficients {', '.join(p.parent.name for p in runs)}) on the clean stream's "
+            f"`{t['hook']}`, {t['steps']:,} steps of {t['batch_tokens']:,} activations at lr {t['lr']:g}")
 
 
 def _count(n: int) -> str:

@@ -34,6 +34,9 @@ class SAEConfig:
     """The model hook point it was trained on."""
     scale: float = 1.0
     """Inputs are multiplied by this before encoding (and outputs divided by it)."""
+    subtract_b_dec: bool = True
+    """Encode x * scale - b_dec (the common form); False encodes x * scale itself (SAELens's
+    apply_b_dec_to_input=False, the paper authors' setting)."""
 
     def __post_init__(self) -> None:
         require(self.d_in >= 1 and self.d_sae >= 1, "d_in and d_sae must be >= 1")
@@ -49,7 +52,8 @@ class SAEOutput(NamedTuple):
 
 
 class SAE(nn.Module):
-    """x -> f = act((x * scale - b_dec) W_enc + b_enc) -> x_hat = (f W_dec + b_dec) / scale."""
+    """x -> f = act((x * scale - b_dec) W_enc + b_enc) -> x_hat = (f W_dec + b_dec) / scale
+    (without subtract_b_dec: act(x * scale W_enc + b_enc))."""
 
     def __init__(self, cfg: SAEConfig):
         super().__init__()
@@ -62,7 +66,8 @@ class SAE(nn.Module):
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
 
     def encode(self, x: Tensor) -> Tensor:
-        pre = (x * self.cfg.scale - self.b_dec) @ self.W_enc + self.b_enc  # (..., d_sae)
+        centred = x * self.cfg.scale - (self.b_dec if self.cfg.subtract_b_dec else 0.0)
+        pre = centred @ self.W_enc + self.b_enc  # (..., d_sae)
         if self.cfg.kind == "topk":
             top = pre.topk(self.cfg.k, dim=-1)
             return torch.zeros_like(pre).scatter_(-1, top.indices, F.relu(top.values))

@@ -56,6 +56,12 @@ class SAETrainConfig:
     """Scale inputs to expected norm sqrt(d_in) (SAELens's expected_average_only_in, which the
     paper's L1 coefficient of 5 presumes), 1, or not at all. With norm 1 and coefficient 5 every
     latent dies (measured on a demo checkpoint: L0 0.29)."""
+    b_dec_init: Literal["mean", "zeros"] = "mean"
+    """Decoder bias at the start: the (scaled) mean activation, so the SAE models deviations from
+    it, or zeros (the paper authors' SAELens setting)."""
+    subtract_b_dec: bool = True
+    """Subtract the decoder bias from the input before encoding (SAELens's apply_b_dec_to_input;
+    the authors: False)."""
     eval_tokens: int = 32768
     """Held-out tokens for the final metrics."""
     seed: int = 0
@@ -71,8 +77,18 @@ class SAETrainConfig:
             require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         require(self.lr > 0 and self.l1_coef >= 0, "lr must be > 0 and l1_coef >= 0")
         require(0 <= self.l1_warmup <= 1, f"l1_warmup must be in [0, 1], got {self.l1_warmup}")
-        for name in ("kind", "input_scaling", "device"):
+        for name in ("kind", "input_scaling", "device", "b_dec_init"):
             check_choice(self, name)
+
+
+def paper_protocol(cfg: SAETrainConfig) -> SAETrainConfig:
+    """`cfg` with the paper authors' SAELens settings (their utils/sae.py): ReLU + L1 coefficient 5
+    warmed up over 5% of the steps, 16x expansion, lr 1e-5 (constant, then a linear decay over the
+    last 20%), decoder bias zeros and not subtracted from the input, inputs normalised to expected
+    norm sqrt(d_in), 100k steps of 4,096 activations, a buffer of 64 x 16 contexts of 256, seed 42."""
+    return dataclasses.replace(cfg, kind="relu", expansion=16, l1_coef=5.0, l1_warmup=0.05, lr=1e-5, steps=100_000,
+                               batch_tokens=4096, pool_tokens=64 * 16 * 256, input_scaling="sqrt_d",
+                               b_dec_init="zeros", subtract_b_dec=False, seed=42)
 
 
 def input_scale(acts: torch.Tensor, mode: str) -> float:
@@ -89,12 +105,14 @@ def train_sae(model: SelfAblatingTransformer, windows: TokenWindows, cfg: SAETra
     pool = min(cfg.pool_tokens, cfg.steps * cfg.batch_tokens)
     buffer = ActivationBuffer(model, windows, cfg.hook, max(1, 4096 // windows.seq_len), pool, gen)
     d_in = buffer.pool.shape[-1]
-    scfg = SAEConfig(d_in, cfg.expansion * d_in, cfg.kind, cfg.k, cfg.hook, input_scale(buffer.pool, cfg.input_scaling))
+    scfg = SAEConfig(d_in, cfg.expansion * d_in, cfg.kind, cfg.k, cfg.hook, input_scale(buffer.pool, cfg.input_scaling),
+                     cfg.subtract_b_dec)
     with torch.device("cpu"):  # the same initial weights on every device
         sae = SAE(scfg)
     sae = sae.to(device)
-    with torch.no_grad():  # start the decoder bias at the (scaled) mean: the SAE then models deviations
-        sae.b_dec.copy_(buffer.pool.mean(0) * scfg.scale)
+    if cfg.b_dec_init == "mean":
+        with torch.no_grad():  # start the decoder bias at the (scaled) mean: the SAE then models deviations
+            sae.b_dec.copy_(buffer.pool.mean(0) * scfg.scale)
     opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
     warm, decay_from = max(1, int(cfg.l1_warmup * cfg.steps)), int(0.8 * cfg.steps)
     bar = tqdm(range(cfg.steps), desc=f"SAE {cfg.hook}", disable=not cfg.progress, dynamic_ncols=True)
