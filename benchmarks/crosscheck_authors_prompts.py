@@ -11,18 +11,16 @@ auto-circuit's order (its order within a layer is a Python set's; the greedy res
 """
 
 import argparse
-import time
 from pathlib import Path
 
 import torch
 from transformers import GPT2TokenizerFast
 
 from auto_circuit.data import load_datasets_from_json
-from auto_circuit.prune_algos.ACDC import acdc_prune_scores
 from auto_circuit.utils.graph_utils import patchable_model
 
-from crosscheck_auto_circuit import build_model, their_name
-from selfablate.circuits.discovery import acdc, kl_with_mask, make_task
+from crosscheck_auto_circuit import build_model, compare_acdc, their_name
+from selfablate.circuits.discovery import kl_with_mask, make_task
 from selfablate.circuits.prompt_file import authors_file
 from selfablate.circuits.run import CircuitConfig, prompt_batches
 from selfablate.data.tokenizer import EOT, _bpe_files
@@ -85,27 +83,7 @@ def main() -> None:
     print(f"model: {model.cfg.n_layers} layers x {model.cfg.n_heads} heads, {g.n_edges} edges; "
           f"KL with every edge patched {kl_all:.4f}")
     for tau in (args.tau, kl_all / 50):
-        compare_acdc(task, pm, train_loader, edges, index, tau)
-
-
-def compare_acdc(task, pm, loader, edges, index, tau: float) -> None:
-    exp = int(torch.floor(torch.log10(torch.tensor(tau))))
-    base = tau / 10**exp
-    order = [index[(e.src.name, e.dest.name)] for e in sorted(pm.edges, key=lambda x: x.dest.layer, reverse=True)]
-    t0 = time.perf_counter()
-    scores = acdc_prune_scores(pm, loader, None, tao_exps=[exp], tao_bases=[base])
-    t_theirs = time.perf_counter() - t0
-    theirs = {i for i, e in edges.items() if float(e.prune_score(scores)) == float("inf")}
-    t0 = time.perf_counter()
-    r = acdc(task, tau, order=order)
-    t_ours = time.perf_counter() - t0
-    ours = {i for i in range(task.graph.n_edges) if r.mask[i] == 0}
-    verdict = "same edges" if ours == theirs else f"{len(ours ^ theirs)} edges differ"
-    print(f"ACDC tau={tau:.4g} on the authors' prompts: ours keeps {len(ours)} edges, auto-circuit {len(theirs)}, "
-          f"in common {len(ours & theirs)}: {verdict}; time ours {t_ours:.2f} s, auto-circuit {t_theirs:.2f} s")
-    for i in sorted(ours ^ theirs):
-        print(f"  differs: {task.graph.edge_names[i]} (ours {'kept' if i in ours else 'pruned'}, "
-              f"delta KL {r.delta_kl[i]:.3g})")
+        compare_acdc(task, pm, train_loader, edges, index, tau, " on the authors' prompts")
 
 
 if __name__ == "__main__":

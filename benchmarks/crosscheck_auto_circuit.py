@@ -133,22 +133,28 @@ def main() -> None:
 
     # 3. ACDC at one tau, same edge order.
     tau = args.tau or kl_with_mask(task, torch.ones(g.n_edges, dtype=torch.float64)).item() / 50
+    compare_acdc(task, pm, loader, edges, index, tau, "")
+
+
+def compare_acdc(task, pm, loader, edges, index, tau: float, where: str) -> None:
+    """ACDC at tau by auto-circuit and by us (visiting edges in auto-circuit's order): the kept edges."""
     exp = int(torch.floor(torch.log10(torch.tensor(tau))))
     base = tau / 10**exp
-    their_order = sorted(pm.edges, key=lambda x: x.dest.layer, reverse=True)
-    order = [index[(e.src.name, e.dest.name)] for e in their_order]
+    order = [index[(e.src.name, e.dest.name)] for e in sorted(pm.edges, key=lambda x: x.dest.layer, reverse=True)]
     t0 = time.perf_counter()
     scores = acdc_prune_scores(pm, loader, None, tao_exps=[exp], tao_bases=[base])
     t_theirs = time.perf_counter() - t0
-    theirs_kept = {i for i, e in edges.items() if float(e.prune_score(scores)) == float("inf")}
+    theirs = {i for i, e in edges.items() if float(e.prune_score(scores)) == float("inf")}
     t0 = time.perf_counter()
     r = acdc(task, tau, order=order)
     t_ours = time.perf_counter() - t0
-    ours_kept = {i for i in range(g.n_edges) if r.mask[i] == 0}
-    print(f"ACDC tau={tau:.4g}: ours keeps {len(ours_kept)} edges, auto-circuit {len(theirs_kept)}, "
-          f"in common {len(ours_kept & theirs_kept)}; time ours {t_ours:.2f} s, auto-circuit {t_theirs:.2f} s")
-    for i in sorted(ours_kept ^ theirs_kept):
-        print(f"  differs: {g.edge_names[i]} (ours {'kept' if i in ours_kept else 'pruned'}, delta KL {r.delta[i]:.3g})")
+    ours = {i for i in range(task.graph.n_edges) if r.mask[i] == 0}
+    verdict = "same edges" if ours == theirs else f"{len(ours ^ theirs)} edges differ"
+    print(f"ACDC tau={tau:.4g}{where}: ours keeps {len(ours)} edges, auto-circuit {len(theirs)}, in common "
+          f"{len(ours & theirs)}: {verdict}; time ours {t_ours:.2f} s, auto-circuit {t_theirs:.2f} s")
+    for i in sorted(ours ^ theirs):
+        print(f"  differs: {task.graph.edge_names[i]} (ours {'kept' if i in ours else 'pruned'}, "
+              f"delta KL {r.delta_kl[i]:.3g})")
 
 
 if __name__ == "__main__":
