@@ -223,3 +223,24 @@ def test_acdc_recovers_a_hand_built_circuit():
     r = acdc(task, tau=1e-9)
     kept = {task.graph.edge_names[e] for e in (r.mask == 0).nonzero().flatten().tolist()}
     assert kept == {("embed", "L0.H0.k"), ("embed", "L0.H0.v"), ("L0.H0", "final")}
+
+
+def test_circuits_on_the_authors_prompts_from_the_command_line(tmp_path, setup, capsys):
+    import copy
+    import json
+
+    from selfablate import save_checkpoint
+    from selfablate.cli import main
+
+    model, _, _ = setup
+    save_checkpoint(copy.deepcopy(model).float(), tmp_path / "ckpt")
+    code = main(["circuits", str(tmp_path / "ckpt"), "--out", str(tmp_path / "c"), "--prompts", "authors",
+                 "--split", "8,6", "--batch", "4", "--sweep", "", "--no-progress"])
+    out = capsys.readouterr().out
+    assert code == 0 and "prompts: authors, 4 pairs for discovery, 6 held out" in out
+    assert "IOI (clean stream, held-out prompts)" in out
+    r = json.loads((tmp_path / "c" / "circuit.json").read_text())
+    assert r["prompts"] == {"discovery": 4, "held_out": 6} and set(r["ioi_test"]) == {"clean", "ablated"}
+    assert r["prompts_sample"][0] == "After Joy and Rose went to the hospital, Joy gave a snack to"  # seed-42 order
+    code = main(["circuits", str(tmp_path / "ckpt"), "--out", str(tmp_path / "d"), "--prompts", "missing.json"])
+    assert code == 2 and "prompts must be templates, authors or a prompt file" in capsys.readouterr().err

@@ -30,7 +30,8 @@ def test_grid_is_baseline_plus_ablation_by_k_by_seed():
 
 
 @pytest.mark.parametrize("bad", [dict(ks=(2, "x")), dict(ks="2,8"), dict(ks=(2.5,)), dict(ablations=("local", "nope")), dict(ks=(0,)),
-                                 dict(tau_sweep=(0.01, float("nan"))), dict(seeds=(True,)), dict(preset="huge")])
+                                 dict(tau_sweep=(0.01, float("nan"))), dict(seeds=(True,)), dict(preset="huge"),
+                                 dict(ioi_prompts="no/such/file.json")])
 def test_bad_grid_is_a_config_error(bad):
     with pytest.raises(ConfigError):
         ReproduceConfig(**bad)

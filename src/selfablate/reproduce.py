@@ -80,6 +80,8 @@ class ReproduceConfig:
         check_choice(self, "device")
         check_choice(self, "precision")
         require(all(k >= 1 for k in self.ks), f"every k must be >= 1, got {self.ks}")
+        require(self.ioi_prompts in ("auto", "templates", "authors") or Path(self.ioi_prompts).is_file(),
+                f"ioi_prompts must be auto, templates, authors or a prompt file; got {self.ioi_prompts!r}")
         require(self.max_steps >= 0 and self.eval_max_tokens >= 0 and self.sae_steps >= 0 and self.sae_eval_tokens >= 1,
                 "max_steps, eval_max_tokens and sae_steps must be >= 0, sae_eval_tokens >= 1")
         get_preset(self.preset)

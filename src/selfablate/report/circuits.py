@@ -90,11 +90,13 @@ def _write(out: Path, checkpoint: str, result: dict[str, Any]) -> None:
 
 def _command(cfg: CircuitConfig, checkpoint: str) -> None:
     r = write_circuits(checkpoint, cfg)
-    ioi = r["ioi"]["clean"]
-    print(f"IOI (clean stream): logit diff {ioi['logit_diff']:.3f}, accuracy {ioi['accuracy']:.2f}")
-    if "ablated" in r["ioi"]:
-        a = r["ioi"]["ablated"]
-        print(f"IOI (ablated stream): logit diff {a['logit_diff']:.3f}, accuracy {a['accuracy']:.2f}")
+    n = r["prompts"]
+    print(f"prompts: {cfg.prompts}, {n['discovery']} pairs for discovery" +
+          (f", {n['held_out']} held out" if n["held_out"] else ""))
+    for split in ("ioi", "ioi_test"):
+        for stream, b in (r[split] or {}).items():
+            print(f"IOI ({stream} stream{', held-out prompts' if split == 'ioi_test' else ''}): "
+                  f"logit diff {b['logit_diff']:.3f}, accuracy {b['accuracy']:.2f}")
     print(f"ACDC tau={cfg.tau}: {r['acdc']['edges']} of {r['graph']['edges']} edges, KL {r['acdc']['kl']:.4f}, "
           f"{r['acdc']['seconds']:.0f} s; EAP over all edges {r['eap']['seconds']:.2f} s; "
           f"faithfulness AUC {r['faithfulness_auc']:.3f}")
