@@ -44,7 +44,7 @@ class CircuitConfig:
     tau: float = 0.03
     """ACDC threshold on the KL increase (the paper: 0.03)."""
     sweep: tuple[float, ...] = (0.003, 0.01, 0.1)
-    """More ACDC thresholds for the faithfulness-vs-edges curve (--sweep 0.003,0.01,0.1; empty: none)."""
+    """More ACDC thresholds for the faithfulness-vs-edges curve (empty: none)."""
     ig_steps: int = 5
     """Integration steps of EAP-IG."""
     top_edges: int = 50
