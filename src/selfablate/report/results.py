@@ -29,9 +29,9 @@ def _what_ran(out: Path, config: dict[str, Any], names: list[str]) -> list[str]:
     vocab = f"a compact vocabulary of {m['vocab_size']:,} ids" if m["compact_vocab"] else "the GPT-2 vocabulary"
     ablated = [n for n in names if not n.startswith("none-")]
     return [
-        f"- **Grid:** {len(names)} models ({', '.join(names)}): a baseline and, for each of "
-        f"ablation {', '.join(config['ablations'])} and k in {{{', '.join(map(str, config['ks']))}}}, a "
-        f"self-ablating model (k_attn = k_mlp = k); seeds {', '.join(map(str, config['seeds']))}.",
+        f"- **Grid:** {len(names)} models ({', '.join(names)}): a baseline and a self-ablating model "
+        f"(k_attn = k_mlp = k) for each ablation in {{{', '.join(config['ablations'])}}} and k in "
+        f"{{{', '.join(map(str, config['ks']))}}}; seeds {{{', '.join(map(str, config['seeds']))}}}.",
         f"- **Model** (preset {config['preset']}): {m['n_layers']} layers x d_model {m['d_model']}, "
         f"{m['n_heads']} heads, d_mlp {m['d_mlp']}, context {m['n_ctx']}, {vocab}; init {m['init']}; "
         f"loss a = {m['coef_clean']:g}, b = {m['coef_ablated']:g}, c = {m['coef_recon']:g}, "
