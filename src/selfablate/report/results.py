@@ -62,8 +62,11 @@ def _sae(out: Path, name: str) -> str:
     if not runs:
         return "no SAE"
     t = json.loads(runs[0].read_text())["train"]
-    return (f"SAEs ({t['expansion']}x, L1 coefficients {', '.join(p.parent.name for p in runs)}) on the clean stream's "
-            f"`{t['hook']}`, {t['steps']:,} steps of {t['batch_tokens']:,} activations at lr {t['lr']:g}")
+    coefs = ", ".join(p.parent.name for p in runs)
+    what = f"an SAE ({t['expansion']}x, L1 coefficient {coefs})" if len(runs) == 1 else \
+        f"SAEs ({t['expansion']}x, L1 coefficients {coefs})"
+    return (f"{what} on the clean stream's `{t['hook']}`, {t['steps']:,} steps of {t['batch_tokens']:,} activations "
+            f"at lr {t['lr']:g}")
 
 
 def _count(n: int) -> str:
