@@ -70,8 +70,7 @@ def main() -> None:
           f"{tuple(discovery.clean.shape)} (first train batch of 64), test split "
           f"{sum(len(b.clean) for b in test_batches)} prompts")
     for b, lo in zip(test_batches, range(0, len(test.texts), 64)):
-        same_prompts(test._replace(**{k: getattr(test, k)[lo:lo + 64] for k in ("clean", "corrupt", "last", "io", "s")}),
-                     b, model)
+        same_prompts(test.rows(lo, lo + 64), b, model)
 
     task = make_task(model, discovery)
     g = task.graph

@@ -47,6 +47,10 @@ class IOIBatch(NamedTuple):
     """(n,) GPT-2 id of the subject (the distractor)."""
     texts: list[str]
 
+    def rows(self, lo: int, hi: int) -> IOIBatch:
+        """Prompts lo..hi-1 (the padding stays as wide as the whole batch's)."""
+        return IOIBatch(*(t[lo:hi] for t in self[:5]), self.texts[lo:hi])
+
 
 def single_token_words(words: tuple[str, ...]) -> list[str]:
     """The words that are one GPT-2 token with their leading space."""

@@ -45,6 +45,11 @@ class PromptSplit(NamedTuple):
     test: IOIBatch
 
 
+def is_prompt_set(name: str) -> bool:
+    """`name` selects IOI prompts: templates (the generator), authors (the shipped file) or a file."""
+    return name in ("templates", AUTHORS) or Path(name).is_file()
+
+
 def authors_file() -> Path:
     return Path(str(resources.files("selfablate.circuits").joinpath("prompts/autocircuit_ioi_customized_prompts.json")))
 
@@ -102,5 +107,4 @@ def load_prompt_file(path: str | Path, split: tuple[int, int] = (128, 128), bos:
     right = lambda rows: torch.tensor([r + [EOT] * (width - len(r)) for r in rows], device="cpu")  # noqa: E731
     batch = IOIBatch(right(clean), right(corrupt), torch.tensor([len(r) - 1 for r in clean], device="cpu"),
                      torch.tensor(io, device="cpu"), torch.tensor(s, device="cpu"), [p["clean"] for p in chosen])
-    part = lambda lo, hi: IOIBatch(*(t[lo:hi] for t in batch[:5]), batch.texts[lo:hi])  # noqa: E731
-    return PromptSplit(part(0, n_train), part(n_train, n_train + n_test))
+    return PromptSplit(batch.rows(0, n_train), batch.rows(n_train, n_train + n_test))

@@ -6,17 +6,18 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
 from ..checkpoint import load_checkpoint, resolve
 from ..config import check_lists, require, require_finite
+from ..data.vocab import to_model_ids
+from ..model import SelfAblatingTransformer
 from .patching import EdgeGraph
-from .discovery import CircuitTask, acdc, eap_ig_scores, eap_scores, kl_with_mask, make_task
+from .discovery import acdc, check_answers, eap_ig_scores, eap_scores, kl_with_mask, make_task
 from .ioi import IOIBatch, ioi_behaviour, ioi_prompts
-from .prompt_file import AUTHORS, load_prompt_file
+from .prompt_file import is_prompt_set, load_prompt_file
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,7 @@ class CircuitConfig:
         require(self.pairs >= 2 and self.batch >= 2, f"pairs and batch must be >= 2, got {self.pairs}, {self.batch}")
         require(len(self.split) == 2 and self.split[0] >= 2 and self.split[1] >= 0,
                 f"split must be two numbers, train >= 2 and test >= 0; got {self.split}")
-        require(self.prompts in ("templates", AUTHORS) or Path(self.prompts).is_file(),
+        require(is_prompt_set(self.prompts),
                 f"prompts must be templates, authors or a prompt file; {self.prompts!r} is none of these")
         require(self.tau >= 0, f"tau must be >= 0, got {self.tau}")
         require(self.ig_steps >= 1, f"ig_steps must be >= 1, got {self.ig_steps}")
@@ -70,14 +71,18 @@ class CircuitConfig:
         return sorted({self.tau, *self.sweep})
 
 
-def behaviour(task: CircuitTask, batch) -> dict[str, Any]:
-    """IOI logit difference, accuracy and p(IO) of the clean and the ablated stream."""
+def behaviour(model: SelfAblatingTransformer, batch: IOIBatch) -> dict[str, Any]:
+    """IOI logit difference, accuracy and p(IO) of the clean and the ablated stream: one forward
+    pass (no circuit task, whose patching caches this does not need)."""
+    check_answers(model, batch)
+    device = model.wte.weight.device
+    ids = lambda t: to_model_ids(model, t.to(device))  # noqa: E731
     with torch.no_grad():
-        out = task.model(task.clean)
-    rows = torch.arange(len(task.last), device=task.clean.device)
-    res = {"clean": ioi_behaviour(out.logits_clean[rows, task.last], task.io, task.s)._asdict()}
+        out = model(ids(batch.clean))
+    rows, last, io, s = torch.arange(len(batch.last), device=device), batch.last.to(device), ids(batch.io), ids(batch.s)
+    res = {"clean": ioi_behaviour(out.logits_clean[rows, last], io, s)._asdict()}
     if out.logits_ablated is not None:
-        res["ablated"] = ioi_behaviour(out.logits_ablated[rows, task.last], task.io, task.s)._asdict()
+        res["ablated"] = ioi_behaviour(out.logits_ablated[rows, last], io, s)._asdict()
     return res
 
 
@@ -102,8 +107,7 @@ def prompt_batches(cfg: CircuitConfig) -> tuple[IOIBatch, IOIBatch | None]:
     if cfg.prompts == "templates":
         return ioi_prompts(cfg.pairs, cfg.seed, bos=cfg.bos), None
     split = load_prompt_file(cfg.prompts, (cfg.split[0], cfg.split[1]), cfg.bos)
-    first = min(cfg.batch, len(split.train.texts))
-    return IOIBatch(*(t[:first] for t in split.train[:5]), split.train.texts[:first]), split.test
+    return split.train.rows(0, cfg.batch), split.test
 
 
 def run_circuits(checkpoint: str, cfg: CircuitConfig, device: torch.device) -> dict[str, Any]:
@@ -130,8 +134,8 @@ def run_circuits(checkpoint: str, cfg: CircuitConfig, device: torch.device) -> d
     return {
         "checkpoint": str(resolve(checkpoint)), "config": dataclasses.asdict(model.cfg),
         "circuit_config": dataclasses.asdict(cfg), "scale_note": "edge graph of this checkpoint's architecture",
-        "graph": {"sources": g.n_sources, "edges": g.n_edges}, "ioi": behaviour(task, batch),
-        "ioi_test": behaviour(make_task(model, test), test) if test is not None and len(test.texts) else None,
+        "graph": {"sources": g.n_sources, "edges": g.n_edges}, "ioi": behaviour(model, batch),
+        "ioi_test": behaviour(model, test) if test is not None and len(test.texts) else None,
         "prompts": {"discovery": len(batch.texts), "held_out": len(test.texts) if test is not None else 0},
         "prompts_sample": batch.texts[:4], "kl_all_edges_patched": kl_empty,
         "acdc": {"tau": cfg.tau, "edges": main["edges"], "kl": main["kl"], "seconds": main["seconds"],
