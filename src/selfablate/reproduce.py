@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from .config import (Arg, Command, ModelConfig, TrainConfig, check_choice, check_lists, field_type, get_preset,
                      list_item_type, parse_list, require, require_finite)
 from . import runlock
+from .circuits.prompt_file import is_prompt_set
 from .files import check_output_folder, write_text_atomically
 from .errors import ConfigError, SelfAblateError
 
@@ -80,7 +81,7 @@ class ReproduceConfig:
         check_choice(self, "device")
         check_choice(self, "precision")
         require(all(k >= 1 for k in self.ks), f"every k must be >= 1, got {self.ks}")
-        require(self.ioi_prompts in ("auto", "templates", "authors") or Path(self.ioi_prompts).is_file(),
+        require(self.ioi_prompts == "auto" or is_prompt_set(self.ioi_prompts),
                 f"ioi_prompts must be auto, templates, authors or a prompt file; got {self.ioi_prompts!r}")
         require(self.max_steps >= 0 and self.eval_max_tokens >= 0 and self.sae_steps >= 0 and self.sae_eval_tokens >= 1,
                 "max_steps, eval_max_tokens and sae_steps must be >= 0, sae_eval_tokens >= 1")
@@ -185,34 +186,52 @@ IGNORED = ("progress", "out", "accept_changed", "device")
 """Settings that do not change what a grid computes."""
 
 
-def changed_settings(meta: Path, cfg: ReproduceConfig) -> list[str]:
-    """The settings that differ from those the grid in `meta`'s folder was run with, as
-    "name: old -> new"; a corrupt record is a one-line error."""
+def _not_a_record(meta: Path) -> ConfigError:
+    return ConfigError(f"{meta} is not a reproduce record (corrupt JSON or no config); move it away to start a "
+                       "new grid there")
+
+
+def read_record(meta: Path) -> dict[str, Any]:
+    """The grid's record in `meta` ({} when there is none yet); a corrupt one is a one-line error."""
     if not meta.exists():
+        return {}
+    try:
+        rec = json.loads(meta.read_text())
+        assert isinstance(rec["config"], dict)
+    except (json.JSONDecodeError, KeyError, TypeError, AssertionError):
+        raise _not_a_record(meta) from None
+    return rec
+
+
+def changed_settings(meta: Path, cfg: ReproduceConfig, rec: dict[str, Any] | None = None) -> list[str]:
+    """The settings that differ from those the grid in `meta`'s folder was run with (its record
+    `rec`, read from `meta` when not given), as "name: old -> new"; a corrupt record is a one-line
+    error."""
+    rec = read_record(meta) if rec is None else rec
+    if not rec:
         return []
     new = json.loads(json.dumps(dataclasses.asdict(cfg)))  # as the record holds it: lists, not tuples
+    old = dict(rec["config"])
     try:
-        old = json.loads(meta.read_text())["config"]
-        assert isinstance(old, dict)
         for name, value in old.items():  # records of older versions wrote lists as "2,8"
             if isinstance(value, str) and isinstance(new.get(name), list):
                 old[name] = list(parse_list(list_item_type(field_type(ReproduceConfig, name)), value))
-    except (json.JSONDecodeError, KeyError, TypeError, AssertionError, ValueError):
-        raise ConfigError(f"{meta} is not a reproduce record (corrupt JSON or no config); move it away to "
-                          "start a new grid there") from None
+    except ValueError:
+        raise _not_a_record(meta) from None
     return [f"{k}: {old[k]!r} -> {v!r}" for k, v in new.items() if k not in IGNORED and k in old and old[k] != v]
 
 
 def record(meta: Path, cfg: ReproduceConfig, names: list[str]) -> None:
     """Write the grid's record, refusing changed settings unless accepted; accepted ones keep
     the earlier settings in the record's history (never rewritten silently)."""
-    changed = changed_settings(meta, cfg)
+    rec = read_record(meta)
+    changed = changed_settings(meta, cfg, rec)
     if changed and not cfg.accept_changed:
         raise ConfigError(f"{meta.parent} holds a grid run with other settings ({'; '.join(changed)}): pass "
                           "--accept-changed to keep its finished stages and go on with these, or choose another --out")
-    history = json.loads(meta.read_text()).get("history", []) if meta.exists() else []
+    history = rec.get("history", [])
     if changed:
-        history.append(json.loads(meta.read_text())["config"])
+        history.append(rec["config"])
         print(f"selfablate: warning: {'; '.join(changed)}: finished stages are kept (delete a stage's folder to "
               "redo it); the earlier settings stay in reproduce.json's history", file=sys.stderr)
     write_json(meta, {"config": dataclasses.asdict(cfg), "models": names, "history": history})
@@ -237,7 +256,7 @@ def _run(cfg: ReproduceConfig, out: Path) -> Path:
         bar.set_postfix_str(f"{stage.name} {spec.name}")
         if not stage.result(out, spec).exists():
             stage.run(cfg, spec)
-    return write_report(out, cfg.preset)
+    return write_report(out)
 
 
 def _command(cfg: ReproduceConfig) -> None:
@@ -256,8 +275,7 @@ def _report_command(folder: str, results: str) -> None:
     if results:
         check_output_folder(Path(results).parent)
     with runlock.exclusive(folder):  # not while a reproduce writes there
-        written = write_report(Path(folder), json.loads(meta.read_text())["config"]["preset"],
-                               Path(results) if results else None)
+        written = write_report(Path(folder), Path(results) if results else None)
     print(f"report: {written / 'report.html'}" + (f"; results page: {results}" if results else ""))
 
 

@@ -72,12 +72,12 @@ def figures(out: Path, names: list[str], per_model: dict[str, dict[str, float]],
     return figs
 
 
-def write_report(out: Path, preset: str, results: Path | None = None) -> Path:
+def write_report(out: Path, results: Path | None = None) -> Path:
     """Tables (md, csv, tex), PNG figures and a self-contained report.html in OUT/report/; with
     `results`, also the results page there (`report.results`)."""
     out = Path(out)
     meta = json.loads((out / "reproduce.json").read_text())
-    names = meta["models"]
+    names, preset = meta["models"], meta["config"]["preset"]
     per_model = {n: model_metrics(out, n) for n in names}
     cells = aggregate(per_model)
     folder = out / "report"
@@ -89,5 +89,5 @@ def write_report(out: Path, preset: str, results: Path | None = None) -> Path:
     write_html(folder / "report.html", f"Self-ablating transformers: reproduction ({preset})",
                (folder / "table.md").read_text(), figs)
     if results is not None:
-        write_results(out, cells, Path(results))
+        write_results(out, meta, cells, Path(results))
     return folder

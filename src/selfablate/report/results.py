@@ -125,10 +125,9 @@ def results_markdown(out: Path, config: dict[str, Any], names: list[str], cells:
     return "\n".join(lines) + "\n"
 
 
-def write_results(out: Path, cells: list[Cell], dest: Path) -> Path:
-    """Write the results page of reproduce folder `out` (its report already built) to `dest`, its
-    figures copied to `<dest stem>_figures/` beside it."""
-    meta = json.loads((out / "reproduce.json").read_text())
+def write_results(out: Path, meta: dict[str, Any], cells: list[Cell], dest: Path) -> Path:
+    """Write the results page of reproduce folder `out` (its record `meta`, its report already
+    built) to `dest`, its figures copied to `<dest stem>_figures/` beside it."""
     report = out / "report"
     fig_dir = dest.parent / f"{dest.stem}_figures"
     figures = []
