@@ -20,6 +20,28 @@ def tiny_cfg(out: Path, data: str) -> ReproduceConfig:
                            sae_eval_tokens=1024, progress=False)
 
 
+def test_story_mask_figure_shows_the_model_the_evaluations_read(tmp_path, stories_dir, monkeypatch):
+    """Under keep=best the evaluations read the run's best/, so the held-out story's masks must too."""
+    import torch
+
+    from selfablate import ModelConfig, SelfAblatingTransformer
+    from selfablate.checkpoint import save_checkpoint
+    from selfablate.report import build, plots
+
+    run = tmp_path / "models" / "local-k2-s0"
+    cfg = ModelConfig(n_ctx=16, d_model=8, n_layers=1, n_heads=2, d_mlp=16, k_attn=2, k_mlp=2)
+    saved = {}
+    for seed, sub in ((0, "checkpoint"), (1, "best")):
+        torch.manual_seed(seed)
+        saved[sub] = SelfAblatingTransformer(cfg)
+        save_checkpoint(saved[sub], run / sub)
+    shown = []
+    monkeypatch.setattr(plots, "training_curves", lambda runs, path: path)
+    monkeypatch.setattr(plots, "story_masks", lambda model, tokens, labels, path: shown.append(model) or path)
+    build.figures(tmp_path, ["local-k2-s0"], {}, str(stories_dir))
+    assert torch.equal(shown[0].wte.weight, saved["best"].wte.weight)
+
+
 def test_grid_is_baseline_plus_ablation_by_k_by_seed():
     cfg = ReproduceConfig(ablations=("local", "global"), ks=(2, 8), seeds=(0, 1))
     names = [s.name for s in grid(cfg)]

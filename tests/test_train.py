@@ -283,22 +283,6 @@ def test_the_paper_preset_is_the_authors_protocol():
         assert lr_at(step, t) == pytest.approx(t.lr * (1 + math.cos(math.pi * step / t.max_steps)) / 2)
 
 
-def test_torch_default_initialisation_keeps_pytorchs_own():
-    from selfablate import ModelConfig, SelfAblatingTransformer
-
-    cfg = ModelConfig(vocab_size=500, n_ctx=64, d_model=128, n_layers=2, n_heads=16, d_mlp=512)
-    torch.manual_seed(0)
-    ours = SelfAblatingTransformer(cfg)
-    torch.manual_seed(0)
-    theirs = SelfAblatingTransformer(dataclasses.replace(cfg, init="torch-default"))
-    assert ours.wpe.weight.std().item() == pytest.approx(0.02, rel=0.05)
-    assert theirs.wpe.weight.std().item() == pytest.approx(1.0, rel=0.05)  # nn.Embedding: N(0, 1)
-    fc = theirs.blocks[0].mlp.fc_in  # Kaiming-uniform: U(-1/sqrt(fan_in), 1/sqrt(fan_in)), biases likewise
-    bound = 1 / math.sqrt(128)
-    assert fc.weight.abs().max() <= bound and fc.weight.abs().mean().item() == pytest.approx(bound / 2, rel=0.05)
-    assert fc.bias.abs().min() > 0 and (ours.blocks[0].mlp.fc_in.bias == 0).all()
-
-
 def test_keep_best_keeps_the_lowest_held_out_objective(tmp_path, stories_dir):
     from selfablate.checkpoint import find, read_header
 

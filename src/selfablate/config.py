@@ -57,9 +57,10 @@ class ModelConfig:
     ln_eps: float = 1e-5
     """LayerNorm epsilon."""
     init: Literal["gpt-neo", "torch-default"] = "gpt-neo"
-    """gpt-neo: weights and embeddings N(0, init_std), biases zero; torch-default: each module keeps
-    PyTorch's own initialisation (Linear Kaiming-uniform with non-zero biases, Embedding N(0, 1)),
-    as the authors' code does."""
+    """gpt-neo: weights and embeddings N(0, init_std), biases zero; torch-default: the authors' model,
+    where each module keeps PyTorch's own initialisation (Linear U(+-1/sqrt(fan_in)) for weights and
+    biases, position Embedding N(0, 1)) and the tied embedding is their LM head's Linear(d_model,
+    vocab): U(+-1/sqrt(d_model)) (docs/usage.md tables every parameter)."""
     init_std: float = 0.02
     """Standard deviation of the normal initialisation of weights and embeddings (init=gpt-neo)."""
     ablation: Ablation = "local"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 from typing import Callable, NamedTuple
 
 import torch
@@ -91,6 +92,31 @@ SCORE_SOURCES: dict[str, tuple[ScoreSource, ...]] = {
 }
 
 
+def _gpt_neo_init(model: "SelfAblatingTransformer") -> None:
+    """GPT-Neo's: every Linear and Embedding weight N(0, init_std), Linear biases zero, LayerNorms (1, 0)."""
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=model.cfg.init_std)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
+def _torch_default_init(model: "SelfAblatingTransformer") -> None:
+    """The authors' model: every module keeps PyTorch's default (Linear U(+-1/sqrt(fan_in)) for
+    weight and bias, Embedding N(0, 1), LayerNorm (1, 0)), except the tied embedding. They tie it by
+    `wte.weight = lm_head.weight`, so the matrix is their LM head's nn.Linear(d_model, vocab):
+    U(+-1/sqrt(d_model)), not the Embedding's N(0, 1), whose logits at initialisation would be
+    about sqrt(d_model) times too large (a cross-entropy near 90 instead of ln(vocab))."""
+    nn.init.kaiming_uniform_(model.wte.weight, a=math.sqrt(5))  # nn.Linear's own reset_parameters
+
+
+INITS: dict[str, Callable[["SelfAblatingTransformer"], None]] = {
+    "gpt-neo": _gpt_neo_init,
+    "torch-default": _torch_default_init,
+}
+"""ModelConfig.init -> the function that initialises a new model's parameters."""
+
+
 class SelfAblatingTransformer(HookedModule):
     """GPT-Neo-style decoder with a clean and a self-ablated residual stream.
 
@@ -110,15 +136,8 @@ class SelfAblatingTransformer(HookedModule):
         self.hook_embed, self.hook_pos_embed = HookPoint(), HookPoint()
         if cfg.compact_vocab:  # model id i <-> GPT-2 id vocab_ids[i]; the last id is <unk> (`data.vocab`)
             self.register_buffer("vocab_ids", torch.zeros(cfg.vocab_size - 1, dtype=torch.long))
-        if cfg.init == "gpt-neo":  # else every module keeps PyTorch's default, as the authors' code does
-            self.apply(self._init_weights)
+        INITS[cfg.init](self)
         self.setup_hooks()
-
-    def _init_weights(self, module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=self.cfg.init_std)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
 
     # -- the pieces -------------------------------------------------------------------------
 

@@ -56,7 +56,8 @@ def figures(out: Path, names: list[str], per_model: dict[str, dict[str, float]],
         figs.append(("Unit selection frequency per layer", plots.selection_heatmaps(evals, folder / "selection_frequency.png")))
     ablating = [n for n in shown if not n.startswith("none")]
     if ablating:
-        model = load_checkpoint(out / "models" / ablating[0] / "checkpoint").eval()
+        # The run folder, not its checkpoint/: the model the evaluations read (best/ under keep=best).
+        model = load_checkpoint(out / "models" / ablating[0]).eval()
         ids, labels = story(data, min(40, model.cfg.n_ctx))
         tokens = to_model_ids(model, torch.tensor(ids, device="cpu"))
         figs.append((f"Masks of each token of a held-out story ({ablating[0]})",
