@@ -22,7 +22,7 @@ LAYERS = [
     {"ops", "runtime", "distributed", "metrics_log", "perf", "runlock"},
     {"model"},
     {"checkpoint"},
-    {"train", "eval", "circuits", "sae", "interop", "generate"},
+    {"train", "step", "eval", "circuits", "sae", "interop", "generate"},
     {"report"},
     {"reproduce"},
     {"cli", "__main__", "__init__"},

@@ -294,3 +294,32 @@ def test_keep_best_keeps_the_lowest_held_out_objective(tmp_path, stories_dir):
     best = read_header(out / "best")["meta"]
     assert best["objective"] == pytest.approx(min(objectives)) and best["step"] == vals[objectives.index(min(objectives))]["step"]
     assert find(out) == out / "best" and find(out / "checkpoint") == out / "checkpoint"
+
+
+def test_a_graph_runs_optimiser_state_resumes_in_an_eager_run():
+    """A CUDA-graph run saves a capturable AdamW whose learning rate is a tensor; resumed without
+    graphs, the optimiser keeps its own flags and a float learning rate, and steps as the saved one would."""
+    from selfablate.step import load_optimizer_state, make_optimizer
+
+    _, tcfg = get_preset("tiny")
+    models = [torch.nn.Linear(4, 3) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    graphed = make_optimizer(models[0], tcfg, capturable=True)
+    for group in graphed.param_groups:
+        group["lr"] = torch.tensor(1e-2)
+    for p in models[0].parameters():
+        p.grad = torch.ones_like(p)
+    graphed.step()
+    with torch.no_grad():
+        for a, b in zip(models[0].parameters(), models[1].parameters()):
+            b.copy_(a)
+    eager = make_optimizer(models[1], tcfg)
+    load_optimizer_state(eager, graphed.state_dict())
+    for p in models[1].parameters():
+        p.grad = torch.ones_like(p)
+    assert all(g["capturable"] is False and g["lr"] == pytest.approx(1e-2) and isinstance(g["lr"], float)
+               for g in eager.param_groups)
+    for opt in (graphed, eager):
+        opt.step()
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)  # a float32 tensor lr rounds differently

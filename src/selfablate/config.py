@@ -172,7 +172,12 @@ class TrainConfig:
     """Micro-batches per optimiser step: each process's share of batch_size is split into this
     many forward/backward passes whose gradients add up (less memory, the same step)."""
     compile: bool = False
-    """torch.compile the model (fewer, fused GPU kernels; the first steps pay for compilation)."""
+    """torch.compile the model as one graph (fewer, fused GPU kernels; the first step pays for
+    compilation)."""
+    cuda_graph: bool = True
+    """On CUDA, in one process: capture the whole training step (forward, backward, clipping,
+    AdamW) once as a CUDA graph and replay it, one launch a step instead of thousands
+    (`selfablate.step.GraphedStep`). Ignored elsewhere and under torchrun."""
     logger: Literal["none", "wandb", "tensorboard"] = "none"
     """Extra metrics sink besides metrics.jsonl (optional extras)."""
     progress: bool = True

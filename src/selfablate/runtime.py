@@ -36,12 +36,14 @@ def use_bf16(device: torch.device, precision: str) -> bool:
     return precision == "bfloat16" or (precision == "auto" and device.type == "cuda")
 
 
-def autocast_for(device: torch.device, precision: str):
+def autocast_for(device: torch.device, precision: str, cache: bool = True):
     """A context-manager factory: bf16 autocast (`use_bf16`), else a no-op. The mask heads and
-    the top-k run in float32 under it all the same (`model.layers.MaskHead`)."""
+    the top-k run in float32 under it all the same (`model.layers.MaskHead`). cache=False: no
+    cache of the weights' bf16 casts, which a CUDA graph needs (a cast cached while recording would
+    not be redone in a replay, after the optimiser has changed the weight)."""
     if not use_bf16(device, precision):
         return contextlib.nullcontext
-    return functools.partial(torch.autocast, device_type=device.type, dtype=torch.bfloat16)
+    return functools.partial(torch.autocast, device_type=device.type, dtype=torch.bfloat16, cache_enabled=cache)
 
 
 def configure(device: torch.device) -> None:

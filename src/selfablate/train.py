@@ -9,7 +9,7 @@ import functools
 import math
 import time
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import torch
 from torch import Tensor
@@ -27,34 +27,14 @@ from .eval.lm import LossEval, evaluate_loss
 from .metrics_log import MetricsLog
 from .model import SelfAblatingTransformer
 from .perf import keep_freed_memory
-from .runtime import autocast_for, configure, resolve_device, to_device
+from .runtime import autocast_for, configure, resolve_device
+from .step import (LOSS_FIELDS, GraphedStep, StepMetrics, graphs_apply, load_optimizer_state, lr_at, make_optimizer,
+                   train_step)
+
+__all__ = ["LOSS_FIELDS", "StepMetrics", "TrainResult", "autocast_for", "lr_at", "make_optimizer", "train",
+           "train_step"]
 
 CHECKPOINT_DIR = "checkpoint"
-
-
-class StepMetrics(NamedTuple):
-    """One optimiser step's numbers: 0-dim tensors on the training device as `train_step` returns
-    them (reading them would make the host wait for the device), floats after `read`."""
-
-    step: int
-    lr: float
-    loss: Any
-    loss_clean: Any
-    loss_ablated: Any
-    """None for a baseline."""
-    loss_recon: Any
-    grad_norm: Any
-    """None without gradient clipping."""
-
-    def read(self) -> "StepMetrics":
-        """The same numbers as Python floats: one transfer from the device for all of them."""
-        names = [f for f in LOSS_FIELDS + ("grad_norm",) if getattr(self, f) is not None]
-        values = torch.stack([getattr(self, f).detach().float() for f in names]).tolist()
-        return self._replace(**dict(zip(names, values)))
-
-
-LOSS_FIELDS = ("loss", "loss_clean", "loss_ablated", "loss_recon")
-"""StepMetrics fields averaged over the ranks before logging."""
 
 
 class TrainResult(NamedTuple):
@@ -67,59 +47,12 @@ class TrainResult(NamedTuple):
     """Steps this call trained (0 when a resumed checkpoint was already at max_steps)."""
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warm-up to cfg.lr over warmup_steps, then cosine decay to lr * min_lr_ratio at max_steps."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
-    floor = cfg.lr * cfg.min_lr_ratio
-    return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW; weight decay on matrices only (not biases, LayerNorms or the embeddings)."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        (decay if p.dim() >= 2 and not name.startswith(("wte", "wpe")) else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    try:  # the fused kernel: one pass per tensor instead of one per operation
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True)
-    except (RuntimeError, TypeError, ValueError):  # a device or dtype without it
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
-
-
 def check_tokens(batch: tuple[Tensor, Tensor], vocab_size: int) -> None:
     """Token ids in range, checked on the host before the batch goes to the device (there the
     check would make the host wait)."""
     x, y = batch
     if x.numel() and not (0 <= int(x.min()) and int(x.max()) < vocab_size and int(y.max()) < vocab_size):
         raise DataError(f"token ids must be in 0..{vocab_size - 1}")
-
-
-def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, batch: tuple[Tensor, Tensor], step: int,
-               cfg: TrainConfig, device: torch.device, autocast) -> StepMetrics:
-    """One optimiser step on this process's batch, in cfg.grad_accum micro-batches. Nothing here
-    reads a value back from the device: the metrics stay tensors until someone reads them."""
-    lr = lr_at(step, cfg)
-    for group in opt.param_groups:
-        group["lr"] = lr
-    x, y = (to_device(t, device) for t in batch)
-    n = cfg.grad_accum
-    sums: list[Tensor | None] = [None] * len(LOSS_FIELDS)
-    for i, (xm, ym) in enumerate(zip(x.chunk(n), y.chunk(n))):
-        # DDP averages gradients across processes after the last micro-batch only.
-        sync = i == n - 1 or not hasattr(model, "no_sync")
-        with contextlib.nullcontext() if sync else model.no_sync(), autocast():
-            out = model(xm, ym, return_logits=False, return_masks=False)
-        (out.loss / n).backward()
-        for j, f in enumerate(LOSS_FIELDS):
-            v = getattr(out, f)
-            if v is not None:
-                sums[j] = v.detach() / n if sums[j] is None else sums[j] + v.detach() / n
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip else None
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    return StepMetrics(step + 1, lr, *sums, grad_norm)
 
 
 class RunState(NamedTuple):
@@ -129,8 +62,10 @@ class RunState(NamedTuple):
     step: int
 
 
-def start_or_resume(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device) -> RunState:
-    """A fresh model, or the one in cfg.out when resuming; refuses to overwrite earlier work."""
+def start_or_resume(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device,
+                    capturable: bool = False) -> RunState:
+    """A fresh model, or the one in cfg.out when resuming; refuses to overwrite earlier work.
+    capturable: the optimiser can be part of a CUDA graph (`step.GraphedStep`)."""
     ckpt = Path(cfg.out) / CHECKPOINT_DIR
     exists = find_checkpoint(ckpt) is not None
     if exists and not cfg.resume:
@@ -142,13 +77,13 @@ def start_or_resume(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.devi
         with torch.device("cpu"):  # the same initial weights on every device (CPU's generator)
             model = SelfAblatingTransformer(model_cfg)
         model = model.to(device)
-        return RunState(model, make_optimizer(model, cfg), data_rng, 0)
+        return RunState(model, make_optimizer(model, cfg, capturable), data_rng, 0)
     model = load_checkpoint(ckpt, device=device, expect=model_cfg)
-    opt = make_optimizer(model, cfg)
+    opt = make_optimizer(model, cfg, capturable)
     state = load_training_state(ckpt)
     if not state:
         raise CheckpointError(f"checkpoint {ckpt} has no optimiser state to resume from")
-    opt.load_state_dict(state["optimizer"])
+    load_optimizer_state(opt, state["optimizer"])
     ts = state["train_state"]
     data_rng.set_state(ts["data_rng"])
     torch.set_rng_state(ts["torch_rng"])
@@ -229,9 +164,23 @@ def attach_vocab(model: SelfAblatingTransformer, vocab: CompactVocab | None, res
 
 def _trainee(model: SelfAblatingTransformer, cfg: TrainConfig, dist: distributed.Dist,
              device: torch.device) -> torch.nn.Module:
-    """What the optimiser steps through: the model, compiled if asked, in DDP under torchrun."""
-    module = torch.compile(model) if cfg.compile else model
+    """What the optimiser steps through: the model, compiled if asked (one graph: nothing in the
+    model's training path breaks it), in DDP under torchrun."""
+    module = torch.compile(model, fullgraph=True) if cfg.compile else model
     return distributed.wrap(module, dist, device)
+
+
+Stepper = Callable[[tuple[Tensor, Tensor], int], StepMetrics]
+"""(this process's batch, step) -> the step's metrics."""
+
+
+def _stepper(trainee: torch.nn.Module, opt: torch.optim.Optimizer, cfg: TrainConfig, graphed: bool,
+             device: torch.device) -> Stepper:
+    """The run's steps: captured once as a CUDA graph and replayed (`step.GraphedStep`), or eager."""
+    if graphed:
+        return GraphedStep(trainee, opt, cfg, device, autocast_for(device, cfg.precision, cache=False))
+    autocast = autocast_for(device, cfg.precision)
+    return lambda batch, step: train_step(trainee, opt, batch, step, cfg, device, autocast)
 
 
 def _log_step(m: StepMetrics, dist: distributed.Dist, device: torch.device, log: MetricsLog | None, bar,
@@ -268,10 +217,11 @@ def _train(model_cfg: ModelConfig, cfg: TrainConfig, cache_dir: Path | None, dis
     autocast = autocast_for(device, cfg.precision)
     data = load_data(model_cfg, cfg, cache_dir)
     eval_set = data.valid.spread_batches(cfg.batch_size, cfg.eval_batches)
-    run = start_or_resume(data.model_cfg, cfg, device)
+    graphed = graphs_apply(device, dist.world, cfg.cuda_graph)
+    run = start_or_resume(data.model_cfg, cfg, device, capturable=graphed)
     start = run.step
     attach_vocab(run.model, data.vocab, resumed=run.step > 0)
-    trainee = _trainee(run.model, cfg, dist, device)
+    stepper = _stepper(_trainee(run.model, cfg, dist, device), run.opt, cfg, graphed, device)
     log = MetricsLog(Path(cfg.out), cfg.logger, keep_until=run.step, config={
         "model": dataclasses.asdict(data.model_cfg), "train": dataclasses.asdict(cfg)}) if dist.main else None
     evaluate = functools.partial(evaluate_loss, run.model, eval_set, device, autocast)
@@ -282,7 +232,7 @@ def _train(model_cfg: ModelConfig, cfg: TrainConfig, cache_dir: Path | None, dis
     for step in range(run.step, cfg.max_steps):
         batch = data.train.random_batch(cfg.batch_size, run.data_rng)
         check_tokens(batch, data.model_cfg.vocab_size)
-        m = train_step(trainee, run.opt, distributed.shard(batch, dist), step, cfg, device, autocast)
+        m = stepper(distributed.shard(batch, dist), step)
         tokens_seen += batch[0].numel()
         bar.update(1)
         done, saving = m.step == cfg.max_steps, m.step % cfg.checkpoint_interval == 0

@@ -6,6 +6,8 @@ import contextlib
 import os
 from typing import Iterator
 
+import torch
+
 from ..errors import ConfigError
 
 BACKENDS = ("torch", "cpu")
@@ -22,8 +24,12 @@ def _from_environment() -> str:
 
 
 def backend() -> str:
-    """The backend in force: chosen from $SELFABLATE_BACKEND on first use, or by `use_backend`."""
+    """The backend in force: chosen from $SELFABLATE_BACKEND on first use, or by `use_backend`.
+    While `torch.compile` traces, always `torch`: the C kernels and oneDNN's private op are opaque
+    to the compiler (each would break the graph), and the compiler fuses PyTorch's operators itself."""
     global _chosen
+    if torch.compiler.is_compiling():
+        return "torch"
     if _chosen is None:
         _chosen = _from_environment()
     return _chosen

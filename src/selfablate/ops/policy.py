@@ -40,9 +40,11 @@ _as: str | None = None
 
 
 def policy(device: torch.device | str) -> DevicePolicy:
-    """The policy of a device type (or of the one `device_policy_as` stands in)."""
+    """The policy of a device type (or of the one `device_policy_as` stands in). While
+    `torch.compile` traces, no host reads: a value read on the host would end the graph."""
     kind = _as or torch.device(device).type
-    return POLICIES.get(kind, OTHER)
+    chosen = POLICIES.get(kind, OTHER)
+    return chosen._replace(host_reads_free=False) if torch.compiler.is_compiling() else chosen
 
 
 @contextlib.contextmanager

@@ -1,0 +1,376 @@
+"""The training step on one CUDA GPU: correctness, then speed, in one table.
+
+    python benchmarks/gpu.py [--budget 240] [--out DIR]      # needs transformers for GPT-Neo's rows
+    python benchmarks/gpu.py --smoke                          # the same code on this CPU, tiny sizes
+
+Measured in this one run, in order of importance (a section that would end past --budget seconds
+is skipped and says so; a section that fails says why and the rest go on):
+- the bf16 matmul rate (8192^3, random data), the ceiling MFU is taken against;
+- a graph-replayed step equals an eager one (losses of 4 steps and the weights after them);
+- tokens/s and peak memory of `selfablate.step.train_step` (eager) and `GraphedStep` (the whole
+  step as one CUDA graph), local, global and baseline, at 24 x 256 (the paper's batch) and 192 x 256,
+  bf16 autocast and float32 (TF32); transformers' GPTNeoForCausalLM of the same shape, eager;
+- CUDA kernels per step (the profiler), eager against graph-replayed;
+- CUDA float32 against CPU float64 (losses, logits, masks) at the paper's architecture, and the
+  bf16 gradient against float32's (norm ratio, cosine);
+- torch.compile(fullgraph=True), eager and captured (compilation takes most of a minute a model).
+Without CUDA (and without --smoke) it says so in one line and exits 0. Writes gpu.json to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import os
+import time
+import traceback
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from selfablate import ModelConfig, SelfAblatingTransformer
+from selfablate.config import TrainConfig
+from selfablate.perf import train_flops_per_token
+from selfablate.runtime import autocast_for, configure
+from selfablate.step import GraphedStep, make_optimizer, train_step
+
+SHAPES = ((24, 256), (192, 256))
+KINDS = {"baseline": "none", "local": "local", "global": "global"}
+PRECISIONS = ("bfloat16", "float32")
+RESULTS: dict[str, object] = {}
+LINES: list[str] = []
+
+
+class Run:
+    """Where and how big: the device, the paper's architecture (or a tiny one for --smoke)."""
+
+    def __init__(self, smoke: bool, budget: float, out: Path):
+        self.device = torch.device("cpu" if smoke else "cuda")
+        self.smoke, self.budget, self.out, self.t0 = smoke, budget, out, time.perf_counter()
+        self.arch = (dict(vocab_size=97, n_ctx=32, d_model=32, n_layers=2, n_heads=4, d_mlp=64, k_attn=8, k_mlp=8)
+                     if smoke else dict(init="torch-default"))
+        self.shapes = ((2, 32), (4, 32)) if smoke else SHAPES
+
+    def cfg(self, kind: str, **kw) -> ModelConfig:
+        return ModelConfig(**{**self.arch, "ablation": KINDS[kind], "coef_clean": 0.5, "coef_ablated": 0.5,
+                              "coef_recon": 0.0, "temperature_attn": 1.0, "temperature_mlp": 1.0, **kw})
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+
+def say(line: str) -> None:
+    LINES.append(line)
+    print(line, flush=True)
+
+
+def section(run: Run, name: str, cost: float, fn: Callable[[Run], None]) -> None:
+    """Run one section unless it would end past the budget (its cost a rough guess in seconds)."""
+    if run.elapsed() + cost > run.budget:
+        say(f"[{name}] skipped: {run.elapsed():.0f} s spent, about {cost:.0f} s more would pass --budget {run.budget:.0f}")
+        return
+    t0 = time.perf_counter()
+    try:
+        fn(run)
+    except Exception as e:  # a benchmark reports a broken section and goes on with the rest
+        say(f"[{name}] FAILED: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        traceback.print_exc()
+    say(f"[{name}] {time.perf_counter() - t0:.1f} s")
+    (run.out / "gpu.json").write_text(json.dumps(RESULTS, indent=1) + "\n")
+
+
+# -- the ceiling ---------------------------------------------------------------------------------
+
+def matmul_peak(run: Run) -> None:
+    n = 1024 if run.smoke else 8192
+    a, b = (torch.randn(n, n, device=run.device, dtype=torch.bfloat16) for _ in range(2))
+    seconds = timed(run, lambda: a @ b, warmup=3, repeats=10)
+    RESULTS["bf16_matmul_tflops"] = 2 * n**3 / seconds / 1e12
+    say(f"bf16 matmul {n}^3 (random data): {RESULTS['bf16_matmul_tflops']:.0f} TFLOP/s")
+
+
+def timed(run: Run, fn: Callable[[], object], warmup: int, repeats: int) -> float:
+    """Median seconds of one call, after warm-up (CUDA events on a GPU)."""
+    for _ in range(warmup):
+        fn()
+    run.sync()
+    if run.device.type != "cuda":
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        return (time.perf_counter() - t0) / repeats
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)]
+    for start, end in events:
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    return sorted(s.elapsed_time(e) for s, e in events)[repeats // 2] / 1e3
+
+
+# -- steps ---------------------------------------------------------------------------------------
+
+def stepper(run: Run, model: torch.nn.Module, precision: str, graphed: bool, batch: int, pos: int,
+            module: torch.nn.Module | None = None) -> Callable[[], object]:
+    """A training step of `model` (run through `module`, e.g. its compiled form) on a fixed random
+    batch, eager or graph-replayed, as `selfablate train` builds it."""
+    tcfg = TrainConfig(warmup_steps=0, max_steps=10**6, precision=precision)
+    opt = make_optimizer(model, tcfg, capturable=graphed)
+    gen = torch.Generator().manual_seed(0)
+    data = torch.randint(0, model.cfg.vocab_size, (batch, pos + 1), generator=gen)
+    xy = (data[:, :-1].contiguous(), data[:, 1:].contiguous())
+    steps = iter(range(10**9))
+    net = model if module is None else module
+    if graphed:
+        graph = GraphedStep(net, opt, tcfg, run.device, autocast_for(run.device, precision, cache=False))
+        return lambda: graph(xy, next(steps))
+    autocast = autocast_for(run.device, precision)
+    return lambda: train_step(net, opt, xy, next(steps), tcfg, run.device, autocast)
+
+
+def new_model(run: Run, kind: str) -> SelfAblatingTransformer:
+    torch.manual_seed(0)
+    with torch.device("cpu"):
+        model = SelfAblatingTransformer(run.cfg(kind))
+    return model.to(run.device)
+
+
+def throughput(run: Run, kind: str, batch: int, pos: int, precision: str, mode: str) -> dict[str, float]:
+    """tokens/s and peak memory of one configuration (mode: eager, graph, compiled, compiled+graph)."""
+    configure(run.device)
+    model = new_model(run, kind)
+    module = torch.compile(model, fullgraph=True) if mode.startswith("compiled") else None
+    step = stepper(run, model, precision, graphed=mode.endswith("graph"), batch=batch, pos=pos, module=module)
+    if run.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t_first = time.perf_counter()
+    step()
+    run.sync()
+    first = time.perf_counter() - t_first
+    seconds = timed(run, step, warmup=4, repeats=5 if run.smoke else 20)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if run.device.type == "cuda" else float("nan")
+    row = {"tokens_per_s": batch * pos / seconds, "ms_per_step": 1e3 * seconds, "peak_gib": peak,
+           "first_step_s": first}
+    flops = train_flops_per_token(run.cfg(kind), pos)
+    row["mfu"] = row["tokens_per_s"] * flops / (RESULTS.get("bf16_matmul_tflops", float("nan")) * 1e12)
+    RESULTS.setdefault("throughput", {})[f"{kind} {batch}x{pos} {precision} {mode}"] = row
+    say(f"{kind:>8} {batch:>3}x{pos} {precision:>8} {mode:<15} {row['tokens_per_s']:>11,.0f} tok/s "
+        f"{row['ms_per_step']:>7.2f} ms  peak {peak:5.2f} GiB  MFU {row['mfu']:6.1%}  first step {first:5.1f} s")
+    del step, model, module
+    if run.device.type == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+def gpt_neo_step(run: Run, batch: int, pos: int, precision: str) -> Callable[[], object]:
+    from transformers import GPTNeoConfig, GPTNeoForCausalLM
+
+    cfg = run.cfg("baseline")
+    c = GPTNeoConfig(vocab_size=cfg.vocab_size, max_position_embeddings=cfg.n_ctx, hidden_size=cfg.d_model,
+                     num_layers=cfg.n_layers, num_heads=cfg.n_heads, attention_types=[[["global"], cfg.n_layers]],
+                     intermediate_size=cfg.d_mlp, activation_function="gelu_new", embed_dropout=0.0,
+                     attention_dropout=0.0, resid_dropout=0.0, window_size=cfg.n_ctx)
+    model = GPTNeoForCausalLM(c).to(run.device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    x = torch.randint(0, cfg.vocab_size, (batch, pos), device=run.device)
+    autocast = autocast_for(run.device, precision)
+
+    def step():
+        with autocast():
+            loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def gpt_neo(run: Run) -> None:
+    configure(run.device)
+    for batch, pos in run.shapes:
+        for precision in PRECISIONS:
+            seconds = timed(run, gpt_neo_step(run, batch, pos, precision), warmup=3, repeats=5 if run.smoke else 20)
+            RESULTS.setdefault("gpt_neo", {})[f"{batch}x{pos} {precision}"] = batch * pos / seconds
+            say(f"  gpt-neo {batch:>3}x{pos} {precision:>8} eager           {batch * pos / seconds:>11,.0f} tok/s "
+                f"{1e3 * seconds:>7.2f} ms")
+
+
+# -- correctness ---------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def exact_float32():
+    """No TF32: float32 matmuls as float32, for comparisons with float64."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def graph_equals_eager(run: Run) -> None:
+    """From the same weights and batches, 4 eager steps and 4 steps of which the last 2 replay a
+    captured graph: the same losses and weights (float32, no TF32; the same kernels run)."""
+    if run.device.type != "cuda":
+        say("graph vs eager: needs CUDA")
+        return
+    with exact_float32():
+        for kind in ("local", "global"):
+            out = {}
+            for graphed in (False, True):
+                model = new_model(run, kind)
+                step = stepper(run, model, "float32", graphed, batch=4, pos=model.cfg.n_ctx)  # graphs: 3 warm-up calls
+                losses = [step().read().loss for _ in range(5)]
+                out[graphed] = (losses, torch.cat([p.detach().flatten() for p in model.parameters()]))
+            (le, we), (lg, wg) = out[False], out[True]
+            loss_diff = max(abs(a - b) / abs(a) for a, b in zip(le, lg))
+            weight_diff = ((we - wg).norm() / we.norm()).item()
+            RESULTS.setdefault("graph_vs_eager", {})[kind] = {"loss_rel": loss_diff, "weights_rel": weight_diff}
+            say(f"graph vs eager, {kind}: 5 steps (the last 2 replayed), loss rel diff {loss_diff:.1e}, "
+                f"weights rel diff {weight_diff:.1e}")
+
+
+def versus_float64(run: Run) -> None:
+    """CUDA float32 (no TF32) against the same model in float64 on the CPU: the paper's architecture,
+    2 x 256 random tokens, local and global."""
+    for kind in ("local", "global"):
+        model = new_model(run, kind).float()
+        ref = copy.deepcopy(model).cpu().double()
+        tokens = torch.randint(0, model.cfg.vocab_size, (2, model.cfg.n_ctx + 1), generator=torch.Generator().manual_seed(1))
+        x, y = tokens[:, :-1], tokens[:, 1:]
+        with torch.no_grad(), exact_float32():
+            a = model(x.to(run.device), y.to(run.device), return_logits=True)
+            b = ref(x, y, return_logits=True)
+        losses = max(abs(getattr(a, f).item() - getattr(b, f).item()) / abs(getattr(b, f).item())
+                     for f in ("loss", "loss_clean", "loss_ablated"))
+        logits = max(((getattr(a, f).cpu().double() - getattr(b, f)).abs().max() / getattr(b, f).abs().max()).item()
+                     for f in ("logits_clean", "logits_ablated"))
+        masks = max((getattr(a, f).cpu().double() != getattr(b, f)).any(-1).double().mean().item()
+                    for f in ("attn_mask", "mlp_mask"))
+        RESULTS.setdefault("vs_float64", {})[kind] = {"loss_rel": losses, "logits_rel": logits, "mask_rows_differ": masks}
+        say(f"float32 on {run.device.type} vs float64 on the CPU, {kind}: losses rel {losses:.1e}, "
+            f"logits rel {logits:.1e}, mask rows that differ {masks:.2%}")
+
+
+def bf16_gradient(run: Run) -> None:
+    """The gradient of one step's loss under bf16 autocast against float32's (no TF32)."""
+    for kind in ("local", "global"):
+        model = new_model(run, kind)
+        tokens = torch.randint(0, model.cfg.vocab_size, (8, model.cfg.n_ctx + 1), generator=torch.Generator().manual_seed(2))
+        x, y = tokens[:, :-1].to(run.device), tokens[:, 1:].to(run.device)
+        grads = {}
+        for precision in PRECISIONS:
+            model.zero_grad(set_to_none=True)
+            with exact_float32(), autocast_for(run.device, precision)():
+                model(x, y, return_logits=False, return_masks=False).loss.backward()
+            grads[precision] = torch.cat([p.grad.flatten().double() for p in model.parameters() if p.grad is not None])
+        g16, g32 = grads["bfloat16"], grads["float32"]
+        ratio, cos = (g16.norm() / g32.norm()).item(), torch.nn.functional.cosine_similarity(g16, g32, dim=0).item()
+        RESULTS.setdefault("bf16_gradient", {})[kind] = {"norm_ratio": ratio, "cosine": cos}
+        say(f"bf16 vs float32 gradient, {kind}: norm ratio {ratio:.4f}, cosine {cos:.4f}")
+
+
+# -- kernels per step ----------------------------------------------------------------------------
+
+def kernels_per_step(run: Run) -> None:
+    if run.device.type != "cuda":
+        say("kernels per step: needs CUDA")
+        return
+    from torch.profiler import ProfilerActivity, profile
+
+    for kind in ("local", "global", "baseline"):
+        for graphed in (False, True):
+            model = new_model(run, kind)
+            step = stepper(run, model, "bfloat16", graphed, *run.shapes[0])
+            for _ in range(5):
+                step()
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                step()
+                torch.cuda.synchronize()
+            kernels = sum(e.count for e in prof.key_averages() if e.device_type.name == "CUDA")
+            name = "graph" if graphed else "eager"
+            RESULTS.setdefault("kernels", {})[f"{kind} {name}"] = kernels
+            say(f"kernels per step, {kind} {name} (bf16, 24x256): {kernels}")
+
+
+# -- the plan ------------------------------------------------------------------------------------
+
+def speed_section(kinds: tuple[str, ...], shapes: tuple[int, ...], precisions: tuple[str, ...],
+                  modes: tuple[str, ...]) -> Callable[[Run], None]:
+    def fn(run: Run) -> None:
+        for kind in kinds:
+            for i in shapes:
+                batch, pos = run.shapes[i]
+                for precision in precisions:
+                    for mode in modes:
+                        if mode.endswith("graph") and run.device.type != "cuda":
+                            continue
+                        throughput(run, kind, batch, pos, precision, mode)
+    return fn
+
+
+PLAN = (
+    ("bf16 matmul peak", 5, matmul_peak),
+    ("graph vs eager", 20, graph_equals_eager),
+    ("local 24x256", 20, speed_section(("local",), (0,), PRECISIONS, ("eager", "graph"))),
+    ("gpt-neo", 25, gpt_neo),
+    ("global and baseline 24x256", 20, speed_section(("global", "baseline"), (0,), PRECISIONS, ("eager", "graph"))),
+    ("192x256", 40, speed_section(("local", "global", "baseline"), (1,), ("bfloat16",), ("eager", "graph"))),
+    ("kernels per step", 20, kernels_per_step),
+    ("vs float64", 30, versus_float64),
+    ("bf16 gradient", 15, bf16_gradient),
+    ("192x256 float32", 20, speed_section(("local",), (1,), ("float32",), ("eager", "graph"))),
+    ("compiled local", 90, speed_section(("local",), (0,), ("bfloat16",), ("compiled", "compiled+graph"))),
+    ("compiled global", 90, speed_section(("global",), (0,), ("bfloat16",), ("compiled", "compiled+graph"))),
+)
+
+
+def summary() -> None:
+    """The table: each configuration's tokens/s, against eager and GPT-Neo."""
+    rows = RESULTS.get("throughput", {})
+    neo = RESULTS.get("gpt_neo", {})
+    print("\n| configuration | tok/s | ms/step | vs eager | vs GPT-Neo | peak GiB | MFU (bf16 peak) |")
+    print("|---|---|---|---|---|---|---|")
+    for name, r in rows.items():
+        kind, shape, precision, mode = name.split()
+        eager = rows.get(f"{kind} {shape} {precision} eager", {}).get("tokens_per_s")
+        ref = neo.get(f"{shape} {precision}")
+        print(f"| {name} | {r['tokens_per_s']:,.0f} | {r['ms_per_step']:.2f} | "
+              f"{r['tokens_per_s'] / eager if eager else float('nan'):.2f}x | "
+              f"{r['tokens_per_s'] / ref if ref else float('nan'):.2f}x | {r['peak_gib']:.2f} | {r['mfu']:.1%} |")
+    for name, value in neo.items():
+        print(f"| transformers GPT-Neo {name} eager | {value:,.0f} | | | 1.00x | | |")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--budget", type=float, default=240.0, help="seconds; sections that would end later are skipped")
+    p.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for gpu.json")
+    p.add_argument("--smoke", action="store_true", help="run the code on this CPU at tiny sizes (no timings that matter)")
+    args = p.parse_args()
+    if not args.smoke and not torch.cuda.is_available():
+        print("benchmarks/gpu.py: no CUDA device here; nothing measured (--smoke runs the code on the CPU)")
+        return
+    run = Run(args.smoke, args.budget, Path(args.out))
+    run.out.mkdir(parents=True, exist_ok=True)
+    name = "CPU (smoke)" if args.smoke else torch.cuda.get_device_name()
+    RESULTS["device"], RESULTS["torch"] = name, torch.__version__
+    RESULTS["date"] = time.strftime("%Y-%m-%d")
+    say(f"{name}, torch {torch.__version__}, {RESULTS['date']}")
+    for section_name, cost, fn in PLAN:
+        section(run, section_name, cost, fn)
+    summary()
+    (run.out / "gpu.json").write_text(json.dumps(RESULTS, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
