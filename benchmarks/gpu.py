@@ -142,8 +142,23 @@ def new_model(run: Run, kind: str) -> SelfAblatingTransformer:
     return model.to(run.device)
 
 
-def throughput(run: Run, kind: str, batch: int, pos: int, precision: str, mode: str) -> dict[str, float]:
-    """tokens/s and peak memory of one configuration (mode: eager, graph, compiled, compiled+graph)."""
+@contextlib.contextmanager
+def policy_variant(**changes):
+    """CUDA's `ops.DevicePolicy` with some fields changed, for a side-by-side comparison."""
+    from selfablate.ops import policy as policy_module
+
+    saved = policy_module.POLICIES["cuda"]
+    policy_module.POLICIES["cuda"] = saved._replace(**changes)
+    try:
+        yield
+    finally:
+        policy_module.POLICIES["cuda"] = saved
+
+
+def throughput(run: Run, kind: str, batch: int, pos: int, precision: str, mode: str, variant: str = "",
+               profile: bool = False) -> dict[str, float]:
+    """tokens/s and peak memory of one configuration (mode: eager, graph, compiled, compiled+graph);
+    with `profile`, also its kernels per step and the costliest of them."""
     configure(run.device)
     model = new_model(run, kind)
     module = torch.compile(model, fullgraph=True) if mode.startswith("compiled") else None
@@ -160,9 +175,12 @@ def throughput(run: Run, kind: str, batch: int, pos: int, precision: str, mode: 
            "first_step_s": first}
     flops = train_flops_per_token(run.cfg(kind), pos)
     row["mfu"] = row["tokens_per_s"] * flops / (RESULTS.get("bf16_matmul_tflops", float("nan")) * 1e12)
-    RESULTS.setdefault("throughput", {})[f"{kind} {batch}x{pos} {precision} {mode}"] = row
-    say(f"{kind:>8} {batch:>3}x{pos} {precision:>8} {mode:<15} {row['tokens_per_s']:>11,.0f} tok/s "
+    name = f"{kind} {batch}x{pos} {precision} {mode}{variant}"
+    RESULTS.setdefault("throughput", {})[name] = row
+    say(f"{kind:>8} {batch:>3}x{pos} {precision:>8} {mode + variant:<20} {row['tokens_per_s']:>11,.0f} tok/s "
         f"{row['ms_per_step']:>7.2f} ms  peak {peak:5.2f} GiB  MFU {row['mfu']:6.1%}  first step {first:5.1f} s")
+    if profile and run.device.type == "cuda":
+        RESULTS.setdefault("profiles", {})[name] = kernel_profile(step, name)
     del step, model, module
     if run.device.type == "cuda":
         torch.cuda.empty_cache()
@@ -217,25 +235,25 @@ def exact_float32():
 
 
 def graph_equals_eager(run: Run) -> None:
-    """From the same weights and batches, 4 eager steps and 4 steps of which the last 2 replay a
-    captured graph: the same losses and weights (float32, no TF32; the same kernels run)."""
+    """From the same weights and batches: 5 eager steps, twice (the control: CUDA's atomics make
+    eager runs differ too), and 5 steps of which the last 2 replay a captured graph (float32, no TF32)."""
     if run.device.type != "cuda":
         say("graph vs eager: needs CUDA")
         return
     with exact_float32():
         for kind in ("local", "global"):
-            out = {}
-            for graphed in (False, True):
+            out = []
+            for graphed in (False, False, True):
                 model = new_model(run, kind)
                 step = stepper(run, model, "float32", graphed, batch=4, pos=model.cfg.n_ctx)  # graphs: 3 warm-up calls
                 losses = [step().read().loss for _ in range(5)]
-                out[graphed] = (losses, torch.cat([p.detach().flatten() for p in model.parameters()]))
-            (le, we), (lg, wg) = out[False], out[True]
-            loss_diff = max(abs(a - b) / abs(a) for a, b in zip(le, lg))
-            weight_diff = ((we - wg).norm() / we.norm()).item()
-            RESULTS.setdefault("graph_vs_eager", {})[kind] = {"loss_rel": loss_diff, "weights_rel": weight_diff}
-            say(f"graph vs eager, {kind}: 5 steps (the last 2 replayed), loss rel diff {loss_diff:.1e}, "
-                f"weights rel diff {weight_diff:.1e}")
+                out.append((losses, torch.cat([p.detach().flatten() for p in model.parameters()])))
+            (la, wa), (lb, wb), (lg, wg) = out
+            for name, (l2, w2) in (("eager vs eager", (lb, wb)), ("graph vs eager", (lg, wg))):
+                loss_diff = max(abs(a - b) / abs(a) for a, b in zip(la, l2))
+                weight_diff = ((wa - w2).norm() / wa.norm()).item()
+                RESULTS.setdefault(name.replace(" ", "_"), {})[kind] = {"loss_rel": loss_diff, "weights_rel": weight_diff}
+                say(f"{name}, {kind}: 5 steps, loss rel diff {loss_diff:.1e}, weights rel diff {weight_diff:.1e}")
 
 
 def versus_float64(run: Run) -> None:
@@ -276,36 +294,55 @@ def bf16_gradient(run: Run) -> None:
         ratio, cos = (g16.norm() / g32.norm()).item(), torch.nn.functional.cosine_similarity(g16, g32, dim=0).item()
         RESULTS.setdefault("bf16_gradient", {})[kind] = {"norm_ratio": ratio, "cosine": cos}
         say(f"bf16 vs float32 gradient, {kind}: norm ratio {ratio:.4f}, cosine {cos:.4f}")
+        for group, (a, b) in _by_group(model, grads).items():
+            say(f"    {group:<12} norm ratio {(a.norm() / b.norm()).item():.4f}, "
+                f"cosine {torch.nn.functional.cosine_similarity(a, b, dim=0).item():.4f}, norm {b.norm().item():.3g}")
+
+
+def _by_group(model: torch.nn.Module, grads: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The two flattened gradients cut into parameter groups: embeddings, mask heads, the rest."""
+    spans, start = {}, 0
+    for name, p in model.named_parameters():
+        if p.grad is None:
+            continue
+        group = "wte" if name.startswith("wte") else "wpe" if name.startswith("wpe") else \
+            "mask heads" if "mask_head" in name else "blocks"
+        spans.setdefault(group, []).append(slice(start, start + p.numel()))
+        start += p.numel()
+    return {g: tuple(torch.cat([grads[pr][sl] for sl in sl_list]) for pr in PRECISIONS)
+            for g, sl_list in spans.items()}
 
 
 # -- kernels per step ----------------------------------------------------------------------------
 
-def kernels_per_step(run: Run) -> None:
-    if run.device.type != "cuda":
-        say("kernels per step: needs CUDA")
-        return
+def kernel_profile(step: Callable[[], object], name: str, steps: int = 3, top: int = 12) -> dict[str, object]:
+    """CUDA kernels per step and the costliest kernels (total device time over `steps` steps)."""
     from torch.profiler import ProfilerActivity, profile
 
-    for kind in ("local", "global", "baseline"):
-        for graphed in (False, True):
-            model = new_model(run, kind)
-            step = stepper(run, model, "bfloat16", graphed, *run.shapes[0])
-            for _ in range(5):
-                step()
-            torch.cuda.synchronize()
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                step()
-                torch.cuda.synchronize()
-            kernels = sum(e.count for e in prof.key_averages() if e.device_type.name == "CUDA")
-            name = "graph" if graphed else "eager"
-            RESULTS.setdefault("kernels", {})[f"{kind} {name}"] = kernels
-            say(f"kernels per step, {kind} {name} (bf16, 24x256): {kernels}")
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
+    device_us = lambda e: getattr(e, "self_device_time_total", 0) or getattr(e, "device_time_total", 0)  # noqa: E731
+    total = sum(device_us(e) for e in kernels) / steps
+    count = sum(e.count for e in kernels) / steps
+    say(f"  {name}: {count:.0f} kernels a step, {total / 1e3:.2f} ms of kernel time a step; costliest:")
+    rows = []
+    for e in sorted(kernels, key=device_us, reverse=True)[:top]:
+        rows.append({"kernel": e.key[:100], "calls": e.count / steps, "ms": device_us(e) / steps / 1e3})
+        say(f"    {rows[-1]['ms']:7.3f} ms {rows[-1]['calls']:6.0f}x  {rows[-1]['kernel']}")
+    return {"kernels": count, "kernel_ms": total / 1e3, "top": rows}
 
 
 # -- the plan ------------------------------------------------------------------------------------
 
 def speed_section(kinds: tuple[str, ...], shapes: tuple[int, ...], precisions: tuple[str, ...],
-                  modes: tuple[str, ...]) -> Callable[[Run], None]:
+                  modes: tuple[str, ...], profile: bool = False, **policy) -> Callable[[Run], None]:
+    """Time every combination; with policy fields, under CUDA's policy changed so (a variant)."""
+    variant = "".join(f" {k}={v}" for k, v in policy.items())
+
     def fn(run: Run) -> None:
         for kind in kinds:
             for i in shapes:
@@ -314,24 +351,36 @@ def speed_section(kinds: tuple[str, ...], shapes: tuple[int, ...], precisions: t
                     for mode in modes:
                         if mode.endswith("graph") and run.device.type != "cuda":
                             continue
-                        throughput(run, kind, batch, pos, precision, mode)
+                        with policy_variant(**policy) if policy else contextlib.nullcontext():
+                            throughput(run, kind, batch, pos, precision, mode, variant, profile)
     return fn
 
 
-PLAN = (
-    ("bf16 matmul peak", 5, matmul_peak),
-    ("graph vs eager", 20, graph_equals_eager),
-    ("local 24x256", 20, speed_section(("local",), (0,), PRECISIONS, ("eager", "graph"))),
-    ("gpt-neo", 25, gpt_neo),
-    ("global and baseline 24x256", 20, speed_section(("global", "baseline"), (0,), PRECISIONS, ("eager", "graph"))),
-    ("192x256", 40, speed_section(("local", "global", "baseline"), (1,), ("bfloat16",), ("eager", "graph"))),
-    ("kernels per step", 20, kernels_per_step),
-    ("vs float64", 30, versus_float64),
-    ("bf16 gradient", 15, bf16_gradient),
-    ("192x256 float32", 20, speed_section(("local",), (1,), ("float32",), ("eager", "graph"))),
-    ("compiled local", 90, speed_section(("local",), (0,), ("bfloat16",), ("compiled", "compiled+graph"))),
-    ("compiled global", 90, speed_section(("global",), (0,), ("bfloat16",), ("compiled", "compiled+graph"))),
-)
+PLAN = {
+    "peak": ("bf16 matmul peak", 5, matmul_peak),
+    "graph": ("graph vs eager", 25, graph_equals_eager),
+    "local": ("local 24x256", 20, speed_section(("local",), (0,), PRECISIONS, ("eager", "graph"))),
+    "gpt-neo": ("gpt-neo", 25, gpt_neo),
+    "others": ("global and baseline 24x256", 20, speed_section(("global", "baseline"), (0,), PRECISIONS,
+                                                                ("eager", "graph"))),
+    "large": ("192x256", 40, speed_section(("local", "global", "baseline"), (1,), ("bfloat16",), ("eager", "graph"))),
+    "self-key": ("two-stream attention with a self key", 20,
+                 speed_section(("local",), (0, 1), ("bfloat16",), ("graph",), two_stream_masked=False)),
+    "profile": ("kernels of a graph-replayed step", 15,
+                speed_section(("local", "baseline"), (0,), ("bfloat16",), ("graph",), profile=True)),
+    "float64": ("vs float64", 30, versus_float64),
+    "bf16": ("bf16 gradient", 15, bf16_gradient),
+    "large32": ("192x256 float32", 20, speed_section(("local",), (1,), ("float32",), ("eager", "graph"))),
+    "compiled": ("compiled local, bf16", 80, speed_section(("local",), (0,), ("bfloat16",), ("compiled+graph",),
+                                                             profile=True)),
+    "compiled32": ("compiled local, float32", 70, speed_section(("local",), (0,), ("float32",), ("compiled+graph",))),
+    "compiled-global": ("compiled global", 70, speed_section(("global",), (0,), ("bfloat16",), ("compiled+graph",))),
+    "compiled-large": ("compiled local 192x256", 70, speed_section(("local",), (1,), ("bfloat16",),
+                                                                     ("compiled+graph",), profile=True)),
+    "compiled-baseline": ("compiled baseline", 50, speed_section(("baseline",), (0,), ("bfloat16",),
+                                                                 ("compiled+graph",))),
+}
+"""Sections by key, in the order they run: --only picks some."""
 
 
 def summary() -> None:
@@ -341,7 +390,7 @@ def summary() -> None:
     print("\n| configuration | tok/s | ms/step | vs eager | vs GPT-Neo | peak GiB | MFU (bf16 peak) |")
     print("|---|---|---|---|---|---|---|")
     for name, r in rows.items():
-        kind, shape, precision, mode = name.split()
+        kind, shape, precision, mode = name.split()[:4]
         eager = rows.get(f"{kind} {shape} {precision} eager", {}).get("tokens_per_s")
         ref = neo.get(f"{shape} {precision}")
         print(f"| {name} | {r['tokens_per_s']:,.0f} | {r['ms_per_step']:.2f} | "
@@ -355,6 +404,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--budget", type=float, default=240.0, help="seconds; sections that would end later are skipped")
     p.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for gpu.json")
+    p.add_argument("--only", default="", help=f"comma-separated sections, of: {', '.join(PLAN)}")
     p.add_argument("--smoke", action="store_true", help="run the code on this CPU at tiny sizes (no timings that matter)")
     args = p.parse_args()
     if not args.smoke and not torch.cuda.is_available():
@@ -366,8 +416,8 @@ def main() -> None:
     RESULTS["device"], RESULTS["torch"] = name, torch.__version__
     RESULTS["date"] = time.strftime("%Y-%m-%d")
     say(f"{name}, torch {torch.__version__}, {RESULTS['date']}")
-    for section_name, cost, fn in PLAN:
-        section(run, section_name, cost, fn)
+    for key in args.only.split(",") if args.only else PLAN:
+        section(run, *PLAN[key])
     summary()
     (run.out / "gpu.json").write_text(json.dumps(RESULTS, indent=1) + "\n")
 

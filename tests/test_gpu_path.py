@@ -140,6 +140,6 @@ def test_compiled_model_trains_as_the_eager_one(tmp_path, stories_dir, set_backe
     model_cfg, tr = get_preset("tiny")
     tr = dataclasses.replace(tr, data=str(stories_dir), max_steps=3, eval_interval=3, checkpoint_interval=3,
                              log_interval=1, progress=False)
-    runs = {c: train(model_cfg, dataclasses.replace(tr, compile=c, out=str(tmp_path / str(c)))) for c in (False, True)}
-    assert runs[True].final_eval.clean == pytest.approx(runs[False].final_eval.clean, abs=1e-3)
-    assert runs[True].final_eval.ablated == pytest.approx(runs[False].final_eval.ablated, abs=1e-3)
+    runs = {c: train(model_cfg, dataclasses.replace(tr, compile=c, out=str(tmp_path / c))) for c in ("off", "on")}
+    assert runs["on"].final_eval.clean == pytest.approx(runs["off"].final_eval.clean, abs=1e-3)
+    assert runs["on"].final_eval.ablated == pytest.approx(runs["off"].final_eval.ablated, abs=1e-3)

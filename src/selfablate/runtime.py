@@ -46,6 +46,13 @@ def autocast_for(device: torch.device, precision: str, cache: bool = True):
     return functools.partial(torch.autocast, device_type=device.type, dtype=torch.bfloat16, cache_enabled=cache)
 
 
+def use_compile(device: torch.device, compile: str) -> bool:
+    """torch.compile when asked for, and by default (auto) on CUDA, where fusing the step's
+    thousands of small operators pays for the compilation many times over; a CPU runs the C
+    kernels instead."""
+    return compile == "on" or (compile == "auto" and device.type == "cuda")
+
+
 def configure(device: torch.device) -> None:
     """Per-device settings for a run: on CUDA, float32 matmuls on TF32 tensor cores (10 bits of
     mantissa in the products, float32 accumulation: what the bf16 default already gives up, at a

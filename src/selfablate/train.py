@@ -27,7 +27,7 @@ from .eval.lm import LossEval, evaluate_loss
 from .metrics_log import MetricsLog
 from .model import SelfAblatingTransformer
 from .perf import keep_freed_memory
-from .runtime import autocast_for, configure, resolve_device
+from .runtime import autocast_for, configure, resolve_device, use_compile
 from .step import (LOSS_FIELDS, GraphedStep, StepMetrics, graphs_apply, load_optimizer_state, lr_at, make_optimizer,
                    train_step)
 
@@ -166,7 +166,7 @@ def _trainee(model: SelfAblatingTransformer, cfg: TrainConfig, dist: distributed
              device: torch.device) -> torch.nn.Module:
     """What the optimiser steps through: the model, compiled if asked (one graph: nothing in the
     model's training path breaks it), in DDP under torchrun."""
-    module = torch.compile(model, fullgraph=True) if cfg.compile else model
+    module = torch.compile(model, fullgraph=True) if use_compile(device, cfg.compile) else model
     return distributed.wrap(module, dist, device)
 
 
