@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import importlib
 import json
 import os
 import time
@@ -145,8 +146,7 @@ def new_model(run: Run, kind: str) -> SelfAblatingTransformer:
 @contextlib.contextmanager
 def policy_variant(**changes):
     """CUDA's `ops.DevicePolicy` with some fields changed, for a side-by-side comparison."""
-    from selfablate.ops import policy as policy_module
-
+    policy_module = importlib.import_module("selfablate.ops.policy")  # the module, not ops.policy the function
     saved = policy_module.POLICIES["cuda"]
     policy_module.POLICIES["cuda"] = saved._replace(**changes)
     try:
@@ -356,6 +356,17 @@ def speed_section(kinds: tuple[str, ...], shapes: tuple[int, ...], precisions: t
     return fn
 
 
+VARIANTS = ({"two_stream_masked": False}, {"topk_by_sort": True}, {"two_stream_masked": False, "topk_by_sort": True})
+"""CUDA policy choices measured against the policy in force."""
+
+
+def variants(modes: tuple[str, ...]) -> Callable[[Run], None]:
+    def fn(run: Run) -> None:
+        for changes in VARIANTS:
+            speed_section(("local",), (0,), ("bfloat16",), modes, **changes)(run)
+    return fn
+
+
 PLAN = {
     "peak": ("bf16 matmul peak", 5, matmul_peak),
     "graph": ("graph vs eager", 25, graph_equals_eager),
@@ -364,8 +375,7 @@ PLAN = {
     "others": ("global and baseline 24x256", 20, speed_section(("global", "baseline"), (0,), PRECISIONS,
                                                                 ("eager", "graph"))),
     "large": ("192x256", 40, speed_section(("local", "global", "baseline"), (1,), ("bfloat16",), ("eager", "graph"))),
-    "self-key": ("two-stream attention with a self key", 20,
-                 speed_section(("local",), (0, 1), ("bfloat16",), ("graph",), two_stream_masked=False)),
+    "variants": ("policy variants, graph", 15, variants(("graph",))),
     "profile": ("kernels of a graph-replayed step", 15,
                 speed_section(("local", "baseline"), (0,), ("bfloat16",), ("graph",), profile=True)),
     "float64": ("vs float64", 30, versus_float64),
@@ -377,6 +387,7 @@ PLAN = {
     "compiled-global": ("compiled global", 70, speed_section(("global",), (0,), ("bfloat16",), ("compiled+graph",))),
     "compiled-large": ("compiled local 192x256", 70, speed_section(("local",), (1,), ("bfloat16",),
                                                                      ("compiled+graph",), profile=True)),
+    "compiled-variants": ("policy variants, compiled", 170, variants(("compiled+graph",))),
     "compiled-baseline": ("compiled baseline", 50, speed_section(("baseline",), (0,), ("bfloat16",),
                                                                  ("compiled+graph",))),
 }

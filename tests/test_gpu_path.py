@@ -85,6 +85,18 @@ def test_every_backend_breaks_ties_alike(width, k, set_backend):
         assert mask.nonzero().squeeze(1).tolist() == sorted(order[:k])
 
 
+@pytest.mark.parametrize("width, k", [(32, 8), (128, 32), (512, 32), (20, 7), (16, 15)])
+@pytest.mark.parametrize("tied", [True, False])
+def test_winners_from_a_sort_equal_winners_from_topk(width, k, tied):
+    """The sort form (`DevicePolicy.topk_by_sort`) gives the topk form's masks, cut scores and positions,
+    with ties at the cut and among the winners, and without."""
+    from selfablate.ops.masks import _sorted_topk_winners, _torch_topk_winners
+
+    s = tied_scores(300, width) if tied else torch.randn(300, width, generator=torch.Generator().manual_seed(k))
+    for a, b in zip(_sorted_topk_winners(s, k), _torch_topk_winners(s, k)):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("width, k", [(128, 32), (512, 32)])
 def test_tied_rows_give_a_bounded_gradient_equal_on_both_backends(width, k, set_backend):
     """A tie at the cut gives a gradient of order 1/eps with the paper's divisor; with the cut widened

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from . import kernels
+from .policy import policy
 
 
 GAP_FLOOR = 0.01
@@ -132,7 +133,8 @@ def topk_winners(scores: Tensor, k: int) -> Winners:
     first tie left out. On a float32 CPU from csrc/topk.c, else from PyTorch's operators."""
     lib = _topk_kernel(scores)
     if lib is None:
-        return _torch_topk_winners(scores, k)
+        by_sort = policy(scores.device).topk_by_sort
+        return _sorted_topk_winners(scores, k) if by_sort else _torch_topk_winners(scores, k)
     s = scores.contiguous()
     hard, ab = torch.empty_like(s), s.new_empty(*s.shape[:-1], 2)
     ab_idx = s.new_empty(*s.shape[:-1], 2, dtype=torch.long)
@@ -158,6 +160,19 @@ def _torch_topk_winners(scores: Tensor, k: int) -> Winners:
     idx_a = _first(torch.where(needed > 0, ties & (rank == needed), scores == a))
     idx_b = _first(ties & (rank == needed + 1))
     return Winners(hard.to(scores.dtype), torch.cat([a, b], -1), torch.cat([idx_a, idx_b], -1))
+
+
+def _sorted_topk_winners(scores: Tensor, k: int) -> Winners:
+    """`_torch_topk_winners` from one stable descending sort of each row: of equal scores the
+    earlier comes first, so the first k sorted positions are the winners under the tie rule, and
+    the k-th and (k+1)-th are s_(k)'s and s_(k+1)'s positions where the cut is a tie; where it is
+    not, s_(k)'s is the first position holding it, as the rule says. No host syncs."""
+    values, order = scores.sort(dim=-1, descending=True, stable=True)  # (..., width) each
+    ab = values[..., k - 1 : k + 1]  # (..., 2)
+    a, b = ab[..., :1], ab[..., 1:]
+    idx_a = torch.where(a == b, order[..., k - 1 : k], _first(scores == a))
+    hard = torch.zeros_like(scores).scatter_(-1, order[..., :k], 1.0)
+    return Winners(hard, ab.contiguous(), torch.cat([idx_a, order[..., k : k + 1]], -1))
 
 
 def hard_topk_soft_grad_reference(scores: Tensor, k: int, temperature: float, eps: float = 1e-12,

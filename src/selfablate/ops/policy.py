@@ -27,6 +27,9 @@ class DevicePolicy(NamedTuple):
     """Reading a tensor's value on the host costs no wait (a CPU): then the model checks token
     ranges, and the LM head tries each chunk's exp2 without the row max (two passes saved) and
     checks the sums' range. On a GPU each such read would stall the queue of launches."""
+    topk_by_sort: bool = False
+    """PyTorch's path takes each row's k winners from one stable sort of the row instead of
+    topk(k + 1) and a pass for ties at the cut (the same winners, the same positions)."""
 
 
 POLICIES = {
