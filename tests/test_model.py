@@ -258,11 +258,16 @@ def test_straight_through_mask_without_autograd_is_the_hard_mask():
     assert (hard_topk_soft_grad(s, 12, 0.1) == 1).all()
 
 
-@pytest.mark.parametrize("policy_of", ["cpu", "cuda"])  # the self-key form, the masked fused call
+@pytest.mark.parametrize("masked", [False, True], ids=["self-key", "masked"])  # the two forms of the rule
+@pytest.mark.parametrize("policy_of", ["cpu", "cuda"])  # their head alignments (16 and 8)
 @pytest.mark.parametrize("T, d_head", [(7, 4), (1, 8), (9, 15), (5, 16)])
-def test_two_stream_attention_equals_the_naive_masked_form_with_gradients(T, d_head, policy_of):
+def test_two_stream_attention_equals_the_naive_masked_form_with_gradients(T, d_head, policy_of, masked, monkeypatch):
+    import importlib
+
     from selfablate import ops
 
+    policies = importlib.import_module("selfablate.ops.policy").POLICIES
+    monkeypatch.setitem(policies, policy_of, policies[policy_of]._replace(two_stream_masked=masked))
     with ops.device_policy_as(policy_of):
         _two_stream_equals_naive(T, d_head)
 

@@ -76,8 +76,7 @@ def _attend_with_self_key(q: Tensor, clean_k: Tensor, clean_v: Tensor, own_k: Te
     B, H, T, Dh = q.shape
     width = _aligned(Dh + 1, q.device)
     own_score = (q * own_k).sum(-1, keepdim=True)  # (B, H, T, 1)
-    self_key = q.new_zeros(B, H, 1, width)
-    self_key[..., Dh] = 1.0
+    self_key = F.pad(q.new_ones(B, H, 1, 1), (Dh, width - Dh - 1))  # (B, H, 1, width): 1 at Dh, else 0
     queries = _pad_last(torch.cat([q, own_score], -1), width)  # (B, H, T, width)
     keys = torch.cat([self_key, _pad_last(clean_k[:, :, :-1], width)], dim=2)  # (B, H, T, width)
     values = torch.cat([self_key, _pad_last(clean_v[:, :, :-1], width)], dim=2)  # (B, H, T, width)
