@@ -223,3 +223,33 @@ def test_circuits_on_a_folder_in_use_is_one_line(trained, tmp_path, capsys):
     with runlock.exclusive(tmp_path / "c"):
         code, _, err = run(capsys, "circuits", trained, "--out", tmp_path / "c", "--pairs", "4")
     assert code == 2 and "in use by another selfablate process" in err and len(err.strip().splitlines()) == 1
+
+
+def test_the_readme_resume_line_continues_the_run_it_names(tmp_path, stories_dir, capsys, monkeypatch):
+    """`selfablate train --out runs/local --resume`, as the README has it, with none of the first
+    run's flags: it used to rebuild the model from the default preset and refuse it."""
+    import selfablate.train as tr_mod
+    from selfablate.checkpoint import read_header
+
+    out = tmp_path / "local"
+    real_step = tr_mod.train_step
+
+    def dies_at_step_5(model, opt, batch, step, *args):
+        if step == 4:  # after the checkpoint at step 4
+            raise KeyboardInterrupt
+        return real_step(model, opt, batch, step, *args)
+
+    monkeypatch.setattr(tr_mod, "train_step", dies_at_step_5)
+    code, _, err = run(capsys, "train", "--preset", "tiny", "--data", stories_dir, "--ablation", "local", "--k-attn", 4,
+                       "--k-mlp", 12, "--max-steps", 6, "--checkpoint-interval", 2, "--out", out, "--no-progress")
+    assert code == 130 and read_header(out / "checkpoint")["meta"]["step"] == 4, err
+    monkeypatch.setattr(tr_mod, "train_step", real_step)
+    code, stdout, err = run(capsys, "train", "--out", out, "--resume")
+    assert code == 0 and "trained 2 steps" in stdout, err
+    header = read_header(out / "checkpoint")
+    assert header["meta"]["step"] == 6 and (header["model"]["k_attn"], header["model"]["k_mlp"]) == (4, 12)
+    # What the run learns from may not change; how long it runs may.
+    code, _, err = run(capsys, "train", "--out", out, "--resume", "--lr", "0.1")
+    assert code == 2 and "--lr 0.1 differs from the run's 0.003" in err and len(err.strip().splitlines()) == 1
+    code, stdout, err = run(capsys, "train", "--out", out, "--resume", "--max-steps", 8, "--log-interval", 1)
+    assert code == 0 and "trained 2 steps" in stdout, err

@@ -75,6 +75,23 @@ def test_existing_run_is_never_overwritten(tmp_path, stories_dir):
         train(other, dataclasses.replace(tr, resume=True))
 
 
+@pytest.mark.parametrize("lost, sub", [("config.json", "checkpoint"), ("model.safetensors", "checkpoint"),
+                                       ("optimizer.pt", "checkpoint"), ("config.json", "best")])
+def test_an_incomplete_checkpoint_is_refused_not_overwritten(tmp_path, stories_dir, lost, sub):
+    """A checkpoint folder missing a file (a copy gone wrong) used to count as no checkpoint: a new
+    run overwrote the weights, the optimiser state and the metrics log with exit 0."""
+    model_cfg, tr = tiny(tmp_path, stories_dir, max_steps=2, keep="best", eval_interval=2)
+    train(model_cfg, tr)
+    run = tmp_path / "run"
+    (run / sub / lost).unlink()
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    for resume in (False, True):
+        with pytest.raises(CheckpointError, match=f"{sub} is not a complete checkpoint \\(no {lost}\\)"):
+            train(model_cfg, dataclasses.replace(tr, resume=resume, max_steps=4))
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and ".selfablate.lock" not in p.name} == \
+        {p: b for p, b in before.items() if ".selfablate.lock" not in p.name}
+
+
 def test_loss_falls_on_real_tinystories(tmp_path, stories_dir):
     model_cfg, tr = tiny(tmp_path, stories_dir, max_steps=60, eval_interval=60, log_interval=1,
                          checkpoint_interval=60)

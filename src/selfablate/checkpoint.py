@@ -95,6 +95,17 @@ def find(path: str | os.PathLike) -> Path | None:
     return next((p for p in (path, old) if (p / CONFIG).exists()), None)
 
 
+def missing_parts(folder: str | os.PathLike, optimizer: bool = True) -> list[str]:
+    """What a folder that exists and holds files lacks of a complete checkpoint (config.json and
+    model.safetensors, and optimizer.pt if `optimizer`); [] for a complete one, or for a folder
+    that is absent or empty (nothing there to lose)."""
+    folder = Path(folder)
+    if not folder.is_dir() or not any(folder.iterdir()):
+        return []
+    wanted = (CONFIG, WEIGHTS) + ((OPTIMIZER,) if optimizer else ())
+    return [name for name in wanted if not (folder / name).is_file()]
+
+
 def resolve(path: str | os.PathLike) -> Path:
     """Like `find`, but a missing checkpoint is a one-line CheckpointError."""
     found = find(path)

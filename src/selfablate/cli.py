@@ -93,7 +93,8 @@ def add_command(sub: argparse._SubParsersAction, command: Command) -> None:
 
 def run(command: Command, ns: argparse.Namespace) -> None:
     """Build the command's options from the flags (over the preset's values) and call it."""
-    bases = {type(c): c for c in get_preset(ns.preset)} if command.preset else {}
+    defaults = (command.base(ns) if command.base else None) or (get_preset(ns.preset) if command.preset else ())
+    bases = {type(c): c for c in defaults}
     options = [build(cls, ns, bases.get(cls)) for cls in command.options]
     for opts in options:  # where results go is checked before any compute
         if isinstance(getattr(opts, "out", None), str) and opts.out:

@@ -340,6 +340,9 @@ class Command(NamedTuple):
     args: tuple[Arg, ...] = ()
     preset: bool = False
     """A --preset names the options' defaults (`PRESETS`)."""
+    base: Callable[[Any], tuple | None] | None = None
+    """Given, base(parsed flags) may return the options' defaults instead of the preset's (train
+    --resume: the run's own settings), refusing flags that may not change them."""
 
 
 # ---------------------------------------------------------------------------------------------

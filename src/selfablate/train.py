@@ -17,8 +17,9 @@ from tqdm.auto import tqdm
 
 from . import distributed, runlock
 from .checkpoint import find as find_checkpoint
-from .checkpoint import load_checkpoint, load_training_state, read_header, remove_orphans, save_checkpoint
-from .config import Command, ModelConfig, TrainConfig
+from .checkpoint import (load_checkpoint, load_config, load_training_state, missing_parts, read_header,
+                         remove_orphans, save_checkpoint)
+from .config import Command, ModelConfig, TrainConfig, config_from_dict
 from .data.dataset import TokenWindows, tokenize_split
 from .data.sources import resolve_source
 from .data.vocab import CompactVocab
@@ -35,6 +36,7 @@ __all__ = ["LOSS_FIELDS", "StepMetrics", "TrainResult", "autocast_for", "lr_at",
            "train_step"]
 
 CHECKPOINT_DIR = "checkpoint"
+BEST_DIR = "best"
 
 
 class TrainResult(NamedTuple):
@@ -62,11 +64,22 @@ class RunState(NamedTuple):
     step: int
 
 
+def refuse_incomplete(out: Path) -> None:
+    """A run folder whose checkpoint/ or best/ holds files but not a whole checkpoint (a copy gone
+    wrong, a partial sync) is neither resumed nor overwritten: one line says what is missing."""
+    for sub, optimizer in ((CHECKPOINT_DIR, True), (BEST_DIR, False)):
+        missing = missing_parts(out / sub, optimizer)
+        if missing:
+            raise CheckpointError(f"{out / sub} is not a complete checkpoint (no {', '.join(missing)}): "
+                                  "restore it or move it away; nothing was written")
+
+
 def start_or_resume(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device,
                     capturable: bool = False) -> RunState:
     """A fresh model, or the one in cfg.out when resuming; refuses to overwrite earlier work.
     capturable: the optimiser can be part of a CUDA graph (`step.GraphedStep`)."""
     ckpt = Path(cfg.out) / CHECKPOINT_DIR
+    refuse_incomplete(Path(cfg.out))
     exists = find_checkpoint(ckpt) is not None
     if exists and not cfg.resume:
         raise CheckpointError(f"{cfg.out} already holds a checkpoint: pass --resume to continue it, "
@@ -88,9 +101,6 @@ def start_or_resume(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.devi
     data_rng.set_state(ts["data_rng"])
     torch.set_rng_state(ts["torch_rng"])
     return RunState(model, opt, data_rng, int(ts["step"]))
-
-
-BEST_DIR = "best"
 
 
 def keep_best(run: RunState, step: int, cfg: TrainConfig, evaluation: LossEval) -> None:
@@ -267,4 +277,44 @@ def _command(model_cfg: ModelConfig, cfg: TrainConfig) -> None:
     print(f"{what} -> {result.checkpoint}; held-out loss: clean {result.final_eval.clean:.4f}{ablated}")
 
 
-COMMAND = Command("train", "train (or resume) a model", _command, (ModelConfig, TrainConfig), preset=True)
+RESUME_MAY_CHANGE = frozenset({"out", "resume", "max_steps", "eval_interval", "eval_batches", "log_interval",
+                               "checkpoint_interval", "device", "precision", "grad_accum", "compile", "cuda_graph",
+                               "logger", "progress", "keep_freed_memory"})
+"""What a resumed run may change: how long it runs, how often it reports and saves, and where and
+how its steps are computed; not what it learns from (model, data, optimiser, seed, batch)."""
+
+
+def saved_settings(folder: Path) -> tuple[ModelConfig, TrainConfig]:
+    """The model and training settings a run's checkpoint was written with. Fields this version
+    does not know are dropped; `compile` saved as a bool by earlier versions becomes on/off."""
+    train_meta = dict(read_header(folder)["meta"].get("train") or {})
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    train_meta = {k: v for k, v in train_meta.items() if k in known}
+    if isinstance(train_meta.get("compile"), bool):
+        train_meta["compile"] = "on" if train_meta["compile"] else "off"
+    try:
+        return load_config(folder), config_from_dict(TrainConfig, train_meta)
+    except ConfigError as e:
+        raise CheckpointError(f"checkpoint {folder} holds training settings this version cannot read ({e})") from None
+
+
+def resumed_settings(flags: Any) -> tuple[ModelConfig, TrainConfig] | None:
+    """train --resume of a run that has a checkpoint: its own settings, with the flags typed beside
+    --resume applied where they may change (`RESUME_MAY_CHANGE`); any other flag that differs from
+    the run's is refused in one line naming it. None (the preset's defaults) otherwise."""
+    out = Path(getattr(flags, "out", TrainConfig.out))
+    folder = find_checkpoint(out / CHECKPOINT_DIR) if getattr(flags, "resume", False) else None
+    if folder is None:
+        return None
+    saved = saved_settings(folder)
+    for cfg in saved:
+        for f in dataclasses.fields(cfg):
+            typed = getattr(flags, f.name, getattr(cfg, f.name))
+            if f.name not in RESUME_MAY_CHANGE and typed != getattr(cfg, f.name):
+                raise ConfigError(f"--{f.name.replace('_', '-')} {typed} differs from the run's {getattr(cfg, f.name)}: "
+                                  f"a resumed run keeps its settings (it may change {', '.join(sorted(RESUME_MAY_CHANGE - {'out', 'resume'}))})")
+    return saved
+
+
+COMMAND = Command("train", "train (or resume) a model", _command, (ModelConfig, TrainConfig), preset=True,
+                  base=resumed_settings)
