@@ -130,6 +130,14 @@ def test_every_command_has_working_help(capsys):
     (["sae", "train", "{run}", "--hook", "blocks.1.hook_mlp_mask"], "0/1 unit mask"),
     (["train", "--beta1", "1.5"], "beta1 must be in [0, 1)"),
     (["train", "--lr", "inf"], "lr must be a finite number"),
+    (["train", "--seed", "-1"], "seed must be >= 0"),
+    (["evaluate", "{run}", "--probe-positions", "0"], "probe_positions must be >= 2"),
+    (["evaluate", "{run}", "--probe-positions", "-1"], "probe_positions must be >= 2"),
+    (["evaluate", "{run}", "--activation-eps", "-1"], "activation_eps must be >= 0"),
+    (["evaluate", "{run}", "--seed", "-1"], "seed must be >= 0"),
+    (["circuits", "{run}", "--top-edges", "-1"], "top_edges must be >= 1"),
+    (["reproduce", "--sae-layer", "99"], "sae_layer must be in -4..3 for the cpu-small preset's 4 layers, got 99"),
+    (["reproduce", "--seeds", "-1"], "every seed must be >= 0"),
 ])
 def test_bad_options_get_one_line_before_any_compute(trained, capsys, argv, msg):
     code, out, err = run(capsys, *[a.format(run=trained) for a in argv])
@@ -253,3 +261,26 @@ def test_the_readme_resume_line_continues_the_run_it_names(tmp_path, stories_dir
     assert code == 2 and "--lr 0.1 differs from the run's 0.003" in err and len(err.strip().splitlines()) == 1
     code, stdout, err = run(capsys, "train", "--out", out, "--resume", "--max-steps", 8, "--log-interval", 1)
     assert code == 0 and "trained 2 steps" in stdout, err
+
+
+def test_a_diverged_sae_is_an_error_not_a_result(trained, stories_dir, tmp_path, capsys):
+    out = tmp_path / "sae"
+    code, _, err = run(capsys, "sae", "train", trained, "--data", stories_dir, "--lr", "1e12", "--steps", "20",
+                       "--pool-tokens", "2048", "--batch-tokens", "256", "--eval-tokens", "256", "--no-progress",
+                       "--out", out)
+    assert code == 2 and "the SAE diverged" in err and len(err.strip().splitlines()) == 1, err
+    assert not (out / "sae.safetensors").exists() and not (out / "metrics.json").exists()
+
+
+def test_an_sae_folder_of_another_hook_is_not_replaced(trained, stories_dir, tmp_path, capsys):
+    out = tmp_path / "sae"
+    common = ["--data", stories_dir, "--steps", "4", "--pool-tokens", "2048", "--batch-tokens", "256",
+              "--eval-tokens", "256", "--no-progress", "--out", out]
+    code, stdout, err = run(capsys, "sae", "train", trained, *common)  # the default hook: 3/4 of the way up
+    assert code == 0 and "SAE on blocks.1.hook_mlp_out" in stdout, err  # the tiny model's 2 layers
+    before = (out / "sae.safetensors").read_bytes()
+    code, _, err = run(capsys, "sae", "train", trained, *common, "--hook", "blocks.0.hook_mlp_out")
+    assert code == 2 and "holds the SAE of" in err and "blocks.1.hook_mlp_out" in err, err
+    assert (out / "sae.safetensors").read_bytes() == before
+    code, _, err = run(capsys, "sae", "train", trained, *common, "--hook", "blocks.1.hook_mlp_out")
+    assert code == 0, err  # the same SAE again: a re-run, allowed

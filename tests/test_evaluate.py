@@ -116,3 +116,21 @@ def test_token_classes():
     assert TOKEN_CLASSES[classify_token("\n")] == "newline"
     assert TOKEN_CLASSES[classify_token(" the")] == "function_word"
     assert TOKEN_CLASSES[classify_token(" dog")] == "other"
+
+
+def test_summary_keeps_every_model_whose_json_is_in_the_folder(evaluated, checkpoints, tmp_path):
+    """evaluate --out D used to rewrite summary.csv with only the models of its own call."""
+    import dataclasses
+    import shutil
+
+    out, _, cfg = evaluated
+    mine = tmp_path / "eval"
+    mine.mkdir()
+    for name in ("none", "local"):
+        shutil.copy(out / f"{name}.json", mine / f"{name}.json")
+    other = tmp_path / "other"
+    shutil.copytree(checkpoints[1], other / "checkpoint")
+    rows = evaluate_many([str(other)], dataclasses.replace(cfg, out=str(mine), bootstrap=10, max_tokens=1024))
+    assert [r["model"] for r in rows] == ["other"]
+    with open(mine / "summary.csv") as f:
+        assert [r["model"] for r in csv.DictReader(f)] == ["other", "local", "none"]

@@ -57,3 +57,13 @@ def test_training_with_a_compact_vocab_end_to_end(tmp_path, stories_dir):
     # Resuming a finished run checks the vocabulary against the data and just reports.
     again = train(model_cfg, dataclasses.replace(tr, resume=True))
     assert again.final_eval == result.final_eval
+
+
+def test_unknown_share_counts_the_ids_a_compact_vocabulary_lacks():
+    import numpy as np
+
+    from selfablate.data.vocab import CompactVocab, unknown_share
+
+    lookup = CompactVocab(np.array([3, 7, 11])).lookup()  # model ids 0, 1, 2; <unk> is 3
+    assert unknown_share(lookup, np.array([3, 7, 5, 11, 50000, 3, 9, 7])) == 3 / 8
+    assert unknown_share(None, np.array([5, 6])) == 0.0 and unknown_share(lookup, np.array([], dtype=int)) == 0.0

@@ -193,6 +193,7 @@ class TrainConfig:
                      "log_interval", "checkpoint_interval", "grad_accum"):
             require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         require(self.seq_len >= 0, f"seq_len must be >= 0, got {self.seq_len}")
+        require(self.seed >= 0, f"seed must be >= 0, got {self.seed}")
         require_finite(self)
         require(self.lr > 0, f"lr must be > 0, got {self.lr}")
         require(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")

@@ -85,7 +85,11 @@ class ReproduceConfig:
                 f"ioi_prompts must be auto, templates, authors or a prompt file; got {self.ioi_prompts!r}")
         require(self.max_steps >= 0 and self.eval_max_tokens >= 0 and self.sae_steps >= 0 and self.sae_eval_tokens >= 1,
                 "max_steps, eval_max_tokens and sae_steps must be >= 0, sae_eval_tokens >= 1")
-        get_preset(self.preset)
+        model = get_preset(self.preset)[0]
+        require(-model.n_layers <= self.sae_layer < model.n_layers,
+                f"sae_layer must be in {-model.n_layers}..{model.n_layers - 1} for the {self.preset} preset's "
+                f"{model.n_layers} layers, got {self.sae_layer}")
+        require(all(s >= 0 for s in self.seeds), f"every seed must be >= 0, got {self.seeds}")
 
     def sae_coefs(self) -> list[float]:
         return sorted({5.0, *self.sae_sweep})

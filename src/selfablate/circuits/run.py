@@ -66,6 +66,8 @@ class CircuitConfig:
                 f"prompts must be templates, authors or a prompt file; {self.prompts!r} is none of these")
         require(self.tau >= 0, f"tau must be >= 0, got {self.tau}")
         require(self.ig_steps >= 1, f"ig_steps must be >= 1, got {self.ig_steps}")
+        require(self.top_edges >= 1, f"top_edges must be >= 1, got {self.top_edges}")
+        require(self.seed >= 0, f"seed must be >= 0, got {self.seed}")
 
     def taus(self) -> list[float]:
         return sorted({self.tau, *self.sweep})

@@ -75,3 +75,11 @@ def to_gpt2_ids(model: Any, model_ids: Tensor) -> Tensor:
 def unk_id(model: Any) -> int | None:
     """The model's <unk> id (the last), or None without a compact vocabulary."""
     return model.cfg.vocab_size - 1 if model.cfg.compact_vocab else None
+
+
+def unknown_share(lookup: np.ndarray | None, gpt2_ids: np.ndarray) -> float:
+    """The fraction of `gpt2_ids` that a compact vocabulary's `lookup` maps to <unk> (its last id,
+    the lookup's maximum); 0.0 without one."""
+    if lookup is None or len(gpt2_ids) == 0:
+        return 0.0
+    return float((lookup[np.asarray(gpt2_ids, dtype=np.int64)] == lookup.max()).mean())

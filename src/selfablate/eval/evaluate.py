@@ -78,6 +78,10 @@ class EvalConfig:
         for name in ("batch_size", "bootstrap", "top_examples", "frequent_tokens", "probe_classes", "localisation_tokens"):
             require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         require(self.max_tokens >= 0, f"max_tokens must be >= 0, got {self.max_tokens}")
+        require(self.seed >= 0, f"seed must be >= 0, got {self.seed}")
+        require(self.probe_positions >= 2, f"probe_positions must be >= 2 (half train the probe, half test it), "
+                                           f"got {self.probe_positions}")
+        require(self.activation_eps >= 0, f"activation_eps must be >= 0, got {self.activation_eps}")
         require(0 < self.localisation_target <= 1, "localisation_target must be in (0, 1]")
 
 
@@ -221,12 +225,27 @@ def evaluate_many(paths: list[str], cfg: EvalConfig) -> list[dict[str, Any]]:
             result = evaluate_checkpoint(path, cfg, device)
             write_text_atomically(out / f"{name}.json", json.dumps(result, indent=1) + "\n")
             rows.append(summary_row(name, result))
-        table = io.StringIO()
-        writer = csv.DictWriter(table, fieldnames=list(dict.fromkeys(k for row in rows for k in row)))
-        writer.writeheader()
-        writer.writerows(rows)
-        write_text_atomically(out / "summary.csv", table.getvalue())
+        write_summary(out, [r["model"] for r in rows])
     return rows
+
+
+def write_summary(out: Path, first: list[str]) -> None:
+    """DIR/summary.csv: a row for every model evaluation in DIR, those named in `first` first and
+    in that order, then those of earlier runs by name."""
+    files = {f.stem: f for f in out.glob("*.json")}
+    rows = []
+    for f in [files[n] for n in first if n in files] + [files[n] for n in sorted(files) if n not in first]:
+        try:
+            result = json.loads(f.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            continue  # not one of ours
+        if isinstance(result, dict) and {"lm", "config", "sparsity", "localisation"} <= result.keys():
+            rows.append(summary_row(f.stem, result))
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=list(dict.fromkeys(k for row in rows for k in row)))
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text_atomically(out / "summary.csv", table.getvalue())
 
 
 def format_summary(rows: list[dict[str, Any]]) -> str:

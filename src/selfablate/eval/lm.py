@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 from dataclasses import dataclass
 from typing import Iterable, Literal, NamedTuple
 
@@ -69,6 +70,10 @@ def unigram_entropy(tokens) -> float:
     return float(-(p * np.log(p)).sum())
 
 
+UNKNOWN_WARNING = 0.05
+"""eval-loss warns when more than this share of the tokens are <unk> to the model."""
+
+
 @dataclass(frozen=True)
 class EvalLossOptions:
     """Options of `selfablate eval-loss`."""
@@ -99,7 +104,7 @@ def _command(opts: EvalLossOptions, checkpoint: str) -> None:
     from ..checkpoint import load_checkpoint
     from ..data.dataset import TokenWindows, tokenize_split
     from ..data.sources import resolve_source
-    from ..data.vocab import token_lookup
+    from ..data.vocab import token_lookup, unknown_share
     from ..runtime import resolve_device
 
     device = resolve_device(opts.device)
@@ -107,12 +112,18 @@ def _command(opts: EvalLossOptions, checkpoint: str) -> None:
     windows = TokenWindows(tokenize_split(resolve_source(opts.data), opts.split), model.cfg.n_ctx, token_lookup(model),
                            opts.split)
     limit = opts.max_batches * opts.batch_size if opts.max_batches else None
+    unk = unknown_share(token_lookup(model), windows.tokens[: None if limit is None else limit * model.cfg.n_ctx + 1])
+    if unk > UNKNOWN_WARNING:
+        print(f"selfablate: warning: {unk:.1%} of these tokens are <unk> to this model (its compact vocabulary, "
+              "from its training data, lacks them): the loss is not comparable with other data's", file=sys.stderr)
     result = evaluate_loss(model, windows.sequential_batches(opts.batch_size, limit), device, progress=True,
                            total=windows.num_batches(opts.batch_size, limit))
     if opts.json:
-        print(json.dumps({**result._asdict(), "ppl_clean": result.ppl_clean, "ppl_ablated": result.ppl_ablated}))
+        print(json.dumps({**result._asdict(), "ppl_clean": result.ppl_clean, "ppl_ablated": result.ppl_ablated,
+                          "unk_share": unk}))
         return
-    print(f"{opts.split}: {result.tokens} tokens; clean CE {result.clean:.4f} (ppl {result.ppl_clean:.2f})")
+    print(f"{opts.split}: {result.tokens} tokens ({unk:.1%} <unk>); clean CE {result.clean:.4f} "
+          f"(ppl {result.ppl_clean:.2f})")
     if result.ablated is not None:
         print(f"{opts.split}: ablated CE {result.ablated:.4f} (ppl {result.ppl_ablated:.2f})")
 

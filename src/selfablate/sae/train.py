@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +15,7 @@ from tqdm.auto import tqdm
 
 from ..checkpoint import load_checkpoint
 from ..config import Arg, Command, check_choice, require, require_finite
+from ..errors import ConfigError, DivergedError
 from ..data.dataset import TokenWindows, tokenize_split
 from ..data.sources import resolve_source
 from ..data.vocab import token_lookup
@@ -30,8 +33,9 @@ class SAETrainConfig:
 
     out: str = "runs/sae"
     """Folder for cfg.json, sae.safetensors and metrics.json."""
-    hook: str = "blocks.6.hook_mlp_out"
-    """Hook point to read (any, either stream: append _ablated for the ablated stream)."""
+    hook: str = ""
+    """Hook point to read (any, either stream: append _ablated for the ablated stream); empty:
+    blocks.<3L/4>.hook_mlp_out of an L-layer model (the paper's layer 6 of 8)."""
     data: str = ""
     """Data source (as for train); empty: the default."""
     kind: Literal["relu", "topk"] = "relu"
@@ -124,9 +128,22 @@ def train_sae(model: SelfAblatingTransformer, windows: TokenWindows, cfg: SAETra
         loss.backward()
         opt.step()
         sae.normalise_decoder()
-        if step % 50 == 0:
+        if step % 50 == 0 or step == cfg.steps - 1:
+            check_sae_finite(sae, step + 1, mse.item())
             bar.set_postfix(mse=f"{mse.item():.4f}", l1=f"{l1.item():.2f}")
     return sae
+
+
+def check_sae_finite(sae: SAE, step: int, mse: float) -> None:
+    """A diverged SAE is an error, never a result (its metrics would read FVU nan, 100% dead)."""
+    if not (math.isfinite(mse) and all(bool(torch.isfinite(p).all()) for p in sae.parameters())):
+        raise DivergedError(f"the SAE diverged by step {step} (reconstruction error {mse}, or a weight not "
+                            "finite): try a lower --lr; nothing was written")
+
+
+def default_hook(model: SelfAblatingTransformer) -> str:
+    """blocks.<3L/4>.hook_mlp_out: three quarters of the way up, the paper's layer 6 of 8."""
+    return f"blocks.{3 * model.cfg.n_layers // 4}.hook_mlp_out"
 
 
 def _final_hook(hook: str) -> str:
@@ -212,7 +229,9 @@ def _sae_train(checkpoint: str, cfg: SAETrainConfig) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     model = load_checkpoint(checkpoint, device=resolve_device(cfg.device)).eval()
+    cfg = cfg if cfg.hook else dataclasses.replace(cfg, hook=default_hook(model))
     check_hook(model, cfg.hook)
+    refuse_other_sae(Path(cfg.out), str(checkpoint), cfg.hook)
     source = resolve_source(cfg.data)
     lookup = token_lookup(model)
     train_w = TokenWindows(tokenize_split(source, "train", progress=cfg.progress), model.cfg.n_ctx, lookup, "train")
@@ -226,6 +245,18 @@ def _sae_train(checkpoint: str, cfg: SAETrainConfig) -> dict[str, Any]:
     save_sae(sae, cfg.out, meta={"checkpoint": str(checkpoint), "train": dataclasses.asdict(cfg)})
     write_text_atomically(Path(cfg.out) / "metrics.json", json.dumps(result, indent=1) + "\n")
     return result
+
+
+def refuse_other_sae(out: Path, checkpoint: str, hook: str) -> None:
+    """An SAE folder holding the SAE of another checkpoint or hook is not replaced: one line."""
+    try:
+        done = json.loads((out / "metrics.json").read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return
+    theirs = (done.get("checkpoint"), done.get("sae", {}).get("hook"))
+    if theirs != (checkpoint, hook):
+        raise ConfigError(f"{out} holds the SAE of {theirs[0]} on {theirs[1]}; choose another --out "
+                          f"(not replaced by one of {checkpoint} on {hook})")
 
 
 def run_sae_sweep(checkpoint: str, cfg: SAETrainConfig, values: list[float]) -> list[dict[str, Any]]:
@@ -255,8 +286,9 @@ def _command(cfg: SAETrainConfig, action: str, checkpoint: str, values: tuple[fl
     import json
 
     if action == "train":
-        m = run_sae_train(checkpoint, cfg)["metrics"]
-        print(f"SAE on {cfg.hook}: L0 {m['l0']:.2f}, FVU {m['fvu']:.3f}, CE-loss score {m['ce_loss_score_zero']:.3f} "
+        result = run_sae_train(checkpoint, cfg)
+        m = result["metrics"]
+        print(f"SAE on {result['sae']['hook']}: L0 {m['l0']:.2f}, FVU {m['fvu']:.3f}, CE-loss score {m['ce_loss_score_zero']:.3f} "
               f"(mean-ablation {m['ce_loss_score_mean']:.3f}), dead {m['dead_fraction']:.1%}; written to {cfg.out}")
         return
     for row in run_sae_sweep(checkpoint, cfg, list(values)):
