@@ -38,6 +38,8 @@ from selfablate.perf import train_flops_per_token
 from selfablate.runtime import autocast_for, configure
 from selfablate.step import GraphedStep, make_optimizer, train_step
 
+from gpt_neo import gpt_neo_step
+
 SHAPES = ((24, 256), (192, 256))
 KINDS = {"baseline": "none", "local": "local", "global": "global"}
 PRECISIONS = ("bfloat16", "float32")
@@ -187,35 +189,12 @@ def throughput(run: Run, kind: str, batch: int, pos: int, precision: str, mode: 
     return row
 
 
-def gpt_neo_step(run: Run, batch: int, pos: int, precision: str) -> Callable[[], object]:
-    from transformers import GPTNeoConfig, GPTNeoForCausalLM
-
-    cfg = run.cfg("baseline")
-    c = GPTNeoConfig(vocab_size=cfg.vocab_size, max_position_embeddings=cfg.n_ctx, hidden_size=cfg.d_model,
-                     num_layers=cfg.n_layers, num_heads=cfg.n_heads, attention_types=[[["global"], cfg.n_layers]],
-                     intermediate_size=cfg.d_mlp, activation_function="gelu_new", embed_dropout=0.0,
-                     attention_dropout=0.0, resid_dropout=0.0, window_size=cfg.n_ctx)
-    model = GPTNeoForCausalLM(c).to(run.device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
-    x = torch.randint(0, cfg.vocab_size, (batch, pos), device=run.device)
-    autocast = autocast_for(run.device, precision)
-
-    def step():
-        with autocast():
-            loss = model(input_ids=x, labels=x).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    return step
-
-
 def gpt_neo(run: Run) -> None:
     configure(run.device)
     for batch, pos in run.shapes:
         for precision in PRECISIONS:
-            seconds = timed(run, gpt_neo_step(run, batch, pos, precision), warmup=3, repeats=5 if run.smoke else 20)
+            step = gpt_neo_step(run.cfg("baseline"), batch, pos, run.device, autocast_for(run.device, precision))
+            seconds = timed(run, step, warmup=3, repeats=5 if run.smoke else 20)
             RESULTS.setdefault("gpt_neo", {})[f"{batch}x{pos} {precision}"] = batch * pos / seconds
             say(f"  gpt-neo {batch:>3}x{pos} {precision:>8} eager           {batch * pos / seconds:>11,.0f} tok/s "
                 f"{1e3 * seconds:>7.2f} ms")

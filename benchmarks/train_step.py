@@ -35,6 +35,8 @@ from selfablate.config import TrainConfig
 from selfablate.perf import gemm_peaks, keep_freed_memory, train_flops_per_token
 from selfablate.train import autocast_for, make_optimizer, train_step
 
+from gpt_neo import gpt_neo_step
+
 BATCH, POS = 8, 256
 ORIGINAL = {"local": 180.0, "global": 135.0}  # the original research code, tokens/s, as reported to this project (not measured here)
 
@@ -52,23 +54,7 @@ def ours(ablation: str, **model_kw):
 
 
 def gpt_neo():
-    from transformers import GPTNeoConfig, GPTNeoForCausalLM
-
-    c = GPTNeoConfig(vocab_size=50257, max_position_embeddings=POS, hidden_size=128, num_layers=8, num_heads=16,
-                     attention_types=[[["global"], 8]], intermediate_size=512, activation_function="gelu_new",
-                     embed_dropout=0.0, attention_dropout=0.0, resid_dropout=0.0, window_size=POS)
-    model = GPTNeoForCausalLM(c).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)  # the same AdamW kernel as ours
-    x = torch.randint(0, 50257, (BATCH, POS))
-
-    def step():
-        loss = model(input_ids=x, labels=x).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    return step
+    return gpt_neo_step(ModelConfig(n_ctx=POS), BATCH, POS)
 
 
 CONTENDERS = {"baseline": lambda: ours("none"), "local": lambda: ours("local"), "global": lambda: ours("global"),

@@ -213,18 +213,16 @@ def test_fused_adamw_step_equals_the_plain_one():
 
 
 def test_a_diverging_run_stops_with_one_line_and_keeps_the_good_checkpoint(tmp_path, stories_dir, capsys):
-    """--lr 1e6 on a resumed good run: the weights go non-finite; training stops at a read step
-    with a one-line error naming it, and the checkpoint on disk is still the good one."""
-    from selfablate.cli import main
+    """lr 1e6 on a resumed good run (through the API: the command line refuses a changed --lr on
+    resume): the weights go non-finite; training stops at a read step with an error naming it,
+    and the checkpoint on disk is still the good one."""
+    from selfablate.errors import DivergedError
 
-    common = ["train", "--preset", "tiny", "--data", str(stories_dir), "--out", str(tmp_path / "run"), "--no-progress",
-              "--checkpoint-interval", "5", "--log-interval", "5"]
-    assert main(common + ["--max-steps", "10"]) == 0
+    model_cfg, tr = tiny(tmp_path, stories_dir, max_steps=10, checkpoint_interval=5, log_interval=5)
+    train(model_cfg, tr)
     good = (tmp_path / "run" / "checkpoint" / WEIGHTS).read_bytes()
-    capsys.readouterr()
-    assert main(common + ["--max-steps", "30", "--lr", "1e6", "--resume"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "training diverged at step" in err[0] and "last good checkpoint" in err[0], err
+    with pytest.raises(DivergedError, match="training diverged at step .*the last good checkpoint"):
+        train(model_cfg, dataclasses.replace(tr, max_steps=30, lr=1e6, resume=True))
     assert (tmp_path / "run" / "checkpoint" / WEIGHTS).read_bytes() == good
 
 
