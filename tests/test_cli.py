@@ -138,6 +138,10 @@ def test_every_command_has_working_help(capsys):
     (["circuits", "{run}", "--top-edges", "-1"], "top_edges must be >= 1"),
     (["reproduce", "--sae-layer", "99"], "sae_layer must be in -4..3 for the cpu-small preset's 4 layers, got 99"),
     (["reproduce", "--seeds", "-1"], "every seed must be >= 0"),
+    (["train", "--preset", "tiny", "--vocab-size", "1000000000000"], "needs about 476,837.2 GiB, more than the"),
+    (["train", "--preset", "tiny", "--batch-size", "1000000000000"], "GiB, more than the"),
+    (["train", "--preset", "tiny", "--d-mlp", "1000000000000"], "GiB, more than the"),
+    (["train", "--preset", "tiny", "--eval-batches", "1000000000000"], "GiB, more than the"),
 ])
 def test_bad_options_get_one_line_before_any_compute(trained, capsys, argv, msg):
     code, out, err = run(capsys, *[a.format(run=trained) for a in argv])

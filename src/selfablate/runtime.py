@@ -72,3 +72,23 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 def wide(t: torch.Tensor) -> torch.Tensor:
     """t in float64 for sums and statistics, or float32 on MPS, which has no float64."""
     return t.to(torch.float32 if t.device.type == "mps" else torch.float64)
+
+
+def available_bytes(device: torch.device) -> int:
+    """Memory free for a run on `device`: the GPU's free memory on CUDA, else the host's available
+    memory (MemAvailable; MPS shares it)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable"))
+    except (OSError, StopIteration):
+        return 1 << 62  # unknown: no check
+
+
+def require_fits(needed: float, device: torch.device, what: str) -> None:
+    """A one-line ConfigError, before any work, when `needed` bytes cannot fit on `device`."""
+    free = available_bytes(device)
+    if needed > free:
+        raise ConfigError(f"{what} needs about {needed / 2**30:,.1f} GiB, more than the {free / 2**30:,.1f} GiB "
+                          f"free on {device.type}: choose smaller sizes")

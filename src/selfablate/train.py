@@ -28,7 +28,7 @@ from .eval.lm import LossEval, evaluate_loss
 from .metrics_log import MetricsLog
 from .model import SelfAblatingTransformer
 from .perf import keep_freed_memory
-from .runtime import autocast_for, configure, resolve_device, use_compile
+from .runtime import autocast_for, configure, require_fits, resolve_device, use_compile
 from .step import (LOSS_FIELDS, GraphedStep, StepMetrics, graphs_apply, load_optimizer_state, lr_at, make_optimizer,
                    train_step)
 
@@ -212,6 +212,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, cache_dir: Path | None = Non
         keep_freed_memory()
     dist, device = distributed.init(resolve_device(cfg.device), cfg.batch_size, cfg.grad_accum)
     try:
+        require_fits(training_bytes(model_cfg, cfg), device, "this model and batch")  # before the folder is touched
         # One writer per run folder (rank 0 writes for the job); what a killed save left is removed.
         with runlock.exclusive(cfg.out) if dist.main else contextlib.nullcontext():
             if dist.main:
@@ -219,6 +220,18 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, cache_dir: Path | None = Non
             return _train(model_cfg, cfg, cache_dir, dist, device)
     finally:
         distributed.finish(dist)
+
+
+def training_bytes(model_cfg: ModelConfig, cfg: TrainConfig) -> float:
+    """A lower bound of a run's memory: float32 weights, gradients and AdamW's two moments (16 bytes
+    a parameter, the mask heads counted), and a step's activations (both streams' residuals, MLP
+    and attention contexts of every layer, kept for the backward pass), and the held-out batches."""
+    d, L, mlp = model_cfg.d_model, model_cfg.n_layers, model_cfg.d_mlp
+    params = (model_cfg.vocab_size + model_cfg.n_ctx) * d + L * (4 * d * d + 2 * d * mlp + 2 * d * (d + mlp))
+    tokens = cfg.batch_size * (cfg.seq_len or model_cfg.n_ctx)
+    activations = 4 * tokens * 2 * L * (6 * d + 3 * mlp)
+    held_out = 16 * cfg.eval_batches * tokens
+    return 16 * params + activations + held_out
 
 
 def _train(model_cfg: ModelConfig, cfg: TrainConfig, cache_dir: Path | None, dist: distributed.Dist,
