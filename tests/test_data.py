@@ -167,3 +167,58 @@ def test_a_full_disk_while_caching_tokens_is_one_line(tmp_path, stories_dir, mon
     with pytest.raises(DataError, match="could not write the token cache .*No space left on device"):
         ds.tokenize_split(FolderSource(stories_dir), "valid", tmp_path, progress=False)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("name, content, msg", [
+    ("train.jsonl", b'{"text": "a"}\n\xff\xfe\x00binary\n', "is not UTF-8 text"),
+    ("train.parquet", b"PAR1 this is no parquet file PAR1", "is unreadable as .parquet"),
+    ("train.txt.xz", b"\xfd7zXZ\x00 not really xz", "is unreadable as .xz"),
+])
+def test_unreadable_data_is_one_line_naming_the_file(tmp_path, name, content, msg):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / name).write_bytes(content)
+    (folder / name.replace("train", "valid")).write_bytes(content)
+    with pytest.raises(DataError, match=msg) as e:
+        tokenize_split(resolve_source(str(folder)), "train", tmp_path / "cache", progress=False)
+    assert name in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("size", [0, 3])
+def test_a_damaged_token_cache_is_tokenised_again(tmp_path, stories_dir, size, capsys):
+    source = resolve_source(str(stories_dir))
+    good = np.array(tokenize_split(source, "valid", tmp_path, progress=False))
+    cache = next(tmp_path.glob("valid-*.bin"))
+    cache.write_bytes(cache.read_bytes()[:size])  # emptied, or cut to an odd size
+    again = np.array(tokenize_split(source, "valid", tmp_path, progress=False))
+    assert np.array_equal(again, good) and "is damaged" in capsys.readouterr().err
+
+
+def test_a_cache_folder_that_cannot_exist_is_one_line(tmp_path, stories_dir):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(DataError, match="cannot create the token cache folder .*SELFABLATE_CACHE"):
+        tokenize_split(resolve_source(str(stories_dir)), "valid", blocker / "cache", progress=False)
+
+
+def test_a_lock_file_that_is_a_folder_is_one_line(tmp_path):
+    from selfablate import runlock
+    from selfablate.errors import SelfAblateError
+
+    (tmp_path / runlock.LOCK_FILE).mkdir()
+    with pytest.raises(SelfAblateError, match="cannot use the lock file"):
+        with runlock.exclusive(tmp_path):
+            pass
+
+
+def test_result_files_are_readable_like_checkpoints(tmp_path):
+    import os
+
+    from selfablate.files import write_text_atomically
+
+    mask = os.umask(0o022)
+    try:
+        path = write_text_atomically(tmp_path / "r.json", "{}")
+    finally:
+        os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o644

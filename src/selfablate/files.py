@@ -21,11 +21,18 @@ def write_text_atomically(path: str | os.PathLike, text: str) -> Path:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 is for secrets; results are read like checkpoints
         os.replace(tmp, path)
     except OSError as e:
         Path(tmp).unlink(missing_ok=True)
         raise SelfAblateError(f"could not write {path} ({e.strerror or e}); the previous file, if any, is intact") from None
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def check_output_folder(out: str | os.PathLike) -> None:

@@ -19,13 +19,21 @@ def exclusive(folder: str | os.PathLike) -> Iterator[Path]:
     process ends, however it ends, so a crash never leaves a stale lock. (Where fcntl does not
     exist, e.g. on Windows, the block runs unlocked.)"""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SelfAblateError(f"cannot create the folder {folder} ({e.strerror or e})") from None
     try:
         import fcntl
     except ImportError:
         yield folder
         return
-    with open(folder / LOCK_FILE, "a+") as f:
+    try:
+        f = open(folder / LOCK_FILE, "a+")
+    except OSError as e:  # a folder of that name, an unreadable file
+        raise SelfAblateError(f"cannot use the lock file {folder / LOCK_FILE} ({e.strerror or e}): remove it "
+                              "if no selfablate process is writing to this folder") from None
+    with f:
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import os
+import sys
 from pathlib import Path
 from typing import Iterator
 
@@ -54,8 +55,13 @@ def tokenize_split(source: Source, split: Split, cache_dir: Path | None = None, 
     """
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     path = cache_dir / f"{split}-{cache_key(source, split)}.bin"
+    _drop_if_damaged(path)
     if not path.exists():
-        cache_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:  # HOME read-only, or a file where a folder should be
+            raise DataError(f"cannot create the token cache folder {cache_dir} ({e.strerror or e}): set "
+                            "$SELFABLATE_CACHE to a writable folder") from None
         _remove_orphans(cache_dir)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
         try:
@@ -72,6 +78,19 @@ def tokenize_split(source: Source, split: Split, cache_dir: Path | None = None, 
             raise DataError(f"the {split} split of {source.name} holds no stories")
         os.replace(tmp, path)
     return np.memmap(path, dtype=np.uint16, mode="r")
+
+
+def _drop_if_damaged(path: Path) -> None:
+    """A cache is renamed into place whole, so one that is empty or of an odd size (uint16 tokens)
+    was damaged afterwards (a truncation, a disk error): it is removed, and tokenised again."""
+    if path.is_file() and (path.stat().st_size == 0 or path.stat().st_size % 2):
+        print(f"selfablate: warning: the token cache {path} is damaged ({path.stat().st_size} bytes); "
+              "tokenising again", file=sys.stderr)
+        try:
+            path.unlink()
+        except OSError as e:
+            raise DataError(f"the token cache {path} is damaged and cannot be removed ({e.strerror or e}): "
+                            "delete it, or set $SELFABLATE_CACHE to another folder") from None
 
 
 def _write_tokens(source: Source, split: Split, out: Path, progress: bool) -> int:

@@ -46,7 +46,15 @@ def read_stories(path: Path) -> Iterator[str]:
     readers = {".txt": _txt_stories, ".xz": _txt_stories, ".jsonl": _jsonl_stories, ".parquet": _parquet_stories}
     if path.suffix not in readers:
         raise DataError(f"unsupported data file {path} (use .txt, .txt.xz, .jsonl or .parquet)")
-    yield from readers[path.suffix](path)
+    try:
+        yield from readers[path.suffix](path)
+    except DataError:
+        raise
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not UTF-8 text (byte {e.start} of a line): check the file") from None
+    except (OSError, ValueError, EOFError, lzma.LZMAError) as e:  # a damaged .xz or .parquet; pyarrow's errors are these
+        raise DataError(f"{path} is unreadable as {path.suffix} ({str(e).splitlines()[0] if str(e) else type(e).__name__}): "
+                        "check the file") from None
 
 
 def _txt_stories(path: Path) -> Iterator[str]:
