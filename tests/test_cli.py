@@ -288,3 +288,11 @@ def test_an_sae_folder_of_another_hook_is_not_replaced(trained, stories_dir, tmp
     assert (out / "sae.safetensors").read_bytes() == before
     code, _, err = run(capsys, "sae", "train", trained, *common, "--hook", "blocks.1.hook_mlp_out")
     assert code == 0, err  # the same SAE again: a re-run, allowed
+
+
+def test_help_shows_the_default_presets_values():
+    """--help used to show the dataclasses' defaults (max-steps 400000, batch 24), not those of
+    the preset a bare command runs with."""
+    help_text = " ".join(make_parser()._subparsers._group_actions[0].choices["train"].format_help().split())
+    assert "Optimiser steps. (default: 600)" in help_text and "(default: 400000)" not in help_text
+    assert "over all processes (the global batch)" in help_text and "(default: 16)" in help_text

@@ -18,17 +18,19 @@ from .files import check_output_folder
 # -- flags from dataclasses -------------------------------------------------------------------
 
 
-def add_fields(parser: argparse.ArgumentParser, cls: type, title: str) -> None:
+def add_fields(parser: argparse.ArgumentParser, cls: type, title: str, base: Any = None) -> None:
     """One --flag per field of dataclass `cls`. Defaults are left unset (SUPPRESS) so that only
-    what the user typed overrides the preset."""
+    what the user typed overrides the preset; the help shows `base`'s values (the default
+    preset's) where given, else the dataclass's."""
     group = parser.add_argument_group(title)
     docs = field_docs(cls)
     for f in dataclasses.fields(cls):
         kind = field_type(cls, f.name)
         flag = "--" + f.name.replace("_", "-")
+        value = f.default if base is None else getattr(base, f.name)
         # argparse formats help with %: a literal one (a docstring's "95%") must be doubled.
-        shown = ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in f.default) \
-            if isinstance(f.default, tuple) else f.default
+        shown = ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value) \
+            if isinstance(value, tuple) else value
         help_text = f"{docs.get(f.name, '')} (default: {shown})".replace("%", "%%")
         if kind is bool:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
@@ -62,6 +64,9 @@ def build(cls: type, ns: argparse.Namespace, base: Any = None) -> Any:
 
 # -- the commands -------------------------------------------------------------------------------
 
+DEFAULT_PRESET = "cpu-small"
+"""The preset a command with presets starts from when no --preset is given."""
+
 COMMAND_MODULES = ("train", "eval.lm", "generate", "checkpoint", "eval.evaluate", "report.circuits", "sae.train",
                    "reproduce")
 """Where the commands live: each module registers its own as COMMAND (reproduce also REPORT_COMMAND)."""
@@ -84,10 +89,13 @@ def add_command(sub: argparse._SubParsersAction, command: Command) -> None:
                            type=list_type(arg.item) if arg.item else None)
         else:
             p.add_argument(arg.name, nargs=arg.nargs, choices=arg.choices, help=arg.help)
+    bases = {}
     if command.preset:
-        p.add_argument("--preset", default="cpu-small", help=f"one of {', '.join(PRESETS)} (default: cpu-small)")
+        p.add_argument("--preset", default=DEFAULT_PRESET, help=f"one of {', '.join(PRESETS)} (default: "
+                       f"{DEFAULT_PRESET}; the defaults below are its values)")
+        bases = {type(c): c for c in get_preset(DEFAULT_PRESET)}
     for cls in command.options:
-        add_fields(p, cls, cls.__doc__.splitlines()[0] if cls.__doc__ else cls.__name__)
+        add_fields(p, cls, cls.__doc__.splitlines()[0] if cls.__doc__ else cls.__name__, bases.get(cls))
     p.set_defaults(command=command)
 
 
