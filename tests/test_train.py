@@ -65,6 +65,32 @@ def test_resume_after_an_interruption_equals_training_straight(tmp_path, stories
     assert losses("split") == losses("straight")
 
 
+def test_a_longer_run_on_resume_continues_the_rate_it_had_reached(tmp_path, stories_dir, monkeypatch):
+    """Resumed with a larger max_steps, the rate used to jump back up (the cosine recomputed over the
+    new length: 0.00032 -> 0.0013); now it falls from where it was to the floor at the new end."""
+    import selfablate.train as tr_mod
+
+    model_cfg, tr = tiny(tmp_path, stories_dir, max_steps=10, checkpoint_interval=2, log_interval=1)
+    real_step = tr_mod.train_step
+
+    def dies_at_step_7(model, opt, batch, step, *args):
+        if step == 6:
+            raise KeyboardInterrupt
+        return real_step(model, opt, batch, step, *args)
+
+    monkeypatch.setattr(tr_mod, "train_step", dies_at_step_7)
+    with pytest.raises(KeyboardInterrupt):
+        train(model_cfg, tr)
+    monkeypatch.setattr(tr_mod, "train_step", real_step)
+    for max_steps in (20, 30):  # lengthened twice: the second resume starts from the first's curve
+        train(model_cfg, dataclasses.replace(tr, max_steps=max_steps, resume=True))
+    rates = [m["lr"] for m in read_metrics(tmp_path / "run") if "lr" in m]
+    assert len(rates) == 30, rates
+    assert rates[6] == pytest.approx(lr_at(6, tr))  # the step after the checkpoint: the rate it had reached
+    assert all(b <= a + 1e-12 for a, b in zip(rates[2:], rates[3:]))  # after the warm-up, it never rises
+    assert rates[18] > rates[19] >= rates[-1] == pytest.approx(tr.lr * tr.min_lr_ratio, rel=0.05)
+
+
 def test_existing_run_is_never_overwritten(tmp_path, stories_dir):
     model_cfg, tr = tiny(tmp_path, stories_dir, max_steps=2)
     train(model_cfg, tr)

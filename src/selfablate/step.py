@@ -45,12 +45,22 @@ LOSS_FIELDS = ("loss", "loss_clean", "loss_ablated", "loss_recon")
 """StepMetrics fields averaged over the ranks before logging."""
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warm-up to cfg.lr over warmup_steps, then cosine decay to lr * min_lr_ratio at max_steps."""
+Anchor = tuple[int, float]
+"""(step, learning rate) where a resumed run's length changed: from there the schedule is a cosine
+from that rate to the floor at the new max_steps, so the rate never jumps."""
+
+
+def lr_at(step: int, cfg: TrainConfig, anchor: Anchor | None = None) -> float:
+    """Linear warm-up to cfg.lr over warmup_steps, then cosine decay to lr * min_lr_ratio at max_steps.
+    With an anchor (s0, lr0) and step >= s0: lr0 -> the floor by a cosine over s0..max_steps."""
+    floor = cfg.lr * cfg.min_lr_ratio
+    if anchor is not None and step >= anchor[0]:
+        s0, lr0 = anchor
+        progress = min(1.0, (step - s0) / max(1, cfg.max_steps - s0))
+        return floor + (lr0 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
-    floor = cfg.lr * cfg.min_lr_ratio
     return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
@@ -103,10 +113,11 @@ def _forward_backward_update(model: torch.nn.Module, opt: torch.optim.Optimizer,
 
 
 def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, batch: tuple[Tensor, Tensor], step: int,
-               cfg: TrainConfig, device: torch.device, autocast) -> StepMetrics:
-    """One optimiser step on this process's batch, in cfg.grad_accum micro-batches. Nothing here
-    reads a value back from the device: the metrics stay tensors until someone reads them."""
-    lr = lr_at(step, cfg)
+               cfg: TrainConfig, device: torch.device, autocast, anchor: Anchor | None = None) -> StepMetrics:
+    """One optimiser step on this process's batch, in cfg.grad_accum micro-batches, at `lr_at`'s
+    rate. Nothing here reads a value back from the device: the metrics stay tensors until someone
+    reads them."""
+    lr = lr_at(step, cfg, anchor)
     for group in opt.param_groups:
         group["lr"] = lr
     x, y = (to_device(t, device) for t in batch)
@@ -125,9 +136,9 @@ class GraphedStep:
     """
 
     def __init__(self, model: torch.nn.Module, opt: torch.optim.Optimizer, cfg: TrainConfig,
-                 device: torch.device, autocast: Callable, warmup: int = 3):
+                 device: torch.device, autocast: Callable, warmup: int = 3, anchor: Anchor | None = None):
         self.model, self.opt, self.cfg, self.device, self.autocast = model, opt, cfg, device, autocast
-        self.warmup = warmup
+        self.warmup, self.anchor = warmup, anchor
         self.lr = torch.tensor(cfg.lr, dtype=torch.float32, device=device)  # the graph reads it
         for group in opt.param_groups:
             group["lr"] = self.lr
@@ -136,7 +147,7 @@ class GraphedStep:
         self.outputs: tuple[list[Tensor | None], Tensor | None] | None = None
 
     def __call__(self, batch: tuple[Tensor, Tensor], step: int) -> StepMetrics:
-        lr = lr_at(step, self.cfg)
+        lr = lr_at(step, self.cfg, self.anchor)
         self.lr.fill_(lr)
         if self.inputs is None:
             self.inputs = tuple(torch.empty_like(t, device=self.device) for t in batch)  # type: ignore[assignment]

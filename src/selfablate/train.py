@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import functools
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
@@ -29,8 +30,8 @@ from .metrics_log import MetricsLog
 from .model import SelfAblatingTransformer
 from .perf import keep_freed_memory
 from .runtime import autocast_for, configure, require_fits, resolve_device, use_compile
-from .step import (LOSS_FIELDS, GraphedStep, StepMetrics, graphs_apply, load_optimizer_state, lr_at, make_optimizer,
-                   train_step)
+from .step import (LOSS_FIELDS, Anchor, GraphedStep, StepMetrics, graphs_apply, load_optimizer_state, lr_at,
+                   make_optimizer, train_step)
 
 __all__ = ["LOSS_FIELDS", "StepMetrics", "TrainResult", "autocast_for", "lr_at", "make_optimizer", "train",
            "train_step"]
@@ -62,6 +63,8 @@ class RunState(NamedTuple):
     opt: torch.optim.AdamW
     data_rng: torch.Generator
     step: int
+    lr_anchor: Anchor | None = None
+    """Where a resume changed the run's length (`step.lr_at`), else None."""
 
 
 def refuse_incomplete(out: Path) -> None:
@@ -100,7 +103,23 @@ def start_or_resume(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.devi
     ts = state["train_state"]
     data_rng.set_state(ts["data_rng"])
     torch.set_rng_state(ts["torch_rng"])
-    return RunState(model, opt, data_rng, int(ts["step"]))
+    step = int(ts["step"])
+    return RunState(model, opt, data_rng, step, resumed_anchor(ckpt, ts, step, cfg))
+
+
+def resumed_anchor(ckpt: Path, ts: dict[str, Any], step: int, cfg: TrainConfig) -> Anchor | None:
+    """The run's schedule anchor, moved to `step` when this resume changes max_steps: from there the
+    rate falls from where it had reached to the floor at the new end, never jumping back up."""
+    anchor = ts.get("lr_anchor")
+    anchor = None if anchor is None else (int(anchor[0]), float(anchor[1]))
+    saved_max = int(ts.get("max_steps") or read_header(ckpt)["meta"].get("train", {}).get("max_steps", cfg.max_steps))
+    if saved_max == cfg.max_steps or step >= cfg.max_steps:
+        return anchor
+    lr = lr_at(step, dataclasses.replace(cfg, max_steps=saved_max), anchor)
+    if lr <= cfg.lr * cfg.min_lr_ratio:
+        print(f"selfablate: warning: {ckpt.parent} had finished its schedule; its added steps train at the floor "
+              f"rate {lr:g} (lr x min_lr_ratio)", file=sys.stderr)
+    return step, lr
 
 
 def keep_best(run: RunState, step: int, cfg: TrainConfig, evaluation: LossEval) -> None:
@@ -133,7 +152,8 @@ def save_run(run: RunState, step: int, cfg: TrainConfig, extra: dict[str, Any]) 
     if not all(bool(torch.isfinite(p).all()) for p in run.model.parameters()):
         raise DivergedError(f"a weight is not finite at step {step}: not saved; {_last_good(cfg)}")
     meta = {"train": dataclasses.asdict(cfg), "step": step, **extra}
-    state = {"step": step, "data_rng": run.data_rng.get_state(), "torch_rng": torch.get_rng_state()}
+    state = {"step": step, "data_rng": run.data_rng.get_state(), "torch_rng": torch.get_rng_state(),
+             "max_steps": cfg.max_steps, "lr_anchor": run.lr_anchor}
     return save_checkpoint(run.model, Path(cfg.out) / CHECKPOINT_DIR, meta=meta, optimizer=run.opt, train_state=state)
 
 
@@ -184,13 +204,14 @@ Stepper = Callable[[tuple[Tensor, Tensor], int], StepMetrics]
 """(this process's batch, step) -> the step's metrics."""
 
 
-def _stepper(trainee: torch.nn.Module, opt: torch.optim.Optimizer, cfg: TrainConfig, graphed: bool,
+def _stepper(trainee: torch.nn.Module, run: RunState, cfg: TrainConfig, graphed: bool,
              device: torch.device) -> Stepper:
     """The run's steps: captured once as a CUDA graph and replayed (`step.GraphedStep`), or eager."""
     if graphed:
-        return GraphedStep(trainee, opt, cfg, device, autocast_for(device, cfg.precision, cache=False))
+        return GraphedStep(trainee, run.opt, cfg, device, autocast_for(device, cfg.precision, cache=False),
+                           anchor=run.lr_anchor)
     autocast = autocast_for(device, cfg.precision)
-    return lambda batch, step: train_step(trainee, opt, batch, step, cfg, device, autocast)
+    return lambda batch, step: train_step(trainee, run.opt, batch, step, cfg, device, autocast, run.lr_anchor)
 
 
 def _log_step(m: StepMetrics, dist: distributed.Dist, device: torch.device, log: MetricsLog | None, bar,
@@ -244,7 +265,7 @@ def _train(model_cfg: ModelConfig, cfg: TrainConfig, cache_dir: Path | None, dis
     run = start_or_resume(data.model_cfg, cfg, device, capturable=graphed)
     start = run.step
     attach_vocab(run.model, data.vocab, resumed=run.step > 0)
-    stepper = _stepper(_trainee(run.model, cfg, dist, device), run.opt, cfg, graphed, device)
+    stepper = _stepper(_trainee(run.model, cfg, dist, device), run, cfg, graphed, device)
     log = MetricsLog(Path(cfg.out), cfg.logger, keep_until=run.step, config={
         "model": dataclasses.asdict(data.model_cfg), "train": dataclasses.asdict(cfg)}) if dist.main else None
     evaluate = functools.partial(evaluate_loss, run.model, eval_set, device, autocast)
