@@ -20,7 +20,8 @@ def softmax_probe(x_train: Tensor, y_train: Tensor, x_test: Tensor, y_test: Tens
                   seed: int = 0) -> dict[str, float]:
     """Multinomial logistic regression trained with minibatch Adam (seeded), early-stopped on the
     CE of a held-back fifth of the training positions (so a probe on uninformative features ends
-    near the class prior instead of overfitting); held-out CE (nats) and accuracy on the test set."""
+    near the class prior instead of overfitting); held-out CE (nats) and accuracy on the test set,
+    and whether it learned at all (some epoch beat its start, the prior of the fitted positions)."""
     g = torch.Generator().manual_seed(seed)  # a CPU generator: the order is the same on every device
     n_val = max(1, len(y_train) // 5)
     x_fit, y_fit, x_val, y_val = x_train[n_val:], y_train[n_val:], x_train[:n_val], y_train[:n_val]
@@ -28,6 +29,7 @@ def softmax_probe(x_train: Tensor, y_train: Tensor, x_test: Tensor, y_test: Tens
     b = torch.log(torch.bincount(y_fit, minlength=n_classes).float() + 1).requires_grad_()  # start at the prior
     opt = torch.optim.Adam([w, b], lr=lr, weight_decay=weight_decay)
     best = (F.cross_entropy(x_val @ w + b, y_val).item(), w.detach().clone(), b.detach().clone())
+    learned = False
     for _ in range(epochs):
         for idx in torch.randperm(len(y_fit), generator=g, device="cpu").to(x_fit.device).split(batch_size):
             opt.zero_grad()
@@ -36,12 +38,12 @@ def softmax_probe(x_train: Tensor, y_train: Tensor, x_test: Tensor, y_test: Tens
         with torch.no_grad():
             val = F.cross_entropy(x_val @ w + b, y_val).item()
         if val < best[0]:
-            best = (val, w.detach().clone(), b.detach().clone())
+            best, learned = (val, w.detach().clone(), b.detach().clone()), True
     _, w_best, b_best = best
     with torch.no_grad():
         logits = x_test @ w_best + b_best
         return {"ce": F.cross_entropy(logits, y_test).item(),
-                "accuracy": (logits.argmax(-1) == y_test).float().mean().item()}
+                "accuracy": (logits.argmax(-1) == y_test).float().mean().item(), "learned": learned}
 
 
 def one_hot_classes(ids: Tensor, classes: Tensor, n_classes: int) -> Tensor:
@@ -75,9 +77,14 @@ def leakage_probe(mask_bits: Tensor, random_bits: Tensor, current: Tensor, targe
     results = {name: softmax_probe(x[train], y[train], x[test], y[test], n_classes, epochs, seed=seed)
                for name, x in feats.items()}
     results["prior"] = {"ce": prior_ce, "accuracy": float((y[test] == int(prior[:-1].argmax())).float().mean())}
-    gain = results["random_mask"]["ce"] - results["mask"]["ce"]
+    # A probe that never beat its start (too few positions for the classes) measures nothing: then
+    # the output says so instead of a gain (the mask's and the random mask's CE would both be the
+    # prior of the fitted positions, equal to many digits).
+    learned = results["mask"]["learned"] or results.get("clean_residual", {}).get("learned", False)
+    gain = results["random_mask"]["ce"] - results["mask"]["ce"] if learned else None
     out = {"classes": n_classes, "train_positions": int(y[train].numel()), "test_positions": int(y[test].numel()),
-           "probes": results, "mask_gain_over_random_nats": gain}
+           "probes": results, "status": "ok" if learned else "probe did not learn", "mask_gain_over_random_nats": gain}
     if residual is not None:  # 1: the mask exposes all the clean stream's next-token knowledge
-        out["mask_share_of_residual_gain"] = gain / max(1e-9, results["random_mask"]["ce"] - results["clean_residual"]["ce"])
+        ceiling = results["random_mask"]["ce"] - results["clean_residual"]["ce"]
+        out["mask_share_of_residual_gain"] = None if gain is None else gain / max(1e-9, ceiling)
     return out

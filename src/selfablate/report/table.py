@@ -46,7 +46,7 @@ def model_metrics(out: Path, name: str) -> dict[str, float]:
         m["localisation"] = ev["localisation"]["fraction"]
         m["selectivity"] = float(np.mean(ev["specialisation"]["mean_selectivity"]))
         m["hoyer"] = float(np.mean(ev["sparsity"]["mlp_activations"]["hoyer"]))
-        if "mask_share_of_residual_gain" in ev.get("leakage", {}):
+        if ev.get("leakage", {}).get("mask_share_of_residual_gain") is not None:  # None: the probe did not learn
             m["probe_mask_share"] = ev["leakage"]["mask_share_of_residual_gain"]
     circ = load_json(out / "circuits" / name / "circuit.json")
     if circ:
