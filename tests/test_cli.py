@@ -142,6 +142,10 @@ def test_every_command_has_working_help(capsys):
     (["train", "--preset", "tiny", "--batch-size", "1000000000000"], "GiB, more than the"),
     (["train", "--preset", "tiny", "--d-mlp", "1000000000000"], "GiB, more than the"),
     (["train", "--preset", "tiny", "--eval-batches", "1000000000000"], "GiB, more than the"),
+    (["train", "--preset", "tiny", "--n-layers", "1000000000000"], "GiB, more than the"),
+    (["evaluate", "{run}", "--bootstrap", "1000000000000"], "bootstrap must be at most 100,000"),
+    (["sae", "train", "{run}", "--expansion", "1000000000000", "--pool-tokens", "512", "--no-progress"],
+     "an SAE of 1000000000000 x 32 latents needs about"),
 ])
 def test_bad_options_get_one_line_before_any_compute(trained, capsys, argv, msg):
     code, out, err = run(capsys, *[a.format(run=trained) for a in argv])

@@ -36,6 +36,10 @@ from .probe import leakage_probe
 from ..data.vocab import to_gpt2_ids, token_lookup
 
 
+MAX_BOOTSTRAP = 100_000
+"""The most bootstrap resamples `evaluate` takes (see EvalConfig.bootstrap)."""
+
+
 @dataclass(frozen=True)
 class EvalConfig:
     """Options of `selfablate evaluate`."""
@@ -51,7 +55,8 @@ class EvalConfig:
     max_tokens: int = 0
     """Evaluate only the first this many tokens of the split; 0: the whole split."""
     bootstrap: int = 1000
-    """Bootstrap resamples (over sequences) for the 95% intervals."""
+    """Bootstrap resamples (over sequences) for the 95% intervals (at most 100,000: each draws one
+    index per sequence, and the interval's own Monte Carlo error is negligible long before)."""
     seed: int = 0
     """Seed for random-mask controls, bootstrap and probes."""
     top_examples: int = 20
@@ -79,6 +84,7 @@ class EvalConfig:
             require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         require(self.max_tokens >= 0, f"max_tokens must be >= 0, got {self.max_tokens}")
         require(self.seed >= 0, f"seed must be >= 0, got {self.seed}")
+        require(self.bootstrap <= MAX_BOOTSTRAP, f"bootstrap must be at most {MAX_BOOTSTRAP:,}, got {self.bootstrap}")
         require(self.probe_positions >= 2, f"probe_positions must be >= 2 (half train the probe, half test it), "
                                            f"got {self.probe_positions}")
         require(self.activation_eps >= 0, f"activation_eps must be >= 0, got {self.activation_eps}")

@@ -22,6 +22,7 @@ from ..data.vocab import token_lookup
 from .. import runlock
 from ..files import write_text_atomically
 from ..model import SelfAblatingTransformer, Stream
+from ..runtime import require_fits
 from . import metrics as M
 from .buffer import ActivationBuffer, check_hook, hook_activations
 from .model import SAE, SAEConfig, sae_loss, save_sae
@@ -109,6 +110,9 @@ def train_sae(model: SelfAblatingTransformer, windows: TokenWindows, cfg: SAETra
     pool = min(cfg.pool_tokens, cfg.steps * cfg.batch_tokens)
     buffer = ActivationBuffer(model, windows, cfg.hook, max(1, 4096 // windows.seq_len), pool, gen)
     d_in = buffer.pool.shape[-1]
+    # Weights, gradients and Adam's moments of both matrices, and a batch's latents a few times over.
+    require_fits(4 * (4 * 2 * cfg.expansion * d_in * d_in + 3 * cfg.batch_tokens * cfg.expansion * d_in), device,
+                 f"an SAE of {cfg.expansion} x {d_in} latents")
     scfg = SAEConfig(d_in, cfg.expansion * d_in, cfg.kind, cfg.k, cfg.hook, input_scale(buffer.pool, cfg.input_scaling),
                      cfg.subtract_b_dec)
     with torch.device("cpu"):  # the same initial weights on every device
