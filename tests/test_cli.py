@@ -144,6 +144,9 @@ def test_every_command_has_working_help(capsys):
     (["train", "--preset", "tiny", "--eval-batches", "1000000000000"], "GiB, more than the"),
     (["train", "--preset", "tiny", "--n-layers", "1000000000000"], "GiB, more than the"),
     (["evaluate", "{run}", "--bootstrap", "1000000000000"], "bootstrap must be at most 100,000"),
+    (["generate", "{run}", "--max-new-tokens", "1000000000000"], "max_new_tokens must be in 1..100,000"),
+    (["circuits", "{run}", "--pairs", "1000000000000"], "pairs must be at most 100,000"),
+    (["circuits", "{run}", "--ig-steps", "1000000000000"], "ig_steps must be in 1..1000"),
     (["sae", "train", "{run}", "--expansion", "1000000000000", "--pool-tokens", "512", "--no-progress"],
      "an SAE of 1000000000000 x 32 latents needs about"),
 ])

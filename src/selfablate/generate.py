@@ -100,7 +100,8 @@ class GenerateOptions:
         require_finite(self)
         require(self.prompt.strip() != "", "prompt must not be empty")
         require("<|endoftext|>" not in self.prompt, "prompt must not hold <|endoftext|> (the story separator)")
-        require(self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        require(1 <= self.max_new_tokens <= 100_000, f"max_new_tokens must be in 1..100,000 (one forward pass "
+                                                        f"each), got {self.max_new_tokens}")
         require(math.isfinite(self.temperature) and self.temperature >= 0,
                 f"temperature must be a finite number >= 0, got {self.temperature}")
         require(self.top_k >= 0, f"top_k must be >= 0 (0: all), got {self.top_k}")

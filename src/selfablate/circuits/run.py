@@ -60,12 +60,14 @@ class CircuitConfig:
         check_lists(self)
         require(all(t >= 0 for t in self.sweep), f"every tau of sweep must be >= 0, got {self.sweep}")
         require(self.pairs >= 2 and self.batch >= 2, f"pairs and batch must be >= 2, got {self.pairs}, {self.batch}")
+        require(self.pairs <= 100_000, f"pairs must be at most 100,000 (ACDC patches every edge over all of "
+                                       f"them), got {self.pairs}")
         require(len(self.split) == 2 and self.split[0] >= 2 and self.split[1] >= 0,
                 f"split must be two numbers, train >= 2 and test >= 0; got {self.split}")
         require(is_prompt_set(self.prompts),
                 f"prompts must be templates, authors or a prompt file; {self.prompts!r} is none of these")
         require(self.tau >= 0, f"tau must be >= 0, got {self.tau}")
-        require(self.ig_steps >= 1, f"ig_steps must be >= 1, got {self.ig_steps}")
+        require(1 <= self.ig_steps <= 1000, f"ig_steps must be in 1..1000 (a backward pass each), got {self.ig_steps}")
         require(self.top_edges >= 1, f"top_edges must be >= 1, got {self.top_edges}")
         require(self.seed >= 0, f"seed must be >= 0, got {self.seed}")
 
