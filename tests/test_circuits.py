@@ -243,4 +243,4 @@ def test_circuits_on_the_authors_prompts_from_the_command_line(tmp_path, setup, 
     assert r["prompts"] == {"discovery": 4, "held_out": 6} and set(r["ioi_test"]) == {"clean", "ablated"}
     assert r["prompts_sample"][0] == "After Joy and Rose went to the hospital, Joy gave a snack to"  # seed-42 order
     code = main(["circuits", str(tmp_path / "ckpt"), "--out", str(tmp_path / "d"), "--prompts", "missing.json"])
-    assert code == 2 and "prompts must be templates, authors or a prompt file" in capsys.readouterr().err
+    assert code == 2 and "the prompt file missing.json does not exist" in capsys.readouterr().err

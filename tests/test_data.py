@@ -222,3 +222,15 @@ def test_result_files_are_readable_like_checkpoints(tmp_path):
     finally:
         os.umask(mask)
     assert path.stat().st_mode & 0o777 == 0o644
+
+
+def test_a_txt_file_of_random_bytes_gets_a_warning(tmp_path, capsys):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    noise = bytes(np.random.default_rng(0).integers(0, 256, 20000, dtype=np.uint8))
+    (folder / "train.txt").write_bytes(noise)
+    (folder / "valid.txt").write_text("Once upon a time there was a cat.\n")
+    tokenize_split(resolve_source(str(folder)), "train", tmp_path / "cache", progress=False)
+    assert "characters are not UTF-8 text" in capsys.readouterr().err
+    tokenize_split(resolve_source(str(folder)), "valid", tmp_path / "cache", progress=False)
+    assert capsys.readouterr().err == ""  # real text: no warning

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from .config import (Arg, Command, ModelConfig, TrainConfig, check_choice, check_lists, field_type, get_preset,
                      list_item_type, parse_list, require, require_finite)
 from . import runlock
-from .circuits.prompt_file import is_prompt_set
+from .circuits.prompt_file import is_prompt_set, why_not_prompt_set
 from .files import check_output_folder, write_text_atomically
 from .errors import ConfigError, SelfAblateError
 
@@ -82,7 +82,7 @@ class ReproduceConfig:
         check_choice(self, "precision")
         require(all(k >= 1 for k in self.ks), f"every k must be >= 1, got {self.ks}")
         require(self.ioi_prompts == "auto" or is_prompt_set(self.ioi_prompts),
-                f"ioi_prompts must be auto, templates, authors or a prompt file; got {self.ioi_prompts!r}")
+                f"ioi_prompts must be auto, templates, authors or a prompt file: {why_not_prompt_set(self.ioi_prompts)}")
         require(self.max_steps >= 0 and self.eval_max_tokens >= 0 and self.sae_steps >= 0 and self.sae_eval_tokens >= 1,
                 "max_steps, eval_max_tokens and sae_steps must be >= 0, sae_eval_tokens >= 1")
         model = get_preset(self.preset)[0]

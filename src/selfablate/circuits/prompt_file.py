@@ -50,6 +50,16 @@ def is_prompt_set(name: str) -> bool:
     return name in ("templates", AUTHORS) or Path(name).is_file()
 
 
+def why_not_prompt_set(name: str) -> str:
+    """Why `name` selects no IOI prompts, in words for a one-line error."""
+    path = Path(name)
+    if path.is_dir():
+        return f"{name} is a folder, not a prompt file"
+    if path.suffix or "/" in name:
+        return f"the prompt file {name} does not exist"
+    return f"{name!r} is neither templates, authors nor a prompt file"
+
+
 def authors_file() -> Path:
     return Path(str(resources.files("selfablate.circuits").joinpath("prompts/autocircuit_ioi_customized_prompts.json")))
 

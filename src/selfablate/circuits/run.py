@@ -17,7 +17,7 @@ from ..model import SelfAblatingTransformer
 from .patching import EdgeGraph
 from .discovery import acdc, check_answers, eap_ig_scores, eap_scores, kl_with_mask, make_task
 from .ioi import IOIBatch, ioi_behaviour, ioi_prompts
-from .prompt_file import is_prompt_set, load_prompt_file
+from .prompt_file import is_prompt_set, load_prompt_file, why_not_prompt_set
 
 
 @dataclass(frozen=True)
@@ -64,8 +64,8 @@ class CircuitConfig:
                                        f"them), got {self.pairs}")
         require(len(self.split) == 2 and self.split[0] >= 2 and self.split[1] >= 0,
                 f"split must be two numbers, train >= 2 and test >= 0; got {self.split}")
-        require(is_prompt_set(self.prompts),
-                f"prompts must be templates, authors or a prompt file; {self.prompts!r} is none of these")
+        require(is_prompt_set(self.prompts), f"prompts must be templates, authors or a prompt file: "
+                                             f"{why_not_prompt_set(self.prompts)}")
         require(self.tau >= 0, f"tau must be >= 0, got {self.tau}")
         require(1 <= self.ig_steps <= 1000, f"ig_steps must be in 1..1000 (a backward pass each), got {self.ig_steps}")
         require(self.top_edges >= 1, f"top_edges must be >= 1, got {self.top_edges}")

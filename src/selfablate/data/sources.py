@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import lzma
+import sys
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,11 +58,18 @@ def read_stories(path: Path) -> Iterator[str]:
                         "check the file") from None
 
 
+NOT_TEXT_WARNING = 0.01
+"""A .txt file with more than this share of bytes that are not UTF-8 gets a warning (they are
+read as U+FFFD and tokenised all the same)."""
+
+
 def _txt_stories(path: Path) -> Iterator[str]:
     lines: list[str] = []
     opener = lzma.open if path.suffix == ".xz" else open
+    chars = replaced = 0
     with opener(path, "rt", encoding="utf-8", errors="replace") as f:
         for line in f:
+            chars, replaced = chars + len(line), replaced + line.count("\ufffd")
             if line.strip() == EOT_LINE:
                 if text := "".join(lines).strip():
                     yield text
@@ -70,6 +78,9 @@ def _txt_stories(path: Path) -> Iterator[str]:
                 lines.append(line)
     if text := "".join(lines).strip():
         yield text
+    if replaced > NOT_TEXT_WARNING * max(1, chars):
+        print(f"selfablate: warning: {replaced / chars:.0%} of {path}'s characters are not UTF-8 text "
+              "(read as U+FFFD): is it the data you meant?", file=sys.stderr)
 
 
 def _jsonl_stories(path: Path) -> Iterator[str]:
