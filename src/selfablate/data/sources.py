@@ -9,8 +9,8 @@ from __future__ import annotations
 import hashlib
 import json
 import lzma
-import sys
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Literal, Protocol
