@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from .config import Arg, Command, ModelConfig, config_from_dict
 from .errors import CheckpointError, ConfigError
+from .files import umask
 from .model import SelfAblatingTransformer
 
 FORMAT = "selfablate-checkpoint"
@@ -63,15 +64,14 @@ def remove_orphans(folder: str | os.PathLike) -> None:
 def _write_dir_atomically(target: Path, write: Callable[[Path], None]) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    umask = os.umask(0)
-    os.umask(umask)
+    mask = umask()
     try:
         write(tmp)
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
-            os.chmod(f, 0o666 & ~umask)  # mkstemp-style private modes are not wanted here
-        os.chmod(tmp, 0o777 & ~umask)
+            os.chmod(f, 0o666 & ~mask)  # mkstemp-style private modes are not wanted here
+        os.chmod(tmp, 0o777 & ~mask)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -21,7 +21,7 @@ def write_text_atomically(path: str | os.PathLike, text: str) -> Path:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 is for secrets; results are read like checkpoints
+        os.chmod(tmp, 0o666 & ~umask())  # mkstemp's 0600 is for secrets; results are read like checkpoints
         os.replace(tmp, path)
     except OSError as e:
         Path(tmp).unlink(missing_ok=True)
@@ -29,7 +29,9 @@ def write_text_atomically(path: str | os.PathLike, text: str) -> Path:
     return path
 
 
-def _umask() -> int:
+def umask() -> int:
+    """The process's umask (read by setting it and putting it back): the modes a plain open() or
+    mkdir() would give, for files written through mkstemp/mkdtemp's private ones."""
     mask = os.umask(0)
     os.umask(mask)
     return mask

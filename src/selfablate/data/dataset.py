@@ -83,8 +83,9 @@ def tokenize_split(source: Source, split: Split, cache_dir: Path | None = None, 
 def _drop_if_damaged(path: Path) -> None:
     """A cache is renamed into place whole, so one that is empty or of an odd size (uint16 tokens)
     was damaged afterwards (a truncation, a disk error): it is removed, and tokenised again."""
-    if path.is_file() and (path.stat().st_size == 0 or path.stat().st_size % 2):
-        print(f"selfablate: warning: the token cache {path} is damaged ({path.stat().st_size} bytes); "
+    size = path.stat().st_size if path.is_file() else None
+    if size is not None and (size == 0 or size % 2):
+        print(f"selfablate: warning: the token cache {path} is damaged ({size} bytes); "
               "tokenising again", file=sys.stderr)
         try:
             path.unlink()

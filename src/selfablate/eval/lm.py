@@ -112,7 +112,7 @@ def _command(opts: EvalLossOptions, checkpoint: str) -> None:
     windows = TokenWindows(tokenize_split(resolve_source(opts.data), opts.split), model.cfg.n_ctx, token_lookup(model),
                            opts.split)
     limit = opts.max_batches * opts.batch_size if opts.max_batches else None
-    unk = unknown_share(token_lookup(model), windows.tokens[: None if limit is None else limit * model.cfg.n_ctx + 1])
+    unk = unknown_share(windows.lookup, windows.tokens[: None if limit is None else limit * model.cfg.n_ctx + 1])
     if unk > UNKNOWN_WARNING:
         print(f"selfablate: warning: {unk:.1%} of these tokens are <unk> to this model (its compact vocabulary, "
               "from its training data, lacks them): the loss is not comparable with other data's", file=sys.stderr)

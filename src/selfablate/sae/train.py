@@ -22,7 +22,7 @@ from ..data.vocab import token_lookup
 from .. import runlock
 from ..files import write_text_atomically
 from ..model import SelfAblatingTransformer, Stream
-from ..runtime import require_fits
+from ..runtime import require_fits, resolve_device
 from . import metrics as M
 from .buffer import ActivationBuffer, check_hook, hook_activations
 from .model import SAE, SAEConfig, sae_loss, save_sae
@@ -227,10 +227,6 @@ def run_sae_train(checkpoint: str, cfg: SAETrainConfig) -> dict[str, Any]:
 
 
 def _sae_train(checkpoint: str, cfg: SAETrainConfig) -> dict[str, Any]:
-    import json
-
-    from ..runtime import resolve_device
-
     t0 = time.perf_counter()
     model = load_checkpoint(checkpoint, device=resolve_device(cfg.device)).eval()
     cfg = cfg if cfg.hook else dataclasses.replace(cfg, hook=default_hook(model))
@@ -271,8 +267,6 @@ def run_sae_sweep(checkpoint: str, cfg: SAETrainConfig, values: list[float]) -> 
 
 
 def _sae_sweep(checkpoint: str, cfg: SAETrainConfig, values: list[float]) -> list[dict[str, Any]]:
-    import json
-
     rows = []
     for v in values:
         knob = {"l1_coef": v} if cfg.kind == "relu" else {"k": int(v)}
@@ -287,8 +281,6 @@ def _sae_sweep(checkpoint: str, cfg: SAETrainConfig, values: list[float]) -> lis
 
 
 def _command(cfg: SAETrainConfig, action: str, checkpoint: str, values: tuple[float, ...]) -> None:
-    import json
-
     if action == "train":
         result = run_sae_train(checkpoint, cfg)
         m = result["metrics"]
