@@ -13,7 +13,10 @@ pytestmark = pytest.mark.usefixtures("backend")  # each test on both backends (c
 
 
 def run(capsys, *argv):
-    code = main([str(a) for a in argv])
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
     out = capsys.readouterr()
     return code, out.out, out.err
 
@@ -143,6 +146,16 @@ def test_every_command_has_working_help(capsys):
     (["train", "--preset", "tiny", "--d-mlp", "1000000000000"], "GiB, more than the"),
     (["train", "--preset", "tiny", "--eval-batches", "1000000000000"], "GiB, more than the"),
     (["train", "--preset", "tiny", "--n-layers", "1000000000000"], "GiB, more than the"),
+    (["train", "--preset", "tiny", "--n-ctx", "1000000000000"], "GiB, more than the"),
+    (["train", "--preset", "tiny", "--seq-len", "1000000000000"], "GiB, more than the"),
+    (["train", "--preset", "tiny", "--d-model", "1000000000000"], "GiB, more than the"),
+    (["sae", "train", "{run}", "--batch-tokens", "1000000000000", "--pool-tokens", "512", "--no-progress"],
+     "latents needs about"),
+    (["train", "--lr", "word"], "argument --lr: invalid float value: 'word' (see selfablate train --help)"),
+    (["generate", "{run}", "--seed", "-1"], "seed must be >= 0"),
+    (["sae", "train", "{run}", "--seed", "-1"], "seed must be >= 0"),
+    (["reproduce", "--tau", "-1"], "tau and every tau of tau_sweep must be >= 0"),
+    (["evaluate", "{run}", "--top-examples", "1000000000000"], "top_examples must be at most 10,000"),
     (["evaluate", "{run}", "--bootstrap", "1000000000000"], "bootstrap must be at most 100,000"),
     (["generate", "{run}", "--max-new-tokens", "1000000000000"], "max_new_tokens must be in 1..100,000"),
     (["circuits", "{run}", "--pairs", "1000000000000"], "pairs must be at most 100,000"),
@@ -187,6 +200,26 @@ def test_an_out_that_is_a_file_is_refused_before_any_compute(tmp_path, capsys):
                  ["circuits", tmp_path, "--out", f], ["sae", "train", tmp_path, "--out", f]):
         code, _, err = run(capsys, *argv)
         assert code == 2 and f"--out {f} is a file" in err and len(err.strip().splitlines()) == 1, (argv, err)
+    code, _, err = run(capsys, "train", "--preset", "tiny", "--out", f / "sub")
+    assert code == 2 and f"--out {f / 'sub'}: {f} is a file, not a folder" in err, err
+
+
+def test_sigterm_says_so_in_one_line_and_the_run_resumes(stories_dir, tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "selfablate.cli", "train", "--preset", "tiny", "--data",
+                             str(stories_dir), "--out", str(out), "--max-steps", "100000", "--log-interval", "1",
+                             "--checkpoint-interval", "5", "--no-progress"], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (out / "checkpoint" / "config.json").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 143 and err.strip().splitlines()[-1].startswith("selfablate: terminated (SIGTERM)"), err
+    assert "Traceback" not in err
+    assert main(["train", "--out", str(out), "--resume", "--max-steps", "12", "--no-progress"]) == 0
 
 
 def _float_flags():

@@ -8,6 +8,7 @@ for the instant between the two renames, which `load_checkpoint` also accepts).
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 import shutil
@@ -50,8 +51,17 @@ def save_checkpoint(model: SelfAblatingTransformer, path: str | os.PathLike, *,
     try:
         return _write_dir_atomically(Path(path), write)
     except (OSError, SafetensorError, RuntimeError) as e:
-        raise CheckpointError(f"could not write the checkpoint {path} ({_first_line(e)}); the previous one, "
+        raise CheckpointError(f"could not write the checkpoint {path} ({_write_error(e)}); the previous one, "
                               "if any, is intact") from None
+
+
+def _write_error(e: BaseException) -> str:
+    """Why a write failed, in words: torch.save reports a full disk as a short write in its zip
+    writer ("enforce fail at inline_container.cc ... unexpected pos"), which says nothing to a user."""
+    short_write = isinstance(e, RuntimeError) and ("unexpected pos" in str(e) or "file write failed" in str(e))
+    if short_write or (isinstance(e, OSError) and e.errno == errno.ENOSPC):
+        return "the disk is full, or the file system refused the write"
+    return _first_line(e)
 
 
 def remove_orphans(folder: str | os.PathLike) -> None:

@@ -7,9 +7,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import signal
 import sys
+import threading
 import warnings
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Callable, Literal, NoReturn, Sequence
 
 from .config import PRESETS, Command, field_docs, field_type, get_preset, list_item_type, literal_choices, parse_list
 from .errors import SelfAblateError
@@ -113,8 +115,15 @@ def run(command: Command, ns: argparse.Namespace) -> None:
 # -- parser -----------------------------------------------------------------------------------
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse's errors as one line (its usage of a command runs to 30 lines and hides the error)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="selfablate", description="Train self-ablating transformers and evaluate their interpretability.")
+    parser = OneLineParser(prog="selfablate", description="Train self-ablating transformers and evaluate their interpretability.")
     sub = parser.add_subparsers(dest="command_name", required=True, metavar="COMMAND")
     for command in commands():
         add_command(sub, command)
@@ -140,18 +149,33 @@ def _kernel_warnings_on_one_line() -> None:
     warnings.showwarning = show
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's or torchrun's stop), raised where the process is, like Ctrl-C."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ns = make_parser().parse_args(argv)
     _kernel_warnings_on_one_line()
+    # Only the main thread may set a handler; elsewhere (a thread of a host program) SIGTERM stays its own.
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if main_thread else None
     try:
         run(ns.command, ns)
     except SelfAblateError as e:
         print(f"selfablate: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("selfablate: interrupted; what was finished is intact (train: continue with --resume; reproduce: "
+    except KeyboardInterrupt as e:
+        what = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
+        print(f"selfablate: {what}; what was finished is intact (train: continue with --resume; reproduce: "
               "run the same command again)", file=sys.stderr)
-        return 130
+        return 143 if isinstance(e, Terminated) else 130
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
     return 0
 
 

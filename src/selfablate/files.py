@@ -43,5 +43,7 @@ def check_output_folder(out: str | os.PathLike) -> None:
     if path.exists() and not path.is_dir():
         raise SelfAblateError(f"--out {path} is a file, not a folder")
     existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise SelfAblateError(f"--out {path}: {existing} is a file, not a folder")
     if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
         raise SelfAblateError(f"--out {path}: {existing} is not writable")

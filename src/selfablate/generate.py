@@ -105,6 +105,7 @@ class GenerateOptions:
         require(math.isfinite(self.temperature) and self.temperature >= 0,
                 f"temperature must be a finite number >= 0, got {self.temperature}")
         require(self.top_k >= 0, f"top_k must be >= 0 (0: all), got {self.top_k}")
+        require(self.seed >= 0, f"seed must be >= 0, got {self.seed}")
         check_choice(self, "stream")
         check_choice(self, "device")
 

@@ -90,6 +90,8 @@ class ReproduceConfig:
                 f"sae_layer must be in {-model.n_layers}..{model.n_layers - 1} for the {self.preset} preset's "
                 f"{model.n_layers} layers, got {self.sae_layer}")
         require(all(s >= 0 for s in self.seeds), f"every seed must be >= 0, got {self.seeds}")
+        require(self.tau >= 0 and all(t >= 0 for t in self.tau_sweep),
+                f"tau and every tau of tau_sweep must be >= 0, got {self.tau} and {self.tau_sweep}")
         require(2 <= self.circuit_prompts <= 100_000, f"circuit_prompts must be in 2..100,000, got {self.circuit_prompts}")
 
     def sae_coefs(self) -> list[float]:

@@ -82,6 +82,8 @@ class EvalConfig:
         require_finite(self)
         for name in ("batch_size", "bootstrap", "top_examples", "frequent_tokens", "probe_classes", "localisation_tokens"):
             require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        require(self.top_examples <= 10_000, f"top_examples must be at most 10,000 (kept per neuron), got "
+                                             f"{self.top_examples}")
         require(self.max_tokens >= 0, f"max_tokens must be >= 0, got {self.max_tokens}")
         require(self.seed >= 0, f"seed must be >= 0, got {self.seed}")
         require(self.bootstrap <= MAX_BOOTSTRAP, f"bootstrap must be at most {MAX_BOOTSTRAP:,}, got {self.bootstrap}")

@@ -82,6 +82,7 @@ class SAETrainConfig:
             require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         require(self.lr > 0 and self.l1_coef >= 0, "lr must be > 0 and l1_coef >= 0")
         require(0 <= self.l1_warmup <= 1, f"l1_warmup must be in [0, 1], got {self.l1_warmup}")
+        require(self.seed >= 0, f"seed must be >= 0, got {self.seed}")
         for name in ("kind", "input_scaling", "device", "b_dec_init"):
             check_choice(self, name)
 
