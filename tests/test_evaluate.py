@@ -165,3 +165,40 @@ def test_summary_keeps_every_model_whose_json_is_in_the_folder(evaluated, checkp
     assert [r["model"] for r in rows] == ["other"]
     with open(mine / "summary.csv") as f:
         assert [r["model"] for r in csv.DictReader(f)] == ["other", "local", "none"]
+
+
+def test_the_evaluation_pass_reads_nothing_back_while_it_runs(checkpoints, stories_dir):
+    """On CUDA's path, `one_pass` over many batches makes no host read (a value read as a number, a
+    data-sized selection, a tensor handed to Python or copied to the host): each would stall a GPU.
+    Its sums stay on the device until the results are made."""
+    from torch.overrides import TorchFunctionMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from selfablate import ops
+    from selfablate.eval.evaluate import one_pass
+
+    syncs = {"_local_scalar_dense", "nonzero", "masked_select", "is_nonzero", "unique", "_unique2", "bincount"}
+    reads = []
+
+    class Ops(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ in syncs:
+                reads.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    class Methods(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if getattr(func, "__name__", "") in ("tolist", "numpy", "cpu", "item"):
+                reads.append("Tensor." + func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    for checkpoint in checkpoints:
+        model = load_checkpoint(checkpoint)
+        windows = TokenWindows(tokenize_split(resolve_source(str(stories_dir)), "valid", progress=False),
+                               model.cfg.n_ctx, token_lookup(model))
+        cfg = EvalConfig(out="", batch_size=2, progress=False)
+        with ops.use_backend("torch"), ops.device_policy_as("cuda"), Ops(), Methods():
+            acc = one_pass(model, windows, cfg, n_windows=8)  # 4 batches
+        assert reads.count("Tensor.tolist") <= 1 and len(reads) - reads.count("Tensor.tolist") == 0, reads
+        reads.clear()
+        assert acc["acts"].n == 8 * model.cfg.n_ctx

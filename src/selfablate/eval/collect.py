@@ -45,7 +45,8 @@ class BatchView(NamedTuple):
 
 def _random_mask_hook(k: int, generator: torch.Generator, store: dict, key: str):
     def hook(mask: Tensor, hp) -> Tensor:
-        noise = torch.rand(mask.shape, generator=generator, device="cpu").to(mask.device)
+        # drawn where the mask is (the generator lives there): no host round trip per layer
+        noise = torch.rand(mask.shape, generator=generator, device=mask.device)
         store.setdefault(key, []).append(r := hard_topk(noise, k))
         return r
 
@@ -78,27 +79,35 @@ def run_batch(model: SelfAblatingTransformer, x: Tensor, y: Tensor, generator: t
 
 
 # -- accumulators -----------------------------------------------------------------------------
+# Each keeps its sums on the model's device and reads nothing back while the pass runs (a read
+# makes the host wait for the device); `result` moves them to the host once.
+
+
+def sum_dtype(device: torch.device) -> torch.dtype:
+    """Float64 sums, where the device has them (MPS has no float64)."""
+    return torch.float32 if device.type == "mps" else torch.float64
 
 
 class LossAccumulator:
     """Per-sequence loss sums, for means with bootstrap intervals over sequences."""
 
     def __init__(self) -> None:
-        self.sums: dict[str, list[float]] = {"clean": [], "ablated": [], "random_mask": []}
+        self.sums: dict[str, list[Tensor]] = {"clean": [], "ablated": [], "random_mask": []}
         self.counts: list[int] = []
 
     def update(self, v: BatchView) -> None:
         self.counts += [v.tokens.shape[1]] * v.tokens.shape[0]
         for key, ce in (("clean", v.ce_clean), ("ablated", v.ce_ablated), ("random_mask", v.ce_random)):
             if ce is not None:
-                self.sums[key] += wide(ce).sum(dim=1).tolist()
+                self.sums[key].append(wide(ce).sum(dim=1))  # (batch,) on the device
 
     def result(self, n_resamples: int, seed: int) -> dict[str, dict[str, float]]:
         counts = np.asarray(self.counts, dtype=np.float64)
         res = {}
-        for key, sums in self.sums.items():
-            if not sums:
+        for key, parts in self.sums.items():
+            if not parts:
                 continue
+            sums = torch.cat(parts).double().cpu().numpy()  # (sequences,)
             per_token = np.asarray(sums) / counts  # a sequence's mean, weighted by its length
             mean = float(np.sum(sums) / counts.sum())
             lo, hi = M.bootstrap_ci(per_token, counts, n_resamples, seed)
@@ -128,30 +137,37 @@ def classify_token(text: str) -> int:
 class MaskAccumulator:
     """Selection frequency (overall and per token class) and persistence of one kind of mask."""
 
-    def __init__(self, n_layers: int, width: int, token_class: Tensor):
-        self.freq_sum = torch.zeros(n_layers, width, dtype=torch.float64, device="cpu")
-        self.class_sum = torch.zeros(len(TOKEN_CLASSES), n_layers, width, dtype=torch.float64, device="cpu")
-        self.class_count = torch.zeros(len(TOKEN_CLASSES), dtype=torch.float64, device="cpu")
-        self.kept = torch.zeros(n_layers, dtype=torch.float64, device="cpu")
-        self.kept_again = torch.zeros(n_layers, dtype=torch.float64, device="cpu")
-        self.random_kept = torch.zeros(n_layers, dtype=torch.float64, device="cpu")
-        self.random_kept_again = torch.zeros(n_layers, dtype=torch.float64, device="cpu")
+    def __init__(self, n_layers: int, width: int, token_class: Tensor, device: torch.device = torch.device("cpu")):
+        zeros = lambda *shape: torch.zeros(*shape, dtype=sum_dtype(device), device=device)  # noqa: E731
+        self.freq_sum = zeros(n_layers, width)
+        self.class_sum = zeros(len(TOKEN_CLASSES), n_layers, width)
+        self.class_count = zeros(len(TOKEN_CLASSES))
+        self.kept, self.kept_again = zeros(n_layers), zeros(n_layers)
+        self.random_kept, self.random_kept_again = zeros(n_layers), zeros(n_layers)
         self.n = 0
-        self.token_class = token_class
+        self.token_class = token_class.to(device)
 
     def update(self, tokens: Tensor, mask: Tensor, random_mask: Tensor) -> None:
-        m = mask.cpu().double()  # on the host first: MPS has no float64
+        m = mask.to(self.freq_sum.dtype)
         flat = m.flatten(0, 1)  # (B*T, L, W)
         self.freq_sum += flat.sum(0)
-        cls = self.token_class[tokens.flatten().cpu()]
+        cls = self.token_class[tokens.flatten()]
         self.class_sum.index_add_(0, cls, flat)
-        self.class_count += torch.bincount(cls, minlength=len(TOKEN_CLASSES)).double()
+        # index_add_, not bincount: bincount sizes its output from the data, a read on the host
+        self.class_count.index_add_(0, cls, torch.ones_like(cls, dtype=self.class_count.dtype))
         self.n += flat.shape[0]
-        for kept, again, mm in ((self.kept, self.kept_again, m), (self.random_kept, self.random_kept_again, random_mask.cpu().double())):
+        for kept, again, mm in ((self.kept, self.kept_again, m),
+                                (self.random_kept, self.random_kept_again, random_mask.to(m.dtype))):
             kept += mm[:, :-1].sum(dim=(0, 1, 3))
             again += (mm[:, :-1] * mm[:, 1:]).sum(dim=(0, 1, 3))
 
+    def on_host(self) -> None:
+        """Every sum moved to the host in float64, once, for the results."""
+        for name in ("freq_sum", "class_sum", "class_count", "kept", "kept_again", "random_kept", "random_kept_again"):
+            setattr(self, name, getattr(self, name).cpu().double())
+
     def result(self, k: int, top: int = 5) -> dict:
+        self.on_host()
         freq = self.freq_sum / self.n
         overall = freq / freq.sum(-1, keepdim=True)
         classes = {}
@@ -181,30 +197,38 @@ class ActivationAccumulator:
     """Sparsity of the clean MLP activations (per layer, averaged over tokens), per-token-id mean
     activations (for selectivity) and each neuron's top-activating positions."""
 
-    def __init__(self, n_layers: int, d_mlp: int, frequent_ids: np.ndarray, vocab_size: int, top: int, eps: float):
+    def __init__(self, n_layers: int, d_mlp: int, frequent_ids: np.ndarray, vocab_size: int, top: int, eps: float,
+                 device: torch.device = torch.device("cpu")):
         self.eps, self.top, self.n = eps, top, 0
-        self.stats = {name: torch.zeros(n_layers, dtype=torch.float64, device="cpu") for name in ("near_zero", "hoyer", "gini", "kurtosis")}
+        wide_ = sum_dtype(device)
+        self.stats = {name: torch.zeros(n_layers, dtype=wide_, device=device)
+                      for name in ("near_zero", "hoyer", "gini", "kurtosis")}
         self.row_of = torch.full((vocab_size,), -1, dtype=torch.long, device="cpu")
         self.row_of[torch.from_numpy(frequent_ids)] = torch.arange(len(frequent_ids), device="cpu")
-        self.id_sum = torch.zeros(len(frequent_ids), n_layers * d_mlp, dtype=torch.float64, device="cpu")
-        self.id_count = torch.zeros(len(frequent_ids), dtype=torch.float64, device="cpu")
-        self.top_vals = torch.full((n_layers * d_mlp, 0), float("-inf"), device="cpu")
-        self.top_pos = torch.zeros((n_layers * d_mlp, 0), dtype=torch.long, device="cpu")
+        self.row_of = self.row_of.to(device)
+        self.id_sum = torch.zeros(len(frequent_ids), n_layers * d_mlp, dtype=wide_, device=device)
+        self.id_count = torch.zeros(len(frequent_ids), dtype=wide_, device=device)
+        self.top_vals = torch.full((n_layers * d_mlp, 0), float("-inf"), device=device)
+        self.top_pos = torch.zeros((n_layers * d_mlp, 0), dtype=torch.long, device=device)
 
     def update(self, tokens: Tensor, mlp_post: Tensor, first_position: int) -> None:
-        a = mlp_post.float().cpu()  # (B, T, L, d_mlp)
+        a = mlp_post.float()  # (B, T, L, d_mlp)
         B, T, L, D = a.shape
         per_layer = a.permute(2, 0, 1, 3).reshape(L, B * T, D)  # (L, B*T, d_mlp)
+        wide_ = self.id_sum.dtype
         for name, fn in (("hoyer", M.hoyer_sparsity), ("gini", M.gini), ("kurtosis", M.kurtosis)):
-            self.stats[name] += torch.stack([fn(x).double().sum() for x in per_layer])
-        self.stats["near_zero"] += torch.stack([M.near_zero_fraction(x, self.eps).double().sum() for x in per_layer])
+            self.stats[name] += torch.stack([fn(x).to(wide_).sum() for x in per_layer])
+        self.stats["near_zero"] += torch.stack([M.near_zero_fraction(x, self.eps).to(wide_).sum() for x in per_layer])
         self.n += B * T
         units = a.reshape(B * T, L * D)  # (B*T, units)
-        rows = self.row_of[tokens.flatten().cpu()]
-        keep = rows >= 0
-        self.id_sum.index_add_(0, rows[keep], units[keep].clamp_min(0).double())
-        self.id_count += torch.bincount(rows[keep], minlength=len(self.id_count)).double()
-        pos = first_position + torch.arange(B * T, device="cpu")
+        rows = self.row_of[tokens.flatten()]
+        # Infrequent ids add zeros to row 0 instead of being selected out: a selection sizes its
+        # result from the data, which the host would have to read.
+        keep = (rows >= 0).to(wide_)
+        rows = rows.clamp_min(0)
+        self.id_sum.index_add_(0, rows, units.clamp_min(0).to(wide_) * keep[:, None])
+        self.id_count.index_add_(0, rows, keep)
+        pos = first_position + torch.arange(B * T, device=units.device)
         vals = torch.cat([self.top_vals, units.T], dim=1)
         idx = torch.cat([self.top_pos, pos.expand(L * D, -1)], dim=1)
         best = vals.topk(min(self.top, vals.shape[1]), dim=1)
@@ -212,12 +236,18 @@ class ActivationAccumulator:
 
     def sparsity(self) -> dict[str, list[float]]:
         """Per layer, the token-average of each activation-sparsity measure."""
-        return {name: (s / self.n).tolist() for name, s in self.stats.items()}
+        return {name: (s.cpu().double() / self.n).tolist() for name, s in self.stats.items()}
+
+    def on_host(self) -> None:
+        """The per-id sums and the top examples moved to the host, once, for the results."""
+        self.id_sum, self.id_count = self.id_sum.cpu().double(), self.id_count.cpu().double()
+        self.top_vals, self.top_pos = self.top_vals.cpu(), self.top_pos.cpu()
 
     def specialisation(self, raw_tokens: np.ndarray, decode, n_layers: int, shown: int = 5,
                        context: int = 10, min_count: int = 20) -> dict:
         """Per neuron: token entropy of its top activations, selectivity over frequent token ids,
         and its top examples (token with the preceding context); summaries per layer."""
+        self.on_host()
         L = n_layers
         D = self.id_sum.shape[1] // L
         frequent = self.id_count >= min_count

@@ -116,7 +116,8 @@ class ProbeCollector:
         self.parts["residual"].append(residual.flatten(0, 1)[pick])
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {k: torch.cat(v) for k, v in self.parts.items()}
+        """Everything collected, on the host (one transfer a part)."""
+        return {k: torch.cat(v).cpu() for k, v in self.parts.items()}
 
 
 def one_pass(model: SelfAblatingTransformer, windows: TokenWindows, cfg: EvalConfig, n_windows: int) -> dict:
@@ -127,11 +128,12 @@ def one_pass(model: SelfAblatingTransformer, windows: TokenWindows, cfg: EvalCon
     frequent = np.argsort(-np.bincount(ids, minlength=mc.vocab_size))[: cfg.frequent_tokens]
     classes = token_class_table(model)
     loss = LossAccumulator()
-    acts = ActivationAccumulator(L, mc.d_mlp, frequent, mc.vocab_size, cfg.top_examples, cfg.activation_eps)
-    masks = {"attn": MaskAccumulator(L, mc.d_model, classes), "mlp": MaskAccumulator(L, mc.d_mlp, classes)}
-    probe = ProbeCollector(max(1, n_windows * windows.seq_len // cfg.probe_positions))
-    gen = torch.Generator().manual_seed(cfg.seed)
     device = next(model.parameters()).device
+    acts = ActivationAccumulator(L, mc.d_mlp, frequent, mc.vocab_size, cfg.top_examples, cfg.activation_eps, device)
+    masks = {"attn": MaskAccumulator(L, mc.d_model, classes, device), "mlp": MaskAccumulator(L, mc.d_mlp, classes, device)}
+    probe = ProbeCollector(max(1, n_windows * windows.seq_len // cfg.probe_positions))
+    # the random-mask control is drawn on the device (the same numbers as before on the CPU)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
     total = windows.num_batches(cfg.batch_size, n_windows)
     batches = windows.sequential_batches(cfg.batch_size, n_windows)
     for i, (x, y) in enumerate(tqdm(batches, total=total, desc="evaluating", disable=not cfg.progress, leave=False)):
@@ -141,8 +143,7 @@ def one_pass(model: SelfAblatingTransformer, windows: TokenWindows, cfg: EvalCon
         if mc.self_ablating:
             masks["attn"].update(v.tokens, v.attn_mask, v.random_attn_mask)
             masks["mlp"].update(v.tokens, v.mlp_mask, v.random_mlp_mask)
-            probe.update(x, y, v.attn_mask.cpu(), v.mlp_mask.cpu(), v.random_attn_mask.cpu(), v.random_mlp_mask.cpu(),
-                         v.final_clean.cpu())
+            probe.update(x, y, v.attn_mask, v.mlp_mask, v.random_attn_mask, v.random_mlp_mask, v.final_clean)
     return {"loss": loss, "acts": acts, "masks": masks if mc.self_ablating else None,
             "probe": probe if mc.self_ablating else None}
 
