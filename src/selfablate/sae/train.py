@@ -185,17 +185,19 @@ def evaluate_sae(model: SelfAblatingTransformer, sae: SAE, windows: TokenWindows
     mean = acts.mean(0)
     splice = lambda t: sae(t.float()).recon.to(t.dtype).view_as(t)  # noqa: E731
     variants = {"sae": splice, "zero": torch.zeros_like, "mean": lambda t: mean.to(t.dtype).expand(t.shape[:-1] + (-1,)).reshape(t.shape)}
-    ce = {k: 0.0 for k in ("clean", *variants)}
-    kl = {k: 0.0 for k in variants}
+    # Sums stay on the device (float64; float32 on MPS) and are read once, after every batch.
+    zero = lambda: torch.zeros((), dtype=torch.float32 if device.type == "mps" else torch.float64, device=device)  # noqa: E731
+    ce = {k: zero() for k in ("clean", *variants)}
+    kl = {k: zero() for k in variants}
     for x, y in batches:
         ref = _logprobs(model, x, hook)
-        ce["clean"] += _ce(ref, y).sum().item()
+        ce["clean"] += _ce(ref, y).sum()
         for name, fn in variants.items():
             lp = _logprobs(model, x, hook, fn)
-            ce[name] += _ce(lp, y).sum().item()
-            kl[name] += M.kl_per_token(ref, lp).sum().item()
+            ce[name] += _ce(lp, y).sum()
+            kl[name] += M.kl_per_token(ref, lp).sum()
     n = sum(y.numel() for _, y in batches)
-    ce, kl = {k: v / n for k, v in ce.items()}, {k: v / n for k, v in kl.items()}
+    ce, kl = {k: v.item() / n for k, v in ce.items()}, {k: v.item() / n for k, v in kl.items()}
     dens = M.density(out.latents)
     top_vals, top_pos = out.latents.topk(min(top, len(acts)), dim=0)  # (top, d_sae)
     return {
