@@ -1,5 +1,7 @@
 """Exports to TransformerLens and Hugging Face (skipped where those libraries are absent)."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -58,19 +60,31 @@ def test_gpt_neo_export_and_import_round_trip(model):
     torch.testing.assert_close(back(tokens).logits_clean, ours, rtol=0, atol=1e-10)
 
 
-def test_gpt_neo_with_local_layers_imports_within_its_window():
+def test_gpt_neo_with_local_layers_runs_exactly_past_its_window():
+    """GPT-Neo's local layers (query t sees keys t - window < j <= t) imported as a band mask:
+    transformers' logits to 1e-5 at a context four times the window, and back again on export."""
     transformers = pytest.importorskip("transformers")
-    from selfablate.interop.hf import from_gpt_neo
+    from selfablate.interop.hf import from_gpt_neo, to_gpt_neo
 
     torch.manual_seed(0)
     cfg = transformers.GPTNeoConfig(vocab_size=300, max_position_embeddings=64, hidden_size=32, num_layers=2,
                                     num_heads=4, attention_types=[[["global", "local"], 1]], window_size=16,
                                     intermediate_size=64, embed_dropout=0.0, attention_dropout=0.0, resid_dropout=0.0)
     hf = transformers.GPTNeoForCausalLM(cfg).eval()
+    with torch.no_grad():  # weights large enough that attention is far from uniform
+        for name, p in hf.named_parameters():
+            if "attention" in name:
+                p.normal_(0, 0.5)
     ours = from_gpt_neo(hf)
-    assert ours.cfg.n_ctx == 16
-    tokens = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(3))
-    torch.testing.assert_close(ours(tokens).logits_clean, hf(tokens).logits.detach(), rtol=0, atol=1e-5)
+    assert ours.cfg.n_ctx == 64 and ours.cfg.attention_window == (0, 16)
+    tokens = torch.randint(0, 300, (2, 64), generator=torch.Generator().manual_seed(3))
+    theirs = hf(tokens).logits.detach()
+    torch.testing.assert_close(ours(tokens).logits_clean, theirs, rtol=0, atol=1e-5)
+    # the window matters: all-global attention gives other logits past position 16
+    glob = SelfAblatingTransformer(dataclasses.replace(ours.cfg, attention_window=()))
+    glob.load_state_dict(ours.state_dict())
+    assert (glob(tokens).logits_clean[:, 16:] - theirs[:, 16:]).abs().max() > 1e-2
+    torch.testing.assert_close(to_gpt_neo(ours)(tokens).logits.detach(), theirs, rtol=0, atol=1e-5)
 
 
 def test_compact_vocabulary_exports_back_to_gpt2_ids_exactly():

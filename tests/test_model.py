@@ -79,9 +79,11 @@ def test_soft_topk_approaches_hard_mask_at_low_temperature():
 
 # -- the two-stream rule ----------------------------------------------------------------------
 
+@pytest.mark.parametrize("window", [(), (0, 3, 4)], ids=["global", "local-layers"])
 @pytest.mark.parametrize("ablation", ["local", "global", "both"])
-def test_ablated_logits_equal_a_naive_rerun_with_the_mask_at_one_position(ablation):
-    model = make(ablation)
+def test_ablated_logits_equal_a_naive_rerun_with_the_mask_at_one_position(ablation, window):
+    """With GPT-Neo's local layers too: the ablated query sees its window's clean keys and its own."""
+    model = make(ablation, attention_window=window)
     toks = tokens()
     out = model(toks)
     B, T = toks.shape

@@ -56,6 +56,10 @@ class ModelConfig:
     """MLP hidden width: the number of neurons per layer."""
     ln_eps: float = 1e-5
     """LayerNorm epsilon."""
+    attention_window: tuple[int, ...] = ()
+    """Per layer, GPT-Neo's local attention: query t sees the keys t - window < j <= t (0: every
+    earlier key, as in a global layer). Empty: every layer global (the paper's model); set by
+    importing a GPT-Neo model whose layers alternate global and local."""
     init: Literal["gpt-neo", "torch-default"] = "gpt-neo"
     """gpt-neo: weights and embeddings N(0, init_std), biases zero; torch-default: the authors' model,
     where each module keeps PyTorch's own initialisation (Linear U(+-1/sqrt(fan_in)) for weights and
@@ -108,6 +112,14 @@ class ModelConfig:
             require(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
         for name in ("coef_clean", "coef_ablated", "coef_recon", "topk_eps", "topk_gap_floor"):
             require(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
+        check_lists(self)
+        require(len(self.attention_window) in (0, self.n_layers) and all(w >= 0 for w in self.attention_window),
+                f"attention_window must be empty or one window >= 0 per layer ({self.n_layers}), "
+                f"got {self.attention_window}")
+
+    def window(self, layer: int) -> int:
+        """Layer `layer`'s attention window (0: global)."""
+        return self.attention_window[layer] if self.attention_window else 0
 
     @property
     def d_head(self) -> int:

@@ -41,9 +41,10 @@ def attend(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None, pattern: Hoo
 class Attention(nn.Module):
     """Multi-head causal self-attention; its d_model context dimensions are the ablatable units."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, window: int = 0):
         super().__init__()
         self.n_heads, self.d_head = cfg.n_heads, cfg.d_head
+        self.window = window  # GPT-Neo's local attention (0: global); see ModelConfig.attention_window
         self.q_proj = ops.Linear(cfg.d_model, cfg.d_model, bias=False)
         self.k_proj = ops.Linear(cfg.d_model, cfg.d_model, bias=False)
         self.v_proj = ops.Linear(cfg.d_model, cfg.d_model, bias=False)
@@ -64,14 +65,15 @@ class Attention(nn.Module):
         k = hook(self, "hook_k", stream)(self._split_heads(self.k_proj(x)))
         v = hook(self, "hook_v", stream)(self._split_heads(self.v_proj(x)))
         pattern = hook(self, "hook_pattern", stream)
+        windowed = 0 < self.window < T  # a window at least the context long is global attention
         if clean_kv is None:
-            z = attend(q, k, v, None, pattern)
-        elif not pattern.active:
+            z = attend(q, k, v, ops.windowed_allowed(T, self.window, x.device) if windowed else None, pattern)
+        elif not (pattern.active or windowed):
             z = ops.two_stream_attention(q, clean_kv.k, clean_kv.v, k, v)
-        else:  # a hooked pattern is materialised over [clean keys | ablated keys]: (pos, 2 * pos)
+        else:  # the rule as a mask over [clean keys | ablated keys]: (pos, 2 * pos)
             keys = torch.cat([clean_kv.k, k], dim=2)  # (B, H, 2T, Dh)
             values = torch.cat([clean_kv.v, v], dim=2)  # (B, H, 2T, Dh)
-            z = attend(q, keys, values, ops.self_ablated_allowed(T, x.device), pattern)
+            z = attend(q, keys, values, ops.self_ablated_allowed(T, x.device, self.window if windowed else 0), pattern)
         z = z.transpose(1, 2)  # (B, T, H, Dh)
         if unit_mask is not None:
             z = z * unit_mask.view(B, T, self.n_heads, self.d_head)  # (B, T, H, Dh)
@@ -139,10 +141,10 @@ class BlockMasks(NamedTuple):
 class Block(nn.Module):
     """Pre-LayerNorm transformer block, with an optional local mask head on its input residual."""
 
-    def __init__(self, cfg: ModelConfig, local_head: bool):
+    def __init__(self, cfg: ModelConfig, local_head: bool, window: int = 0):
         super().__init__()
         self.ln_1 = nn.LayerNorm(cfg.d_model, eps=cfg.ln_eps)
-        self.attn = Attention(cfg)
+        self.attn = Attention(cfg, window)
         self.ln_2 = nn.LayerNorm(cfg.d_model, eps=cfg.ln_eps)
         self.mlp = MLP(cfg)
         self.mask_head = MaskHead(cfg.d_model, cfg.d_model, cfg.d_mlp) if local_head else None

@@ -129,7 +129,7 @@ class SelfAblatingTransformer(HookedModule):
         self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.wpe = nn.Embedding(cfg.n_ctx, cfg.d_model)
         local = cfg.ablation in ("local", "both")
-        self.blocks = nn.ModuleList(Block(cfg, local_head=local) for _ in range(cfg.n_layers))
+        self.blocks = nn.ModuleList(Block(cfg, local_head=local, window=cfg.window(l)) for l in range(cfg.n_layers))
         self.ln_final = FinalNorm(cfg.d_model, cfg.ln_eps)
         self.global_mask_head = (MaskHead(cfg.d_model, cfg.d_model, cfg.d_mlp, cfg.n_layers)
                                  if cfg.ablation in ("global", "both") else None)

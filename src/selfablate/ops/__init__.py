@@ -9,7 +9,8 @@ autocast; anything else falls through to PyTorch's operators). The backend is `c
 """
 
 from .activations import gelu_new
-from .attention import causal_attention, masked_attention, self_ablated_allowed, two_stream_attention
+from .attention import (causal_attention, masked_attention, self_ablated_allowed, two_stream_attention,
+                        windowed_allowed)
 from .backends import BACKENDS, backend, select, use_backend
 from .lm_head import linear_cross_entropy, per_token_cross_entropy
 from .masks import MASK_FUNCTIONS, hard_topk, hard_topk_soft_grad, soft_topk, topk_winners
@@ -20,4 +21,5 @@ from .recon import reconstruction_loss
 __all__ = ["BACKENDS", "MASK_FUNCTIONS", "POLICIES", "DevicePolicy", "Linear", "backend", "causal_attention",
            "device_policy_as", "gelu_new", "hard_topk", "hard_topk_soft_grad", "linear_cross_entropy",
            "masked_attention", "per_token_cross_entropy", "policy", "reconstruction_loss", "select",
-           "self_ablated_allowed", "soft_topk", "topk_winners", "two_stream_attention", "use_backend"]
+           "self_ablated_allowed", "soft_topk", "topk_winners", "two_stream_attention", "use_backend",
+           "windowed_allowed"]

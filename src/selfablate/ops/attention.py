@@ -84,18 +84,30 @@ def _attend_with_self_key(q: Tensor, clean_k: Tensor, clean_v: Tensor, own_k: Te
     return z[..., :Dh] + z[..., Dh : Dh + 1] * own_v  # (B, H, T, Dh)
 
 
-_ALLOWED: dict[tuple[int, torch.device], Tensor] = {}
+_ALLOWED: dict[tuple[str, int, int, torch.device], Tensor] = {}
 
 
-def self_ablated_allowed(pos: int, device: torch.device) -> Tensor:
+def windowed_allowed(pos: int, window: int, device: torch.device) -> Tensor:
+    """GPT-Neo's local attention: query t sees the keys t - window < j <= t. bool (pos, pos)."""
+    key = ("window", pos, window, torch.device(device))
+    if key not in _ALLOWED:
+        ones = torch.ones(pos, pos, dtype=torch.bool, device=device)
+        _ALLOWED[key] = ones.tril() & ones.triu(diagonal=1 - window)  # 0 <= t - j < window
+    return _ALLOWED[key]
+
+
+def self_ablated_allowed(pos: int, device: torch.device, window: int = 0) -> Tensor:
     """Which keys an ablated query may see, over [clean keys | ablated keys]: (pos, 2 * pos).
 
-    Query t sees the clean keys j < t and its own ablated key t, so that the ablation of one
-    token never leaks into another token's computation. Made once per length and device.
+    Query t sees the clean keys j < t (within `window` of t, if given) and its own ablated key t,
+    so that the ablation of one token never leaks into another token's computation. Made once per
+    length, window and device.
     """
-    key = (pos, torch.device(device))
+    key = ("ablated", pos, window, torch.device(device))
     if key not in _ALLOWED:
         eye = torch.eye(pos, dtype=torch.bool, device=device)
-        strictly_past = torch.ones(pos, pos, dtype=torch.bool, device=device).tril(diagonal=-1)
-        _ALLOWED[key] = torch.cat([strictly_past, eye], dim=1)
+        past = torch.ones(pos, pos, dtype=torch.bool, device=device).tril(diagonal=-1)
+        if window:
+            past &= windowed_allowed(pos, window, device)
+        _ALLOWED[key] = torch.cat([past, eye], dim=1)
     return _ALLOWED[key]
