@@ -176,6 +176,14 @@ class TrainConfig:
     lowest held-out a·CE(clean) + b·CE(ablated) at an evaluation, kept in best/ beside it."""
     resume: bool = False
     """Continue from the checkpoint in `out` if there is one."""
+    init_from: str = ""
+    """Start from a pretrained model instead of from scratch: a folder saved by GPT-Neo's
+    save_pretrained, hf:NAME (e.g. hf:roneneldan/TinyStories-33M; extra hf), or one of our
+    checkpoints. Its architecture and clean weights are kept; the mask heads are new (this run's
+    init). Empty: from scratch."""
+    freeze_clean: bool = False
+    """Train the mask heads only: every clean weight (which the ablated stream shares) stays as it
+    was (with init_from: the pretrained model's, bit for bit)."""
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     """auto: CUDA when available, else Apple's MPS, else the CPU."""
     precision: Literal["auto", "float32", "bfloat16"] = "auto"

@@ -69,6 +69,8 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, capturable: bool = 
     its state and step counts on the device, so that a CUDA graph can hold its step."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
+        if not p.requires_grad:  # frozen (train --freeze-clean)
+            continue
         (decay if p.dim() >= 2 and not name.startswith(("wte", "wpe")) else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), capturable=capturable)

@@ -26,6 +26,7 @@ from .data.sources import resolve_source
 from .data.vocab import CompactVocab
 from .errors import CheckpointError, ConfigError, DataError, DivergedError
 from .eval.lm import LossEval, evaluate_loss
+from .interop.hf import Source, load_source
 from .metrics_log import MetricsLog
 from .model import SelfAblatingTransformer
 from .perf import keep_freed_memory
@@ -65,6 +66,20 @@ class RunState(NamedTuple):
     step: int
     lr_anchor: Anchor | None = None
     """Where a resume changed the run's length (`step.lr_at`), else None."""
+    source: dict[str, str] | None = None
+    """The pretrained model the run started from (--init-from: name and weights' sha256), else None."""
+
+
+def start_from(model: SelfAblatingTransformer, source: Source) -> None:
+    """The source's clean weights into `model`; its mask heads keep their fresh initialisation."""
+    missing, unexpected = model.load_state_dict(source.model.state_dict(), strict=False)
+    assert not unexpected and all("mask_head" in k for k in missing), (missing, unexpected)
+
+
+def freeze_clean(model: SelfAblatingTransformer) -> None:
+    """Every weight but the mask heads' stops learning (the optimiser skips it)."""
+    for name, p in model.named_parameters():
+        p.requires_grad_("mask_head" in name)
 
 
 def refuse_incomplete(out: Path) -> None:
@@ -78,9 +93,10 @@ def refuse_incomplete(out: Path) -> None:
 
 
 def start_or_resume(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device,
-                    capturable: bool = False) -> RunState:
-    """A fresh model, or the one in cfg.out when resuming; refuses to overwrite earlier work.
-    capturable: the optimiser can be part of a CUDA graph (`step.GraphedStep`)."""
+                    capturable: bool = False, source: Source | None = None) -> RunState:
+    """A fresh model (with `source`'s clean weights, if given), or the one in cfg.out when resuming;
+    refuses to overwrite earlier work. capturable: the optimiser can be part of a CUDA graph
+    (`step.GraphedStep`)."""
     ckpt = Path(cfg.out) / CHECKPOINT_DIR
     refuse_incomplete(Path(cfg.out))
     exists = find_checkpoint(ckpt) is not None
@@ -92,9 +108,16 @@ def start_or_resume(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.devi
     if not exists:
         with torch.device("cpu"):  # the same initial weights on every device (CPU's generator)
             model = SelfAblatingTransformer(model_cfg)
+        if source is not None:
+            start_from(model, source)
+        if cfg.freeze_clean:
+            freeze_clean(model)
         model = model.to(device)
-        return RunState(model, make_optimizer(model, cfg, capturable), data_rng, 0)
+        record = {"source": source.name, "sha256": source.sha256} if source else None
+        return RunState(model, make_optimizer(model, cfg, capturable), data_rng, 0, source=record)
     model = load_checkpoint(ckpt, device=device, expect=model_cfg)
+    if cfg.freeze_clean:
+        freeze_clean(model)
     opt = make_optimizer(model, cfg, capturable)
     state = load_training_state(ckpt)
     if not state:
@@ -104,7 +127,8 @@ def start_or_resume(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.devi
     data_rng.set_state(ts["data_rng"])
     torch.set_rng_state(ts["torch_rng"])
     step = int(ts["step"])
-    return RunState(model, opt, data_rng, step, resumed_anchor(ckpt, ts, step, cfg))
+    return RunState(model, opt, data_rng, step, resumed_anchor(ckpt, ts, step, cfg),
+                    read_header(ckpt)["meta"].get("init_from"))
 
 
 def resumed_anchor(ckpt: Path, ts: dict[str, Any], step: int, cfg: TrainConfig) -> Anchor | None:
@@ -131,7 +155,8 @@ def keep_best(run: RunState, step: int, cfg: TrainConfig, evaluation: LossEval) 
     if find_checkpoint(folder) is not None and objective >= read_header(folder)["meta"].get("objective", math.inf):
         return
     if math.isfinite(objective) and all(bool(torch.isfinite(p).all()) for p in run.model.parameters()):
-        save_checkpoint(run.model, folder, meta={"step": step, "objective": objective, "val": evaluation._asdict()})
+        save_checkpoint(run.model, folder, meta={"step": step, "objective": objective, "val": evaluation._asdict(),
+                                                 "init_from": run.source})
 
 
 def _last_good(cfg: TrainConfig) -> str:
@@ -151,7 +176,7 @@ def save_run(run: RunState, step: int, cfg: TrainConfig, extra: dict[str, Any]) 
     """Save a resumable checkpoint, unless a weight is not finite (then nothing replaces the last one)."""
     if not all(bool(torch.isfinite(p).all()) for p in run.model.parameters()):
         raise DivergedError(f"a weight is not finite at step {step}: not saved; {_last_good(cfg)}")
-    meta = {"train": dataclasses.asdict(cfg), "step": step, **extra}
+    meta = {"train": dataclasses.asdict(cfg), "step": step, "init_from": run.source, **extra}
     state = {"step": step, "data_rng": run.data_rng.get_state(), "torch_rng": torch.get_rng_state(),
              "max_steps": cfg.max_steps, "lr_anchor": run.lr_anchor}
     return save_checkpoint(run.model, Path(cfg.out) / CHECKPOINT_DIR, meta=meta, optimizer=run.opt, train_state=state)
@@ -233,12 +258,18 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, cache_dir: Path | None = Non
         keep_freed_memory()
     dist, device = distributed.init(resolve_device(cfg.device), cfg.batch_size, cfg.grad_accum)
     try:
+        source = None
+        if cfg.init_from and find_checkpoint(Path(cfg.out) / CHECKPOINT_DIR) is None:  # a resumed run has its own
+            source = load_source(cfg.init_from)
+            model_cfg = source.architecture(model_cfg)
+        if cfg.freeze_clean and not model_cfg.self_ablating:
+            raise ConfigError("--freeze-clean with --ablation none leaves nothing to train")
         require_fits(training_bytes(model_cfg, cfg), device, "this model and batch")  # before the folder is touched
         # One writer per run folder (rank 0 writes for the job); what a killed save left is removed.
         with runlock.exclusive(cfg.out) if dist.main else contextlib.nullcontext():
             if dist.main:
                 remove_orphans(cfg.out)
-            return _train(model_cfg, cfg, cache_dir, dist, device)
+            return _train(model_cfg, cfg, cache_dir, dist, device, source)
     finally:
         distributed.finish(dist)
 
@@ -256,13 +287,13 @@ def training_bytes(model_cfg: ModelConfig, cfg: TrainConfig) -> float:
 
 
 def _train(model_cfg: ModelConfig, cfg: TrainConfig, cache_dir: Path | None, dist: distributed.Dist,
-           device: torch.device) -> TrainResult:
+           device: torch.device, source: Source | None = None) -> TrainResult:
     configure(device)
     autocast = autocast_for(device, cfg.precision)
     data = load_data(model_cfg, cfg, cache_dir)
     eval_set = data.valid.spread_batches(cfg.batch_size, cfg.eval_batches)
     graphed = graphs_apply(device, dist.world, cfg.cuda_graph)
-    run = start_or_resume(data.model_cfg, cfg, device, capturable=graphed)
+    run = start_or_resume(data.model_cfg, cfg, device, capturable=graphed, source=source)
     start = run.step
     attach_vocab(run.model, data.vocab, resumed=run.step > 0)
     stepper = _stepper(_trainee(run.model, cfg, dist, device), run, cfg, graphed, device)

@@ -10,7 +10,11 @@ bias to give the ids it lacks their share of <unk>'s probability.
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, NamedTuple
 
 import torch
 
@@ -90,3 +94,73 @@ def from_gpt_neo(hf: Any) -> SelfAblatingTransformer:
         for a, b in _pairs(cfg.n_layers):
             ours[a].copy_(theirs[b])
     return model.eval()
+
+
+# -- a pretrained model as the start of a self-ablating one (train --init-from) ----------------
+
+ARCHITECTURE = ("vocab_size", "compact_vocab", "n_ctx", "d_model", "n_layers", "n_heads", "d_mlp", "ln_eps",
+                "attention_window")
+"""The ModelConfig fields a source decides; the rest (ablation, k, temperatures, losses) are the run's."""
+
+
+class Source(NamedTuple):
+    """A pretrained clean model to start from."""
+
+    model: SelfAblatingTransformer
+    """Its clean stream as our baseline (float32, on the CPU)."""
+    name: str
+    """As given: a folder, hf:NAME, or one of our checkpoints."""
+    sha256: str
+    """Of its weights in our parameter order (float32 bytes): the same model gives the same hash."""
+
+    def architecture(self, cfg: ModelConfig) -> ModelConfig:
+        """`cfg` with the source's architecture (`ARCHITECTURE`); a k wider than a layer is refused there."""
+        return dataclasses.replace(cfg, **{f: getattr(self.model.cfg, f) for f in ARCHITECTURE})
+
+
+def weights_sha256(model: torch.nn.Module) -> str:
+    digest = hashlib.sha256()
+    for name, p in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _model_type(folder: Path) -> str | None:
+    """A Hugging Face folder's config.json model_type (None: no such key, or not a dict)."""
+    try:
+        header = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise SelfAblateError(f"--init-from {folder}: its config.json is unreadable ({e})") from None
+    return header.get("model_type") if isinstance(header, dict) else None
+
+
+def load_source(src: str) -> Source:
+    """A GPT-Neo folder saved by `save_pretrained`, `hf:NAME` (downloaded by transformers), or one
+    of our checkpoints (its clean stream). Anything else, or a broken one, is one line."""
+    from ..checkpoint import find, load_checkpoint
+
+    path, hub = Path(src), src.startswith("hf:")
+    hf_folder = not hub and (path / "config.json").is_file() and _model_type(path) is not None
+    if hf_folder and _model_type(path) != "gpt_neo":
+        raise SelfAblateError(f"--init-from {src}: a {_model_type(path)} model; only GPT-Neo models (and ours) "
+                              "can start a run")
+    if not hub and not hf_folder and find(path) is not None:
+        model = load_checkpoint(path)
+        if model.cfg.compact_vocab:
+            raise SelfAblateError(f"--init-from {src}: a compact-vocabulary model cannot start a run (its ids are "
+                                  "its own data's); use one with the GPT-2 vocabulary")
+        base = SelfAblatingTransformer(dataclasses.replace(model.cfg, ablation="none"))
+        base.load_state_dict({k: v for k, v in model.state_dict().items() if "mask_head" not in k})
+        return Source(base.float().eval(), src, weights_sha256(base))
+    if not hub and not hf_folder:
+        raise SelfAblateError(f"--init-from {src}: not one of our checkpoints, nor a folder with a GPT-Neo "
+                              "config.json, nor hf:NAME")
+    tf = _transformers()
+    try:
+        hf = tf.GPTNeoForCausalLM.from_pretrained(src[3:] if hub else str(path), local_files_only=not hub)
+    except Exception as e:  # transformers raises many kinds (OSError, ValueError, safetensors' errors)
+        text = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise SelfAblateError(f"--init-from {src}: cannot load it as GPT-Neo ({text})") from None
+    model = from_gpt_neo(hf.float())
+    return Source(model, src, weights_sha256(model))
