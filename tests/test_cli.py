@@ -322,6 +322,10 @@ def test_an_sae_folder_of_another_hook_is_not_replaced(trained, stories_dir, tmp
               "--eval-tokens", "256", "--no-progress", "--out", out]
     code, stdout, err = run(capsys, "sae", "train", trained, *common)  # the default hook: 3/4 of the way up
     assert code == 0 and "SAE on blocks.1.hook_mlp_out" in stdout, err  # the tiny model's 2 layers
+    mask = os.umask(0)
+    os.umask(mask)
+    for f in ("sae.safetensors", "cfg.json", "metrics.json"):  # result files are plain files (safetensors: 0600)
+        assert (out / f).stat().st_mode & 0o777 == 0o666 & ~mask, f
     before = (out / "sae.safetensors").read_bytes()
     code, _, err = run(capsys, "sae", "train", trained, *common, "--hook", "blocks.0.hook_mlp_out")
     assert code == 2 and "holds the SAE of" in err and "blocks.1.hook_mlp_out" in err, err

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, NamedTuple
@@ -16,6 +17,7 @@ from torch import Tensor, nn
 
 from ..config import check_choice, require, config_from_dict
 from ..errors import CheckpointError
+from ..files import umask, write_text_atomically
 
 
 @dataclass(frozen=True)
@@ -99,10 +101,15 @@ def sae_loss(sae: SAE, x: Tensor, l1_coef: float) -> tuple[Tensor, Tensor, Tenso
 
 
 def save_sae(sae: SAE, folder: str | Path, meta: dict | None = None) -> Path:
+    """Weights, then their config, each written beside its name and renamed into place (a reader
+    never sees half a file), with the modes of a plain file (safetensors writes 0600)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in sae.state_dict().items()}, str(folder / "sae.safetensors"))
-    (folder / "cfg.json").write_text(json.dumps({**dataclasses.asdict(sae.cfg), "meta": meta or {}}, indent=1) + "\n")
+    tmp = folder / ".sae.safetensors.tmp"
+    save_file({k: v.detach().contiguous().cpu() for k, v in sae.state_dict().items()}, str(tmp))
+    os.chmod(tmp, 0o666 & ~umask())
+    os.replace(tmp, folder / "sae.safetensors")
+    write_text_atomically(folder / "cfg.json", json.dumps({**dataclasses.asdict(sae.cfg), "meta": meta or {}}, indent=1) + "\n")
     return folder
 
 
