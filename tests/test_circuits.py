@@ -1,5 +1,7 @@
 """IOI prompts and the edge-patching forward behind ACDC / EAP."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -52,8 +54,13 @@ def setup():
     return model, batch, EdgeGraph(2, 4)
 
 
-def test_no_patched_edges_reproduce_the_clean_run(setup):
+@pytest.mark.parametrize("window", [(), (3, 0)], ids=["global", "gpt-neo-local-layer"])
+def test_no_patched_edges_reproduce_the_clean_run(setup, window):
     model, batch, graph = setup
+    if window:  # the same weights with a local layer shorter than the prompts: patching must apply it too
+        local = perturbed(dataclasses.replace(model.cfg, attention_window=window))
+        local.load_state_dict(model.state_dict())
+        model = local
     final, _ = patched_forward(model, batch.clean, torch.zeros(graph.n_edges, dtype=torch.float64))
     out = model(batch.clean)
     rows = torch.arange(len(batch.last))

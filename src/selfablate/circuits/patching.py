@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .. import ops
 from ..model import SelfAblatingTransformer
 from ..model.hooks import Stream
 
@@ -181,7 +182,9 @@ def _heads(model: SelfAblatingTransformer, layer: int, qkv: Tensor, heads: Tenso
     separately)."""
     H, Dh = model.cfg.n_heads, model.cfg.d_head
     q, k, v = qkv.view(3, len(heads), *qkv.shape[1:]).transpose(1, 2)  # each (B, h, T, Dh)
-    z = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0)  # (B, h, T, Dh)
+    T, window = q.shape[2], model.blocks[layer].attn.window
+    band = ops.windowed_allowed(T, window, q.device) if 0 < window < T else None  # GPT-Neo's local layers
+    z = F.scaled_dot_product_attention(q, k, v, attn_mask=band, is_causal=band is None, scale=1.0)  # (B, h, T, Dh)
     w_o = model.blocks[layer].attn.out_proj.weight.view(-1, H, Dh)[:, heads]  # (D, h, Dh)
     return torch.einsum("bhte,dhe->hbtd", z, w_o)  # (h, B, T, D)
 

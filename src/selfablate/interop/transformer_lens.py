@@ -89,6 +89,9 @@ def to_hooked_transformer(model: SelfAblatingTransformer, full_vocab: bool = Fal
     full_vocab: a compact-vocabulary model over GPT-2's ids (see the module docstring).
     cfg_overrides go to HookedTransformerConfig, e.g. use_attn_result=True, use_split_qkv_input=True,
     use_hook_mlp_in=True for auto-circuit."""
+    if any(0 < w < model.cfg.n_ctx for w in model.cfg.attention_window):
+        raise SelfAblateError("a model with GPT-Neo local attention layers is not exported to TransformerLens here "
+                              "(its windows would be dropped)")
     tl = _transformer_lens()
     ht = tl.HookedTransformer(hooked_transformer_config(model, full_vocab, **cfg_overrides))
     missing, unexpected = ht.load_state_dict(hooked_transformer_state_dict(model, full_vocab), strict=False)
