@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from .errors import ConfigError
+from .runtime import wide_dtype
 
 
 class Dist(NamedTuple):
@@ -77,7 +78,7 @@ def mean(values: list[float | None], d: Dist, device: torch.device) -> list[floa
     import torch.distributed as dist
 
     present = [v for v in values if v is not None]
-    t = torch.tensor(present, dtype=torch.float32 if device.type == "mps" else torch.float64, device=device)
+    t = torch.tensor(present, dtype=wide_dtype(device), device=device)
     dist.all_reduce(t)
     it = iter((t / d.world).tolist())
     return [None if v is None else next(it) for v in values]

@@ -69,9 +69,14 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.to(device)
 
 
+def wide_dtype(device: torch.device) -> torch.dtype:
+    """The dtype of sums and statistics on `device`: float64, or float32 on MPS, which has no float64."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
 def wide(t: torch.Tensor) -> torch.Tensor:
-    """t in float64 for sums and statistics, or float32 on MPS, which has no float64."""
-    return t.to(torch.float32 if t.device.type == "mps" else torch.float64)
+    """t in `wide_dtype` for sums and statistics."""
+    return t.to(wide_dtype(t.device))
 
 
 def available_bytes(device: torch.device) -> int:

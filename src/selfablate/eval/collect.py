@@ -16,7 +16,7 @@ from torch import Tensor
 from ..model import SelfAblatingTransformer
 from ..ops.lm_head import per_token_cross_entropy
 from ..ops.masks import hard_topk
-from ..runtime import wide
+from ..runtime import wide, wide_dtype
 from . import metrics as M
 
 
@@ -83,11 +83,6 @@ def run_batch(model: SelfAblatingTransformer, x: Tensor, y: Tensor, generator: t
 # makes the host wait for the device); `result` moves them to the host once.
 
 
-def sum_dtype(device: torch.device) -> torch.dtype:
-    """Float64 sums, where the device has them (MPS has no float64)."""
-    return torch.float32 if device.type == "mps" else torch.float64
-
-
 class LossAccumulator:
     """Per-sequence loss sums, for means with bootstrap intervals over sequences."""
 
@@ -138,7 +133,7 @@ class MaskAccumulator:
     """Selection frequency (overall and per token class) and persistence of one kind of mask."""
 
     def __init__(self, n_layers: int, width: int, token_class: Tensor, device: torch.device = torch.device("cpu")):
-        zeros = lambda *shape: torch.zeros(*shape, dtype=sum_dtype(device), device=device)  # noqa: E731
+        zeros = lambda *shape: torch.zeros(*shape, dtype=wide_dtype(device), device=device)  # noqa: E731
         self.freq_sum = zeros(n_layers, width)
         self.class_sum = zeros(len(TOKEN_CLASSES), n_layers, width)
         self.class_count = zeros(len(TOKEN_CLASSES))
@@ -200,7 +195,7 @@ class ActivationAccumulator:
     def __init__(self, n_layers: int, d_mlp: int, frequent_ids: np.ndarray, vocab_size: int, top: int, eps: float,
                  device: torch.device = torch.device("cpu")):
         self.eps, self.top, self.n = eps, top, 0
-        wide_ = sum_dtype(device)
+        wide_ = wide_dtype(device)
         self.stats = {name: torch.zeros(n_layers, dtype=wide_, device=device)
                       for name in ("near_zero", "hoyer", "gini", "kurtosis")}
         self.row_of = torch.full((vocab_size,), -1, dtype=torch.long, device="cpu")

@@ -22,7 +22,7 @@ from ..data.vocab import token_lookup
 from .. import runlock
 from ..files import write_text_atomically
 from ..model import SelfAblatingTransformer, Stream
-from ..runtime import require_fits, resolve_device
+from ..runtime import require_fits, resolve_device, wide_dtype
 from . import metrics as M
 from .buffer import ActivationBuffer, check_hook, hook_activations
 from .model import SAE, SAEConfig, sae_loss, save_sae
@@ -186,7 +186,7 @@ def evaluate_sae(model: SelfAblatingTransformer, sae: SAE, windows: TokenWindows
     splice = lambda t: sae(t.float()).recon.to(t.dtype).view_as(t)  # noqa: E731
     variants = {"sae": splice, "zero": torch.zeros_like, "mean": lambda t: mean.to(t.dtype).expand(t.shape[:-1] + (-1,)).reshape(t.shape)}
     # Sums stay on the device (float64; float32 on MPS) and are read once, after every batch.
-    zero = lambda: torch.zeros((), dtype=torch.float32 if device.type == "mps" else torch.float64, device=device)  # noqa: E731
+    zero = lambda: torch.zeros((), dtype=wide_dtype(device), device=device)  # noqa: E731
     ce = {k: zero() for k in ("clean", *variants)}
     kl = {k: zero() for k in variants}
     for x, y in batches:
