@@ -182,8 +182,7 @@ def _heads(model: SelfAblatingTransformer, layer: int, qkv: Tensor, heads: Tenso
     separately)."""
     H, Dh = model.cfg.n_heads, model.cfg.d_head
     q, k, v = qkv.view(3, len(heads), *qkv.shape[1:]).transpose(1, 2)  # each (B, h, T, Dh)
-    T, window = q.shape[2], model.blocks[layer].attn.window
-    band = ops.windowed_allowed(T, window, q.device) if 0 < window < T else None  # GPT-Neo's local layers
+    band = ops.windowed_allowed(q.shape[2], model.blocks[layer].attn.window, q.device)  # GPT-Neo's local layers
     z = F.scaled_dot_product_attention(q, k, v, attn_mask=band, is_causal=band is None, scale=1.0)  # (B, h, T, Dh)
     w_o = model.blocks[layer].attn.out_proj.weight.view(-1, H, Dh)[:, heads]  # (D, h, Dh)
     return torch.einsum("bhte,dhe->hbtd", z, w_o)  # (h, B, T, D)

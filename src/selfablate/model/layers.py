@@ -65,15 +65,15 @@ class Attention(nn.Module):
         k = hook(self, "hook_k", stream)(self._split_heads(self.k_proj(x)))
         v = hook(self, "hook_v", stream)(self._split_heads(self.v_proj(x)))
         pattern = hook(self, "hook_pattern", stream)
-        windowed = 0 < self.window < T  # a window at least the context long is global attention
+        band = ops.windowed_allowed(T, self.window, x.device)  # None: causal (no window, or one >= T)
         if clean_kv is None:
-            z = attend(q, k, v, ops.windowed_allowed(T, self.window, x.device) if windowed else None, pattern)
-        elif not (pattern.active or windowed):
+            z = attend(q, k, v, band, pattern)
+        elif not (pattern.active or band is not None):
             z = ops.two_stream_attention(q, clean_kv.k, clean_kv.v, k, v)
         else:  # the rule as a mask over [clean keys | ablated keys]: (pos, 2 * pos)
             keys = torch.cat([clean_kv.k, k], dim=2)  # (B, H, 2T, Dh)
             values = torch.cat([clean_kv.v, v], dim=2)  # (B, H, 2T, Dh)
-            z = attend(q, keys, values, ops.self_ablated_allowed(T, x.device, self.window if windowed else 0), pattern)
+            z = attend(q, keys, values, ops.self_ablated_allowed(T, x.device, self.window), pattern)
         z = z.transpose(1, 2)  # (B, T, H, Dh)
         if unit_mask is not None:
             z = z * unit_mask.view(B, T, self.n_heads, self.d_head)  # (B, T, H, Dh)

@@ -87,8 +87,11 @@ def _attend_with_self_key(q: Tensor, clean_k: Tensor, clean_v: Tensor, own_k: Te
 _ALLOWED: dict[tuple[str, int, int, torch.device], Tensor] = {}
 
 
-def windowed_allowed(pos: int, window: int, device: torch.device) -> Tensor:
-    """GPT-Neo's local attention: query t sees the keys t - window < j <= t. bool (pos, pos)."""
+def windowed_allowed(pos: int, window: int, device: torch.device) -> Tensor | None:
+    """GPT-Neo's local attention: query t sees the keys t - window < j <= t. bool (pos, pos), or
+    None where the window (0: none) reaches every earlier key: plain causal attention."""
+    if not 0 < window < pos:
+        return None
     key = ("window", pos, window, torch.device(device))
     if key not in _ALLOWED:
         ones = torch.ones(pos, pos, dtype=torch.bool, device=device)
@@ -107,7 +110,8 @@ def self_ablated_allowed(pos: int, device: torch.device, window: int = 0) -> Ten
     if key not in _ALLOWED:
         eye = torch.eye(pos, dtype=torch.bool, device=device)
         past = torch.ones(pos, pos, dtype=torch.bool, device=device).tril(diagonal=-1)
-        if window:
-            past &= windowed_allowed(pos, window, device)
+        band = windowed_allowed(pos, window, device)
+        if band is not None:
+            past &= band
         _ALLOWED[key] = torch.cat([past, eye], dim=1)
     return _ALLOWED[key]
