@@ -107,3 +107,20 @@ def test_a_corrupt_or_unsupported_source_is_one_line(neo, tmp_path, stories_dir,
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 2 and len(err) == 1 and msg in err[0], (src, err)
         assert not (tmp_path / "o").exists()
+
+
+def test_one_of_our_checkpoints_gives_its_clean_stream(tmp_path, tiny_runs):
+    from selfablate import ModelConfig, save_checkpoint
+    from selfablate.errors import SelfAblateError
+
+    torch.manual_seed(0)
+    ours = SelfAblatingTransformer(ModelConfig(n_ctx=32, d_model=16, n_layers=2, n_heads=4, d_mlp=32, k_attn=4,
+                                               k_mlp=8, ablation="global"))
+    save_checkpoint(ours, tmp_path / "ours")
+    source = load_source(str(tmp_path / "ours"))
+    assert source.model.cfg.ablation == "none"
+    theirs = source.model.state_dict()
+    assert set(theirs) == {k for k in ours.state_dict() if "mask_head" not in k}
+    assert all(torch.equal(theirs[k], ours.state_dict()[k]) for k in theirs)
+    with pytest.raises(SelfAblateError, match="a compact-vocabulary model cannot start a run"):
+        load_source(str(tiny_runs["local"]))

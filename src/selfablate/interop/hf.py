@@ -141,16 +141,17 @@ def load_source(src: str) -> Source:
     from ..checkpoint import find, load_checkpoint
 
     path, hub = Path(src), src.startswith("hf:")
-    hf_folder = not hub and (path / "config.json").is_file() and _model_type(path) is not None
-    if hf_folder and _model_type(path) != "gpt_neo":
-        raise SelfAblateError(f"--init-from {src}: a {_model_type(path)} model; only GPT-Neo models (and ours) "
-                              "can start a run")
+    kind = _model_type(path) if not hub and (path / "config.json").is_file() else None  # None: not Hugging Face's
+    if kind is not None and kind != "gpt_neo":
+        raise SelfAblateError(f"--init-from {src}: a {kind} model; only GPT-Neo models (and ours) can start a run")
+    hf_folder = kind is not None
     if not hub and not hf_folder and find(path) is not None:
         model = load_checkpoint(path)
         if model.cfg.compact_vocab:
             raise SelfAblateError(f"--init-from {src}: a compact-vocabulary model cannot start a run (its ids are "
                                   "its own data's); use one with the GPT-2 vocabulary")
-        base = SelfAblatingTransformer(dataclasses.replace(model.cfg, ablation="none"))
+        with torch.device("cpu"):  # like from_gpt_neo: on the CPU whatever the default device
+            base = SelfAblatingTransformer(dataclasses.replace(model.cfg, ablation="none"))
         base.load_state_dict({k: v for k, v in model.state_dict().items() if "mask_head" not in k})
         return Source(base.float().eval(), src, weights_sha256(base))
     if not hub and not hf_folder:
