@@ -27,12 +27,14 @@ def grad_norm_of_a_step(cfg: ModelConfig, precision: str, tokens: torch.Tensor) 
 
 
 @pytest.mark.parametrize("backend", ["cpu", "torch"])
-@pytest.mark.parametrize("ablation", ["local", "global"])
-def test_bf16_step_gradient_norm_tracks_float32(backend, ablation, set_backend):
+@pytest.mark.parametrize("ablation, window", [("local", ()), ("global", ()), ("local", (0, 8))],
+                         ids=["local", "global", "local-gpt-neo-window"])
+def test_bf16_step_gradient_norm_tracks_float32(backend, ablation, window, set_backend):
     """Under bf16 autocast the mask heads used to score in bf16, tie at the cut in ~15% of rows and
-    divide the gradient by eps (a gradient norm of ~1e6 against ~1)."""
+    divide the gradient by eps (a gradient norm of ~1e6 against ~1). Also with a GPT-Neo local layer
+    (its band mask through the masked attention path)."""
     set_backend(backend)
-    cfg = dataclasses.replace(PAPER_WIDTHS, ablation=ablation)
+    cfg = dataclasses.replace(PAPER_WIDTHS, ablation=ablation, attention_window=window)
     tokens = torch.randint(0, cfg.vocab_size, (4, cfg.n_ctx), generator=torch.Generator().manual_seed(1))
     fp32, bf16 = (grad_norm_of_a_step(cfg, p, tokens) for p in ("float32", "bfloat16"))
     assert 0.5 * fp32 <= bf16 <= 2 * fp32, (fp32, bf16)
