@@ -26,11 +26,14 @@ demo: $(STAMP)
 test: $(STAMP) browser
 	$(BIN)/python -m pytest -q
 
-# Debian's Chromium renders report.html in a test; without it (no root, no apt) that test is skipped.
+# Debian's Chromium renders report.html, and ChromeDriver lets a test click through explorer.html; without
+# them (no root, no apt) those tests are skipped.
 browser:
-	@command -v chromium >/dev/null 2>&1 || { echo "installing Debian's chromium (for the report test)"; \
-	  { apt-get install -y -qq chromium >/dev/null 2>&1 || { apt-get update -qq >/dev/null 2>&1 && \
-	    apt-get install -y -qq chromium >/dev/null 2>&1; }; } || echo "no chromium: the report's browser test will be skipped"; }
+	@command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1 || { \
+	  echo "installing Debian's chromium and chromium-driver (for the report and explorer tests)"; \
+	  { apt-get install -y -qq chromium chromium-driver >/dev/null 2>&1 || { apt-get update -qq >/dev/null 2>&1 && \
+	    apt-get install -y -qq chromium chromium-driver >/dev/null 2>&1; }; } || \
+	  echo "no chromium: the report's and the explorer's browser tests will be skipped"; }
 
 # Cross-checks against auto-circuit (the paper's tool) and SAELens, and the TransformerLens interop
 # tests, in a venv of their own: auto-circuit needs transformer-lens 2.18, numpy < 2 and pyarrow < 23

@@ -18,7 +18,8 @@ SIZED_BY_THE_COMMAND = ("vocab_size", "n_ctx", "d_model", "n_layers", "d_mlp", "
 
 UNTIL_THE_DATA_ENDS = ("max_steps", "warmup_steps", "max_batches", "max_tokens", "eval_max_tokens", "localisation_tokens",
                        "pool_tokens", "eval_tokens", "sae_eval_tokens", "steps", "sae_steps", "frequent_tokens",
-                       "probe_classes", "probe_positions", "top_edges", "batch")
+                       "probe_classes", "probe_positions", "top_edges", "batch", "train_tokens", "test_tokens",
+                       "stories", "show")
 """Counts that stop at the data's end (or the graph's, or the vocabulary's), or are the run's own
 length: a large value is a long run the user asked for, not a mistake."""
 
@@ -49,6 +50,7 @@ ACCEPTED = {
     ("max_steps", "0"): "reproduce: 0 keeps the preset's",
     ("sae_steps", "0"): "0: the protocol's",
     ("l1_warmup", "0"): "no warm-up",
+    ("show", "0"): "explain: no examples written out (the graphs still use them all)",
     ("beta2", "0"): "Adam without a second-moment average (RMSprop-like), valid",
 }
 

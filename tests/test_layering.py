@@ -22,13 +22,13 @@ LAYERS = [
     {"ops", "runtime", "distributed", "metrics_log", "perf", "runlock"},
     {"model"},
     {"checkpoint"},
-    {"train", "step", "eval", "circuits", "sae", "interop", "generate"},
+    {"train", "step", "eval", "circuits", "sae", "interop", "generate", "explain"},
     {"report"},
     {"reproduce"},
     {"cli", "__main__", "__init__"},
 ]
 RANK = {name: i for i, layer in enumerate(LAYERS) for name in layer}
-FORBIDDEN = {("eval", "train"), ("circuits", "train"), ("sae", "train"), ("report", "train"),
+FORBIDDEN = {("eval", "train"), ("circuits", "train"), ("sae", "train"), ("explain", "train"), ("report", "train"),
              ("model", "data")}
 """(importer, imported) pairs that the ranks alone would allow."""
 

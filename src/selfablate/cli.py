@@ -70,6 +70,7 @@ DEFAULT_PRESET = "cpu-small"
 """The preset a command with presets starts from when no --preset is given."""
 
 COMMAND_MODULES = ("train", "eval.lm", "generate", "checkpoint", "eval.evaluate", "report.circuits", "sae.train",
+                   "explain.run",
                    "reproduce")
 """Where the commands live: each module registers its own as COMMAND (reproduce also REPORT_COMMAND)."""
 

@@ -1,0 +1,1 @@
+"""Neuron-to-Graph explanations of units and the mask explorer (`selfablate explain`)."""
