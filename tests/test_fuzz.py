@@ -18,7 +18,7 @@ SIZED_BY_THE_COMMAND = ("vocab_size", "n_ctx", "d_model", "n_layers", "d_mlp", "
 
 UNTIL_THE_DATA_ENDS = ("max_steps", "warmup_steps", "max_batches", "max_tokens", "eval_max_tokens", "localisation_tokens",
                        "pool_tokens", "eval_tokens", "sae_eval_tokens", "steps", "sae_steps", "frequent_tokens",
-                       "probe_classes", "probe_positions", "top_edges", "batch", "train_tokens", "test_tokens",
+                       "probe_classes", "probe_positions", "top_edges", "batch", "train_tokens", "test_tokens", "explain_tokens",
                        "stories", "show")
 """Counts that stop at the data's end (or the graph's, or the vocabulary's), or are the run's own
 length: a large value is a long run the user asked for, not a mistake."""

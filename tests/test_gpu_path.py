@@ -2,6 +2,7 @@
 code under CPU autocast), masks and gradients that do not depend on the backend or on ties."""
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -155,5 +156,13 @@ def test_compiled_model_trains_as_the_eager_one(tmp_path, stories_dir, set_backe
     tr = dataclasses.replace(tr, data=str(stories_dir), max_steps=3, eval_interval=3, checkpoint_interval=3,
                              log_interval=1, progress=False)
     runs = {c: train(model_cfg, dataclasses.replace(tr, compile=c, out=str(tmp_path / c))) for c in ("off", "on")}
-    assert runs["on"].final_eval.clean == pytest.approx(runs["off"].final_eval.clean, abs=1e-3)
-    assert runs["on"].final_eval.ablated == pytest.approx(runs["off"].final_eval.ablated, abs=1e-3)
+    logs = {c: [json.loads(line) for line in (tmp_path / c / "metrics.jsonl").read_text().splitlines()]
+            for c in runs}
+    # Step 1 starts from the same weights, so both streams' losses agree to float32 rounding.
+    for key in ("loss_clean", "loss_ablated", "grad_norm"):
+        assert logs["on"][0][key] == pytest.approx(logs["off"][0][key], rel=1e-5), key
+    # AdamW's first updates are about lr * sign(g): a gradient near zero that rounding moves across zero
+    # moves its parameter 2 * lr the other way, and a k-winners choice can then fall differently. After
+    # three updates the losses agree to 0.1 % (about 0.01 of CE 10.6), not to rounding.
+    assert runs["on"].final_eval.clean == pytest.approx(runs["off"].final_eval.clean, rel=1e-3)
+    assert runs["on"].final_eval.ablated == pytest.approx(runs["off"].final_eval.ablated, rel=1e-3)

@@ -17,7 +17,7 @@ from selfablate.reproduce import ReproduceConfig, grid
 def tiny_cfg(out: Path, data: str) -> ReproduceConfig:
     return ReproduceConfig(out=str(out), preset="tiny", data=data, ablations=("local",), ks=(2,), seeds=(0,),
                            max_steps=6, eval_max_tokens=2048, circuit_prompts=4, tau_sweep=(0.01,), sae_steps=10,
-                           sae_eval_tokens=1024, progress=False)
+                           sae_eval_tokens=1024, explain_tokens=4096, progress=False)
 
 
 def test_story_mask_figure_shows_the_model_the_evaluations_read(tmp_path, stories_dir, monkeypatch):
@@ -127,10 +127,17 @@ def test_reproduce_runs_resumes_and_reports(tmp_path, stories_dir, monkeypatch):
     assert (folder / "table.csv").read_text().count("\n") == 2 + 1 + 2  # header, 2 cells, 2 paper rows
     assert "\\begin{tabular}" in (folder / "table.tex").read_text()
     for png in ("training_curves", "selection_frequency", "story_masks", "circuits", "sae_frontier",
-                "sparsity_vs_specialisation"):
+                "n2g_vs_selection", "sparsity_vs_specialisation"):
         assert (folder / f"{png}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     html = (folder / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 6 and "<table>" in html
+    assert html.count("data:image/png;base64,") == 7 and "<table>" in html
+    explains = {n: json.loads((out / "explain" / n / "explain.json").read_text()) for n in per_model}
+    for name, m in per_model.items():  # the table's N2G F1 is the explanation's own mean and interval
+        s = explains[name]["summary"]["mlp-clean"]
+        assert (m["n2g_f1"], [m["n2g_f1_lo"], m["n2g_f1_hi"]]) == (s["f1_mean"], s["f1_ci95"])
+        assert f"{s['f1_mean']:.3f} [{s['f1_ci95'][0]:.3f}, {s['f1_ci95'][1]:.3f}]" in table
+    explorer = (folder / "explorer.html").read_text()
+    assert all(f'"{n}":' in explorer for n in per_model)  # both models, to switch between
 
     from selfablate.cli import main
 
@@ -140,7 +147,8 @@ def test_reproduce_runs_resumes_and_reports(tmp_path, stories_dir, monkeypatch):
     assert table.strip() in text  # the run's own table, whole
     assert "2 models (none-s0, local-k2-s0)" in text and "6 steps of 8 x 32 tokens = 1,536 tokens" in text
     assert "`blocks.0.hook_mlp_out`, 10 steps" in text and "first 2,048 held-out tokens" in text
-    for png in ("selection_frequency", "circuits", "sae_frontier"):
+    assert "Neuron-to-Graph explanations of every clean MLP neuron (20 top examples from 4,096 training tokens" in text
+    for png in ("selection_frequency", "circuits", "sae_frontier", "n2g_vs_selection"):
         assert f"](results_figures/{png}.png)" in text
         assert (page.parent / "results_figures" / f"{png}.png").read_bytes() == (folder / f"{png}.png").read_bytes()
 

@@ -65,6 +65,9 @@ class ReproduceConfig:
     """Held-out tokens for each SAE's metrics."""
     sae_sweep: tuple[float, ...] = ()
     """Extra L1 coefficients for an SAE frontier per model (empty: only 5)."""
+    explain_tokens: int = 131072
+    """Training tokens searched for each MLP neuron's top examples by the N2G stage (`explain`); its
+    graphs are scored on a quarter as many held-out tokens."""
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     """Device for every stage; auto: CUDA when available, else Apple's MPS, else the CPU."""
     precision: Literal["auto", "float32", "bfloat16"] = "auto"
@@ -85,6 +88,7 @@ class ReproduceConfig:
                 f"ioi_prompts must be auto, templates, authors or a prompt file: {why_not_prompt_set(self.ioi_prompts)}")
         require(self.max_steps >= 0 and self.eval_max_tokens >= 0 and self.sae_steps >= 0 and self.sae_eval_tokens >= 1,
                 "max_steps, eval_max_tokens and sae_steps must be >= 0, sae_eval_tokens >= 1")
+        require(self.explain_tokens >= 1, f"explain_tokens must be >= 1, got {self.explain_tokens}")
         model = get_preset(self.preset)[0]
         require(-model.n_layers <= self.sae_layer < model.n_layers,
                 f"sae_layer must be in {-model.n_layers}..{model.n_layers - 1} for the {self.preset} preset's "
@@ -181,11 +185,20 @@ def _sae(cfg: ReproduceConfig, spec: RunSpec) -> None:
     run_sae_sweep(str(_checkpoint(spec)), scfg, cfg.sae_coefs())
 
 
+def _explain(cfg: ReproduceConfig, spec: RunSpec) -> None:
+    from .explain.run import ExplainConfig, explain_checkpoint
+
+    explain_checkpoint(str(_checkpoint(spec)), ExplainConfig(
+        out=str(Path(cfg.out) / "explain" / spec.name), data=cfg.data, train_tokens=cfg.explain_tokens,
+        test_tokens=max(1, cfg.explain_tokens // 4), progress=False, device=cfg.device))
+
+
 STAGES = (
     Stage("train", lambda out, s: Path(s.train.out) / "done.json", _train),
     Stage("evaluate", lambda out, s: out / "eval" / f"{s.name}.json", _evaluate),
     Stage("circuits", lambda out, s: out / "circuits" / s.name / "circuit.json", _circuits),
     Stage("sae", lambda out, s: out / "sae" / s.name / "frontier.json", _sae),
+    Stage("explain", lambda out, s: out / "explain" / s.name / "explain.json", _explain),
 )
 
 
@@ -286,7 +299,7 @@ def _report_command(folder: str, results: str) -> None:
     print(f"report: {written / 'report.html'}" + (f"; results page: {results}" if results else ""))
 
 
-COMMAND = Command("reproduce", "the paper's grid end to end (train, evaluate, circuits, SAEs, report); resumable",
+COMMAND = Command("reproduce", "the paper's grid end to end (train, evaluate, circuits, SAEs, N2G explanations, report); resumable",
                   _command, (ReproduceConfig,))
 REPORT_COMMAND = Command("report", "rebuild the report of a reproduce folder", _report_command,
                          args=(Arg("folder", "the --out folder of `selfablate reproduce`"),

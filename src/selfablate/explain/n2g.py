@@ -41,7 +41,7 @@ class Examples(NamedTuple):
     unit: Tensor
     """(n,) the unit each example belongs to."""
     context: Tensor
-    """(n, ctx) token ids, the activating token last; left-filled with -1 where the text is shorter."""
+    """(n, ctx) token ids on the host, the activating token last; left-filled with -1 where the text is shorter."""
     activation: Tensor
     """(n,) the unit's activation at the activating token in its original text."""
 
@@ -52,7 +52,7 @@ def _last_activation_chunked(fn: LastActivation, tokens: Tensor, units: Tensor, 
     for i in range(0, len(tokens), batch_size):
         acts = fn(tokens[i : i + batch_size])  # (chunk, units)
         out.append(acts.gather(1, units[i : i + batch_size, None].to(acts.device))[:, 0].float().cpu())
-    return torch.cat(out) if out else torch.zeros(0)
+    return torch.cat(out) if out else torch.zeros(0, device="cpu")
 
 
 def prune(fn: LastActivation, ex: Examples, keep: float, batch_size: int) -> tuple[Tensor, Tensor]:
@@ -61,14 +61,14 @@ def prune(fn: LastActivation, ex: Examples, keep: float, batch_size: int) -> tup
     that length (n,)). Every length 1..ctx is run once for the examples long enough for it."""
     n, ctx = ex.context.shape
     avail = (ex.context >= 0).sum(1)  # (n,) tokens each example has
-    acts = torch.full((n, ctx), float("nan"))  # acts[i, m - 1]: activation with the last m tokens
+    acts = torch.full((n, ctx), float("nan"), device="cpu")  # acts[i, m - 1]: activation with the last m tokens
     for m in range(1, ctx + 1):
         rows = torch.nonzero(avail >= m)[:, 0]
         if len(rows):
             acts[rows, m - 1] = _last_activation_chunked(fn, ex.context[rows, ctx - m :], ex.unit[rows], batch_size)
     full = acts.gather(1, (avail - 1).clamp(min=0)[:, None])[:, 0]  # (n,) the whole context's
     ok = acts >= keep * full[:, None]  # NaN (too short) compares False
-    ok[torch.arange(n), (avail - 1).clamp(min=0)] = True  # the whole context always qualifies
+    ok[torch.arange(n, device="cpu"), (avail - 1).clamp(min=0)] = True  # the whole context always qualifies
     length = ok.float().argmax(1) + 1  # the first True
     return length, acts.gather(1, (length - 1)[:, None])[:, 0]
 
@@ -80,12 +80,13 @@ def importance(fn: LastActivation, tokens: list[Tensor], units: Tensor, replacem
     token j replaced by `replacement`. Examples of one length run as one batch of length x length
     variants."""
     out: list[Tensor | None] = [None] * len(tokens)
-    lengths = torch.tensor([len(t) for t in tokens])
+    lengths = torch.tensor([len(t) for t in tokens], device="cpu")
     for m in lengths.unique().tolist():
         idx = torch.nonzero(lengths == m)[:, 0]
         base = torch.stack([tokens[i] for i in idx.tolist()])  # (e, m)
         variants = base[:, None, :].repeat(1, m + 1, 1)  # (e, m + 1, m): row 0 as is, row j + 1 with j replaced
-        variants[:, 1:][:, torch.arange(m), torch.arange(m)] = replacement
+        diag = torch.arange(m, device="cpu")
+        variants[:, 1:][:, diag, diag] = replacement
         unit = units[idx].repeat_interleave(m + 1)  # (e * (m + 1),)
         acts = _last_activation_chunked(fn, variants.view(-1, m), unit, batch_size).view(-1, m + 1)  # (e, m + 1)
         imp = 1 - acts[:, 1:] / acts[:, :1]  # (e, m)

@@ -118,7 +118,7 @@ def examples_of(top: TopExamples, windows: torch.Tensor, context: int) -> n2g.Ex
     rank, unit = torch.nonzero(values > 0, as_tuple=True)  # rank-major: each unit's best first
     pos = where[rank, unit]
     w, t = pos // windows.shape[1], pos % windows.shape[1]
-    idx = t[:, None] + torch.arange(1 - context, 1)  # (n, context) positions in the window
+    idx = t[:, None] + torch.arange(1 - context, 1, device=t.device)  # (n, context) positions in the window
     ctx = windows[w[:, None], idx.clamp(min=0)]  # (n, context)
     return n2g.Examples(unit, torch.where(idx >= 0, ctx, -1), values[rank, unit])
 
@@ -132,7 +132,7 @@ def explain_units(model: SelfAblatingTransformer, units: Units, top: TopExamples
     ex = examples_of(top, train, cfg.context)
     length, _ = n2g.prune(fn, ex, cfg.keep, cfg.batch_size)
     pruned = [ex.context[i, cfg.context - m :] for i, m in enumerate(length.tolist())]
-    replacement = int(to_model_ids(model, torch.tensor([EOT]))[0])
+    replacement = int(to_model_ids(model, torch.tensor([EOT], device="cpu"))[0])
     imp = n2g.importance(fn, pruned, ex.unit, replacement, cfg.batch_size)
     unit_max = top.values[0].float().cpu()  # (units,) each unit's largest training activation
     rows: dict[int, list[int]] = {}

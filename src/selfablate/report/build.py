@@ -7,6 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from ..data.vocab import to_model_ids
+from ..explain.explorer import write_explorer
+from ..explain.run import explorer_model
 from . import plots
 from .html import write_html
 from .results import write_results
@@ -66,6 +68,12 @@ def figures(out: Path, names: list[str], per_model: dict[str, dict[str, float]],
         figs.append(("IOI circuits found by ACDC", plots.circuits(circs, folder / "circuits.png")))
     if saes:
         figs.append(("SAE L0-fidelity frontier", plots.sae_frontier(saes, folder / "sae_frontier.png")))
+    explains = _load_all(out, shown, "explain/{}/explain.json")
+    if any(e["config"]["ablation"] != "none" for e in explains.values()):
+        figs.append(("N2G F1 of each clean MLP neuron against its selection frequency",
+                     plots.n2g_vs_selection(explains, folder / "n2g_vs_selection.png")))
+    if explains:
+        write_explorer(folder / "explorer.html", {n: explorer_model(e) for n, e in explains.items()})
     if per_model:
         figs.append(("Sparsity against specialisation",
                      plots.sparsity_vs_specialisation({n: per_model[n] for n in shown if n in per_model},
@@ -74,7 +82,8 @@ def figures(out: Path, names: list[str], per_model: dict[str, dict[str, float]],
 
 
 def write_report(out: Path, results: Path | None = None) -> Path:
-    """Tables (md, csv, tex), PNG figures and a self-contained report.html in OUT/report/; with
+    """Tables (md, csv, tex), PNG figures, a self-contained report.html and the mask explorer
+    (explorer.html, every model of the grid that has N2G explanations) in OUT/report/; with
     `results`, also the results page there (`report.results`)."""
     out = Path(out)
     meta = json.loads((out / "reproduce.json").read_text())

@@ -139,3 +139,27 @@ def sparsity_vs_specialisation(per_model: dict[str, dict[str, float]], path: Pat
                 ax.annotate(name, (m["hoyer"], m[key]), fontsize=7)
         ax.set(xlabel="Hoyer sparsity of MLP activations", ylabel=label)
     return _save(fig, path)
+
+
+def n2g_vs_selection(explains: dict[str, dict[str, Any]], path: Path) -> Path:
+    """Each clean MLP neuron's N2G F1 against how often the masks kept it, one panel per
+    self-ablating model (a baseline keeps every neuron; its F1 distribution is the grey histogram)."""
+    ablating = {n: e for n, e in explains.items() if e["config"]["ablation"] != "none"}
+    baseline = [u["f1"] for e in explains.values() if e["config"]["ablation"] == "none"
+                for layer in e["layers"] if layer["key"].startswith("mlp-clean") for u in layer["units"] if u["f1"] is not None]
+    fig, axes = plt.subplots(1, max(1, len(ablating)), figsize=(3.6 * max(1, len(ablating)), 3.4), squeeze=False)
+    for ax, (name, e) in zip(axes[0], ablating.items()):
+        layers = [l for l in e["layers"] if l["key"].startswith("mlp-clean")]
+        for layer in layers:
+            pts = np.array([(u["kept"], u["f1"]) for u in layer["units"] if u["f1"] is not None and u["kept"] is not None])
+            if len(pts):
+                ax.scatter(pts[:, 0], pts[:, 1], s=6, alpha=0.6, label=f"layer {layer['layer']}")
+        ax.set(title=name, xlabel="selection frequency", ylabel="N2G F1", ylim=(-0.02, 1.02))
+        ax.title.set_fontsize(9)
+        if baseline:
+            inset = ax.inset_axes([0.62, 0.62, 0.35, 0.33])
+            inset.hist(baseline, bins=20, range=(0, 1), color="grey")
+            inset.set_title("baseline F1", fontsize=7)
+            inset.tick_params(labelsize=6)
+    axes[0][0].legend(fontsize=7, loc="upper left")
+    return _save(fig, path)

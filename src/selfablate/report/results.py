@@ -16,7 +16,8 @@ from .table import Cell, load_json
 
 FIGURES = (("selection_frequency.png", "Unit selection frequency per layer"),
            ("circuits.png", "IOI circuits found by ACDC"),
-           ("sae_frontier.png", "SAE L0-fidelity frontier"))
+           ("sae_frontier.png", "SAE L0-fidelity frontier"),
+           ("n2g_vs_selection.png", "N2G F1 of each clean MLP neuron against its selection frequency"))
 """The report's figures the results page shows (copied beside it); report.html has them all."""
 
 
@@ -41,7 +42,7 @@ def _what_ran(out: Path, config: dict[str, Any], names: list[str]) -> list[str]:
         f"{t['warmup_steps']}, cosine to {t['min_lr_ratio']:g} x lr; the {t['keep']} checkpoint evaluated.",
         f"- **Evaluations:** perplexity on {_held_out(config)}; ACDC at tau {config['tau']:g} (and "
         f"{', '.join(f'{x:g}' for x in config['tau_sweep']) or 'no other tau'}) on {_prompts(out, names[-1])}; "
-        f"{_sae(out, names[-1])}."
+        f"{_sae(out, names[-1])}; {_n2g(out, names[-1])}."
         + ("" if ablated else " No self-ablating model in this grid."),
     ]
 
@@ -67,6 +68,16 @@ def _sae(out: Path, name: str) -> str:
         f"SAEs ({t['expansion']}x, L1 coefficients {coefs})"
     return (f"{what} on the clean stream's `{t['hook']}`, {t['steps']:,} steps of {t['batch_tokens']:,} activations "
             f"at lr {t['lr']:g}")
+
+
+def _n2g(out: Path, name: str) -> str:
+    result = load_json(out / "explain" / name / "explain.json")
+    if result is None:
+        return "no N2G explanations"
+    s, d = result["settings"], result["data"]
+    return (f"Neuron-to-Graph explanations of every clean MLP neuron ({s['examples']} top examples from "
+            f"{d['train_tokens']:,} training tokens, scored on {d['test_tokens']:,} held-out tokens, firing at "
+            f"{s['fire']:g} of the neuron's largest activation)")
 
 
 def _count(n: int) -> str:

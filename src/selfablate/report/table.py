@@ -26,12 +26,14 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("ioi_accuracy", "IOI accuracy", "{:.2f}"),
     ("localisation", "localisation", "{:.3f}"),
     ("selectivity", "selectivity", "{:.3f}"),
+    ("n2g_f1", "N2G F1", "{:.3f}"),
     ("probe_mask_share", "probe: mask share", "{:.2f}"),
 )
 """IOI edges at the paper's tau (0.03) and at the lowest tau of the sweep (0.003 by default: small
 models that barely do IOI keep no edge at 0.03); localisation: fraction of units needed for 90% of
-the loss improvement; probe: share of the clean residual's decodable next-token information the
-mask bits carry."""
+the loss improvement; N2G F1: mean F1 of the clean stream's MLP neurons' Neuron-to-Graph
+explanations on held-out text (with one seed, its 95% bootstrap interval over neurons); probe: share
+of the clean residual's decodable next-token information the mask bits carry."""
 
 
 def model_metrics(out: Path, name: str) -> dict[str, float]:
@@ -54,6 +56,10 @@ def model_metrics(out: Path, name: str) -> dict[str, float]:
         m["ioi_edges_low_tau"] = min(circ["sweep"], key=lambda r: r["tau"])["edges"]
         m["faithfulness_auc"] = circ["faithfulness_auc"]
         m["ioi_accuracy"] = circ["ioi"]["clean"]["accuracy"]
+    n2g = load_json(out / "explain" / name / "explain.json")
+    if n2g and n2g["summary"].get("mlp-clean", {}).get("f1_mean") is not None:
+        s = n2g["summary"]["mlp-clean"]
+        m["n2g_f1"], (m["n2g_f1_lo"], m["n2g_f1_hi"]) = s["f1_mean"], s["f1_ci95"]
     sae = load_json(out / "sae" / name / "frontier.json")
     if sae:
         at5 = min(sae["points"], key=lambda p: abs(p["l1_coef"] - 5.0))
@@ -101,7 +107,11 @@ def _fmt(cell: Cell, key: str, fmt: str, pm: str) -> str:
     if key not in cell.mean:
         return "-"
     text = fmt.format(cell.mean[key])
-    return text + (f"{pm}{fmt.format(cell.std[key])}" if cell.seeds > 1 else "")
+    if cell.seeds > 1:
+        return text + f"{pm}{fmt.format(cell.std[key])}"
+    if f"{key}_lo" in cell.mean:  # one model: its own interval
+        return text + f" [{fmt.format(cell.mean[f'{key}_lo'])}, {fmt.format(cell.mean[f'{key}_hi'])}]"
+    return text
 
 
 def _paper_fmt(row: dict[str, Any], key: str, fmt: str) -> str:
