@@ -96,6 +96,20 @@ def test_ablated_logits_equal_a_naive_rerun_with_the_mask_at_one_position(ablati
         torch.testing.assert_close(out.logits_ablated[:, t], naive[:, t], rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("ablation", ["local", "global", "both"])
+def test_a_one_layer_model_follows_the_two_stream_rule(ablation):
+    """One block: the global head's scores are still (layers, batch, pos, width), as a local head's."""
+    model = make(ablation, n_layers=1)
+    toks = tokens()
+    out = model(toks)
+    assert out.attn_mask.shape == (*toks.shape, 1, SMALL["d_model"]) and (out.mlp_mask.sum(-1) == SMALL["k_mlp"]).all()
+    for t in range(toks.shape[1]):
+        attn, mlp = torch.ones_like(out.attn_mask), torch.ones_like(out.mlp_mask)
+        attn[:, t], mlp[:, t] = out.attn_mask[:, t], out.mlp_mask[:, t]
+        naive = model.run_with_masks(toks, attn, mlp)
+        torch.testing.assert_close(out.logits_ablated[:, t], naive[:, t], rtol=1e-9, atol=1e-9)
+
+
 @pytest.mark.parametrize("ablation", ["local", "global"])
 def test_full_width_k_makes_the_ablated_stream_equal_the_clean_one(ablation):
     model = make(ablation, k_attn=SMALL["d_model"], k_mlp=SMALL["d_mlp"])

@@ -109,16 +109,16 @@ class MaskHead(nn.Module):
         self.mlp = ops.Linear(d_model, n_layers * d_mlp)
 
     def forward(self, resid: Tensor) -> tuple[Tensor, Tensor]:
-        """resid (B, T, d_model) -> scores (B, T, d_model) and (B, T, d_mlp) for one layer, or
-        (L, B, T, d_model) and (L, B, T, d_mlp) for n_layers = L > 1. In float32 (or wider)
+        """resid (B, T, d_model) -> scores (L, B, T, d_model) and (L, B, T, d_mlp) for its
+        n_layers = L layers (a local head's L is 1). In float32 (or wider)
         whatever the autocast state or the model's dtype: in bf16, with 8 bits of mantissa, the
         k-th and (k+1)-th scores tie in many rows, and the top-k's cut with them."""
         B, T, _ = resid.shape
         x = resid.to(torch.promote_types(resid.dtype, torch.float32))
         with torch.autocast(x.device.type, enabled=False):
             attn, mlp = _linear_in(self.attn, x), _linear_in(self.mlp, x)  # (B, T, L * width) each
-        if self.n_layers == 1:
-            return attn, mlp
+        if self.n_layers == 1:  # (B, T, width) -> (1, B, T, width), no copy
+            return attn.unsqueeze(0), mlp.unsqueeze(0)
         # (B, T, L, width) -> (L, B, T, width): layers first, each layer's slice contiguous.
         return tuple(s.view(B, T, self.n_layers, -1).permute(2, 0, 1, 3).contiguous() for s in (attn, mlp))
 

@@ -75,7 +75,7 @@ class Scores(NamedTuple):
 def _local_scores(model: "SelfAblatingTransformer", clean: StreamRun) -> Scores:
     """Each block's head reads the clean residual at that block's input."""
     per_layer = [block.mask_head(x) for block, x in zip(model.blocks, clean.resid_pre)]
-    return Scores(*(torch.stack(s) for s in zip(*per_layer)))  # (n_layers, batch, pos, width) each
+    return Scores(*(torch.cat(s) for s in zip(*per_layer)))  # (1, ...) each -> (n_layers, batch, pos, width)
 
 
 def _global_scores(model: "SelfAblatingTransformer", clean: StreamRun) -> Scores:
