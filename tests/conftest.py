@@ -94,3 +94,17 @@ def backend(request):
         os.environ.pop("SELFABLATE_BACKEND", None)
     else:
         os.environ["SELFABLATE_BACKEND"] = env
+
+
+@pytest.fixture
+def device_strict():
+    """`torch.set_default_device("meta")` for the test: a tensor the library makes without
+    `device=` lands on the meta device and fails the moment it meets real data (on a GPU, a CPU
+    tensor meeting CUDA ones)."""
+    import torch
+
+    torch.set_default_device("meta")
+    try:
+        yield
+    finally:
+        torch.set_default_device(None)

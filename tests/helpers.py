@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from selfablate import ModelConfig, SelfAblatingTransformer
+
+ONE_BACKEND = pytest.mark.parametrize("backend", ["cpu"], indirect=True)
+"""For a test in a module that runs on both backends (the `backend` fixture) whose subject does not
+depend on the backend (a child process's messages, the learning-rate schedule, which checkpoint
+is kept): the C kernels' run alone."""
 
 SMALL = dict(vocab_size=97, n_ctx=12, d_model=16, n_layers=3, n_heads=4, d_mlp=32, k_attn=5, k_mlp=7)
 """The small model of the float64 references: three blocks (a middle one), odd vocabulary and k, so

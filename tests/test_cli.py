@@ -9,6 +9,8 @@ import torch
 
 from selfablate.cli import main, make_parser
 
+from .helpers import ONE_BACKEND
+
 pytestmark = pytest.mark.usefixtures("backend")  # each test on both backends (conftest)
 
 
@@ -45,6 +47,7 @@ def test_train_applies_flags_over_the_preset(trained, capsys):
     assert "ablation=global" in out and "k_attn=6" in out and "d_model=32" in out and "step: 4" in out
 
 
+@ONE_BACKEND
 def test_eval_loss_over_a_whole_split(trained, stories_dir, capsys):
     code, out, _ = run(capsys, "eval-loss", trained, "--data", stories_dir, "--json")
     assert code == 0
@@ -92,11 +95,13 @@ def test_corrupt_checkpoint_is_a_one_line_error(trained, tmp_path, capsys):
     assert err.startswith("selfablate: error: corrupt checkpoint")
 
 
+@ONE_BACKEND
 def test_console_entry_point_runs():
     proc = subprocess.run([sys.executable, "-m", "selfablate.cli", "train", "--help"], capture_output=True, text=True)
     assert proc.returncode == 0 and "--k-attn" in proc.stdout
 
 
+@ONE_BACKEND
 def test_without_a_c_compiler_training_says_so_once_on_one_line(stories_dir, tmp_path):
     """A missing compiler turns the CPU kernels off with a single stderr line (no warning's source
     line, not one per kernel), and training goes on with PyTorch's kernels."""
@@ -199,6 +204,7 @@ def test_an_out_that_is_a_file_is_refused_before_any_compute(tmp_path, capsys):
     assert code == 2 and f"--out {f / 'sub'}: {f} is a file, not a folder" in err, err
 
 
+@ONE_BACKEND
 def test_sigterm_says_so_in_one_line_and_the_run_resumes(stories_dir, tmp_path):
     import signal
     import time

@@ -34,13 +34,14 @@ def test_training_forward_has_no_graph_break(ablation):
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons[:3]
 
 
-@pytest.mark.parametrize("ablation", ["local", "global"])
-def test_compiled_step_equals_eager(ablation):
+def test_compiled_step_equals_eager():
     """Losses and every gradient of the compiled step are as close to a float64 reference as the
     eager float32 step's are (the mask heads' gradients, through the soft top-k's 1 / gap, are
-    the least well conditioned: about 1e-3 from float64 in either)."""
+    the least well conditioned: about 1e-3 from float64 in either). Ablation "both": its graph
+    holds the local heads and the global one, so that one compilation (about a minute on a
+    2-core CPU with nothing cached) covers both."""
     torch.manual_seed(0)
-    model = SelfAblatingTransformer(ModelConfig(**CFG, ablation=ablation, coef_ablated=0.5, coef_recon=0.5))
+    model = SelfAblatingTransformer(ModelConfig(**CFG, ablation="both", coef_ablated=0.5, coef_recon=0.5))
     with torch.no_grad():  # away from the initialisation, so that every unit and mask head matters
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)

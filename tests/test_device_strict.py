@@ -1,4 +1,5 @@
-"""Device-strict mode: every command with the model on the CPU and `torch.set_default_device("meta")`.
+"""Device-strict mode (the `device_strict` fixture): every command with the model on the CPU and
+`torch.set_default_device("meta")`.
 
 A tensor the library creates without `device=` then lands on the meta device and fails loudly
 the moment it meets real data, which on a GPU would be a CPU tensor meeting CUDA ones (a crash
@@ -14,15 +15,6 @@ from selfablate import SelfAblatingTransformer
 from selfablate.cli import main
 from selfablate.config import get_preset
 from selfablate.train import autocast_for, make_optimizer, train_step
-
-
-@pytest.fixture
-def device_strict():
-    torch.set_default_device("meta")
-    try:
-        yield
-    finally:
-        torch.set_default_device(None)
 
 
 @pytest.mark.parametrize("backend", ["cpu", "torch"])
@@ -43,17 +35,10 @@ def test_a_training_step(ablation, backend, set_backend):
     assert 5 < m.loss < 20 and 0 < m.grad_norm < 100
 
 
-@pytest.mark.slow
-def test_every_command(tmp_path, stories_dir, device_strict, capsys):
-    """reproduce (train, evaluate with localisation, circuits with ACDC, EAP and EAP-IG, an SAE,
-    the report), then generate and eval-loss on its models."""
-    out = tmp_path / "grid"
-    code = main(["reproduce", "--preset", "tiny", "--data", str(stories_dir), "--out", str(out),
-                 "--ablations", "local", "--ks", "2", "--max-steps", "6", "--eval-max-tokens", "2048",
-                 "--circuit-prompts", "4", "--tau-sweep", "0.01", "--sae-steps", "10",
-                 "--sae-eval-tokens", "1024", "--no-progress"])
-    assert code == 0, capsys.readouterr().err
-    run = out / "models" / "local-k2-s0"
+def test_generate_and_eval_loss(tiny_runs, stories_dir, device_strict, capsys):
+    """The commands `reproduce` does not run (its stages and report run device-strict in
+    test_reproduce)."""
+    run = tiny_runs["local"]
     assert main(["generate", str(run), "--max-new-tokens", "5", "--stream", "ablated", "--show-units"]) == 0
     assert main(["eval-loss", str(run), "--data", str(stories_dir), "--max-batches", "2", "--json"]) == 0
     err = capsys.readouterr().err

@@ -47,6 +47,7 @@ def test_evaluate_writes_traceable_json_and_csv(evaluated, checkpoints):
     assert len(r["data"]["sha256"]) == 64 and r["data"]["tokens"] == whole_windows * 32
     base = json.loads((out / "none.json").read_text())
     assert "masks" not in base and "ablated" not in base["lm"] and base["data"]["sha256"] == r["data"]["sha256"]
+    assert r["localisation"]["tokens"] == 512  # localisation_tokens, below max_tokens
 
 
 def test_lm_numbers_agree_with_the_plain_loss_evaluation(evaluated, checkpoints, stories_dir):

@@ -2,6 +2,7 @@
 code under CPU autocast), masks and gradients that do not depend on the backend or on ties."""
 
 import dataclasses
+import functools
 import json
 
 import pytest
@@ -52,12 +53,15 @@ def test_mask_heads_score_in_float32_under_autocast():
 @pytest.mark.slow
 def test_short_bf16_run_learns_as_float32_does(tmp_path, stories_dir):
     model_cfg, tr = get_preset("tiny")
-    tr = dataclasses.replace(tr, data=str(stories_dir), max_steps=40, eval_interval=40, checkpoint_interval=40,
+    # 12 steps: bf16 matmuls are slow on a CPU without bf16 units, and by then CE has fallen from
+    # ln(50257) = 10.8 to about 10.0 in both precisions.
+    tr = dataclasses.replace(tr, data=str(stories_dir), max_steps=12, eval_interval=12, checkpoint_interval=12,
                              progress=False)
     val = {p: train(model_cfg, dataclasses.replace(tr, precision=p, out=str(tmp_path / p))).final_eval
            for p in ("float32", "bfloat16")}
-    assert val["bfloat16"].clean == pytest.approx(val["float32"].clean, abs=0.15), val
-    assert val["bfloat16"].ablated == pytest.approx(val["float32"].ablated, abs=0.15), val
+    assert val["bfloat16"].clean < 10.4 and val["bfloat16"].ablated < 10.4, val
+    assert val["bfloat16"].clean == pytest.approx(val["float32"].clean, abs=0.05), val
+    assert val["bfloat16"].ablated == pytest.approx(val["float32"].ablated, abs=0.05), val
 
 
 # -- ties ------------------------------------------------------------------------------------
@@ -149,9 +153,13 @@ def test_a_row_of_equal_scores_has_no_gradient(set_backend):
 
 
 @pytest.mark.slow
-def test_compiled_model_trains_as_the_eager_one(tmp_path, stories_dir, set_backend):
-    """--compile (torch.compile of the model, what a GPU run would use) on PyTorch's path."""
+def test_compiled_model_trains_as_the_eager_one(tmp_path, stories_dir, set_backend, monkeypatch):
+    """--compile (torch.compile of the model, what a GPU run would use) on PyTorch's path, through
+    the training loop: with AOT autograd's tracing and functionalisation (where a graph breaks or a
+    step changes meaning) but not inductor's C++ code generation, a minute per graph on this CPU;
+    inductor's numerics are test_compile's."""
     set_backend("torch")
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
     model_cfg, tr = get_preset("tiny")
     tr = dataclasses.replace(tr, data=str(stories_dir), max_steps=3, eval_interval=3, checkpoint_interval=3,
                              log_interval=1, progress=False)

@@ -95,7 +95,9 @@ def test_the_results_page_reads_ranges_off_the_table():
 
 
 @pytest.mark.slow
-def test_reproduce_runs_resumes_and_reports(tmp_path, stories_dir, monkeypatch):
+def test_reproduce_runs_resumes_and_reports(tmp_path, stories_dir, monkeypatch, device_strict):
+    """Every stage (train, evaluate with localisation, circuits with ACDC, EAP and EAP-IG, an SAE, N2G)
+    and the report, device-strict (conftest): nothing in them makes a tensor without a device."""
     cfg = tiny_cfg(tmp_path / "run", str(stories_dir))
     # Interrupt the first run at its first SAE: everything before it must survive.
     real_sae = reproduce._sae
@@ -122,6 +124,8 @@ def test_reproduce_runs_resumes_and_reports(tmp_path, stories_dir, monkeypatch):
     for m in per_model.values():
         assert {"ioi_edges", "sae_l0", "sae_ce_score", "ppl_clean", "weight_l1"} <= set(m)
     assert "ppl_ablated" in per_model["local-k2-s0"] and "ppl_ablated" not in per_model["none-s0"]
+    # eval_max_tokens caps every evaluation, localisation's search too (its default is 8,192 tokens).
+    assert json.loads((out / "eval" / "local-k2-s0.json").read_text())["localisation"]["tokens"] == 2048
     table = (folder / "table.md").read_text()
     assert "| local-k2 |" in table and "| none |" in table and "paper" in table
     assert (folder / "table.csv").read_text().count("\n") == 2 + 1 + 2  # header, 2 cells, 2 paper rows

@@ -15,6 +15,8 @@ from selfablate.errors import CheckpointError
 from selfablate.metrics_log import read_metrics
 from selfablate.train import lr_at, train
 
+from .helpers import ONE_BACKEND
+
 pytestmark = pytest.mark.usefixtures("backend")  # each test on both backends (conftest)
 
 
@@ -65,6 +67,7 @@ def test_resume_after_an_interruption_equals_training_straight(tmp_path, stories
     assert losses("split") == losses("straight")
 
 
+@ONE_BACKEND
 def test_a_longer_run_on_resume_continues_the_rate_it_had_reached(tmp_path, stories_dir, monkeypatch):
     """Resumed with a larger max_steps, the rate used to jump back up (the cosine recomputed over the
     new length: 0.00032 -> 0.0013); now it falls from where it was to the floor at the new end."""
@@ -331,6 +334,7 @@ def test_the_paper_preset_is_the_authors_protocol():
         assert lr_at(step, t) == pytest.approx(t.lr * (1 + math.cos(math.pi * step / t.max_steps)) / 2)
 
 
+@ONE_BACKEND
 def test_keep_best_keeps_the_lowest_held_out_objective(tmp_path, stories_dir):
     from selfablate.checkpoint import find, read_header
 

@@ -70,7 +70,7 @@ class EvalConfig:
     probe_classes: int = 512
     """Next-token classes of the probe (the most frequent ones; the rest share one class)."""
     localisation_tokens: int = 8192
-    """Held-out tokens used for attribution and the localisation search."""
+    """Held-out tokens used for attribution and the localisation search (at most max_tokens, when set)."""
     localisation_target: float = 0.9
     """Fraction of the clean loss improvement the kept units must recover."""
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
@@ -179,7 +179,8 @@ def evaluate_checkpoint(path: str | Path, cfg: EvalConfig, device: torch.device)
         p = acc["probe"].tensors()
         result["leakage"] = leakage_probe(p["mask"], p["random"], p["current"], p["target"], p["residual"],
                                           cfg.probe_classes, seed=cfg.seed)
-    loc_batches = list(windows.sequential_batches(cfg.batch_size, max(1, cfg.localisation_tokens // model.cfg.n_ctx)))
+    loc_tokens = min(cfg.localisation_tokens, cfg.max_tokens or cfg.localisation_tokens)
+    loc_batches = list(windows.sequential_batches(cfg.batch_size, max(1, loc_tokens // model.cfg.n_ctx)))
     loc_batches = [(x.to(device), y.to(device)) for x, y in loc_batches]
     result["localisation"] = localisation(model, loc_batches, cfg.localisation_target)._asdict()
     result["seconds"] = time.perf_counter() - t0

@@ -64,6 +64,8 @@ class Localisation(NamedTuple):
     ce_all_units: float
     ce_no_units: float
     ce_at_units_needed: float
+    tokens: int
+    """Held-out tokens the attributions and every CE above were measured on."""
 
 
 def localisation(model: SelfAblatingTransformer, batches: list[tuple[Tensor, Tensor]], target: float = 0.9) -> Localisation:
@@ -90,4 +92,5 @@ def localisation(model: SelfAblatingTransformer, batches: list[tuple[Tensor, Ten
             hi = mid
         else:
             lo = mid + 1
-    return Localisation(lo, total, lo / total, target, ce_all, ce_none, ce_with_units(model, batches, *keep(lo)))
+    return Localisation(lo, total, lo / total, target, ce_all, ce_none, ce_with_units(model, batches, *keep(lo)),
+                        sum(y.numel() for _, y in batches))
