@@ -20,6 +20,8 @@ from .errors import ConfigError
 
 Ablation = Literal["none", "local", "global", "both"]
 MaskFn = Literal["hard", "soft"]
+Device = Literal["auto", "cpu", "cuda", "mps"]
+"""Where a command runs: auto is CUDA when available, else Apple's MPS, else the CPU."""
 
 
 def require(cond: bool, msg: str) -> None:
@@ -184,7 +186,7 @@ class TrainConfig:
     freeze_clean: bool = False
     """Train the mask heads only: every clean weight (which the ablated stream shares) stays as it
     was (with init_from: the pretrained model's, bit for bit)."""
-    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    device: Device = "auto"
     """auto: CUDA when available, else Apple's MPS, else the CPU."""
     precision: Literal["auto", "float32", "bfloat16"] = "auto"
     """auto: bf16 autocast on CUDA (the mask heads and top-k stay float32), float32 elsewhere."""

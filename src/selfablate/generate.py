@@ -9,7 +9,7 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor
 
-from .config import Arg, Command, check_choice, require, require_finite
+from .config import Arg, Command, Device, check_choice, require, require_finite
 from .errors import SelfAblateError
 from .model import SelfAblatingTransformer
 from .data.vocab import to_gpt2_ids, to_model_ids, unk_id
@@ -93,7 +93,7 @@ class GenerateOptions:
     """Sampling seed."""
     show_units: bool = False
     """Print, for each new token, the units its prediction kept in every layer."""
-    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    device: Device = "auto"
     """Device to run on."""
 
     def __post_init__(self) -> None:

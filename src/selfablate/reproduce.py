@@ -17,7 +17,7 @@ from typing import Any, Callable, Literal, NamedTuple
 
 from tqdm.auto import tqdm
 
-from .config import (Arg, Command, ModelConfig, TrainConfig, check_choice, check_lists, field_type, get_preset,
+from .config import (Arg, Command, Device, ModelConfig, TrainConfig, check_choice, check_lists, field_type, get_preset,
                      list_item_type, parse_list, require, require_finite)
 from . import runlock
 from .circuits.prompt_file import is_prompt_set, why_not_prompt_set
@@ -68,7 +68,7 @@ class ReproduceConfig:
     explain_tokens: int = 131072
     """Training tokens searched for each MLP neuron's top examples by the N2G stage (`explain`); its
     graphs are scored on a quarter as many held-out tokens."""
-    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    device: Device = "auto"
     """Device for every stage; auto: CUDA when available, else Apple's MPS, else the CPU."""
     precision: Literal["auto", "float32", "bfloat16"] = "auto"
     """Training precision (as for train; the evaluations run in float32)."""

@@ -6,12 +6,12 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
 from ..checkpoint import load_checkpoint, resolve
-from ..config import check_lists, require, require_finite
+from ..config import Device, check_lists, require, require_finite
 from ..data.vocab import to_model_ids
 from ..model import SelfAblatingTransformer
 from .patching import EdgeGraph
@@ -50,7 +50,7 @@ class CircuitConfig:
     """Integration steps of EAP-IG."""
     top_edges: int = 50
     """Edges per EAP ranking written out."""
-    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    device: Device = "auto"
     """Device to run on."""
     progress: bool = True
     """Show progress bars."""

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from ..checkpoint import load_checkpoint, resolve
 from .. import runlock
 from ..interop.transformer_lens import weight_l1_tl
-from ..config import Arg, Command, require, require_finite
+from ..config import Arg, Command, Device, require, require_finite
 from ..files import write_text_atomically
 from ..data.dataset import TokenWindows, tokenize_split
 from ..data.sources import resolve_source
@@ -73,7 +73,7 @@ class EvalConfig:
     """Held-out tokens used for attribution and the localisation search (at most max_tokens, when set)."""
     localisation_target: float = 0.9
     """Fraction of the clean loss improvement the kept units must recover."""
-    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    device: Device = "auto"
     """Device to run on."""
     progress: bool = True
     """Show progress bars."""

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ..config import Arg, Command, check_choice, require
+from ..config import Arg, Command, Device, check_choice, require
 from ..model import SelfAblatingTransformer
 from ..runtime import wide
 
@@ -86,7 +86,7 @@ class EvalLossOptions:
     """Sequences per batch."""
     max_batches: int = 0
     """Stop after this many batches; 0 evaluates the whole split."""
-    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    device: Device = "auto"
     """Device to run on."""
     json: bool = False
     """Print the result as JSON."""

@@ -31,14 +31,14 @@ PAGE = r"""<!DOCTYPE html>
 <style>
 body{font:14px/1.4 system-ui,sans-serif;margin:1em;color:#222}
 #tokens{max-width:60em;line-height:1.9}
-.tok{white-space:pre;padding:1px 0;border-radius:3px;cursor:pointer}
+.tok{white-space:pre-wrap;padding:1px 0;border-radius:3px;cursor:pointer}
 .tok:hover,.tok.sel{outline:2px solid #36c}
 .unit{cursor:pointer;color:#14c;margin-right:.4em;white-space:nowrap}
 .unit.sel{background:#fd6}
 #panes{display:flex;gap:2em;align-items:flex-start}
 #token,#unit{flex:1;min-width:20em}
 table{border-collapse:collapse}td,th{padding:2px 6px;border-bottom:1px solid #ddd;text-align:left}
-.imp{white-space:pre;border-radius:2px}
+.imp{white-space:pre-wrap;border-radius:2px}
 svg text{font:12px monospace}
 </style></head><body>
 <h1>Mask explorer</h1>
@@ -102,8 +102,9 @@ function showUnit(key, u) {
   html += `<table id="unit-scores"><tr><th>F1</th><td>${fmt(r.f1)}</td></tr><tr><th>precision</th><td>${fmt(r.precision)}</td></tr>` +
     `<tr><th>recall</th><td>${fmt(r.recall)}</td></tr><tr><th>largest activation</th><td>${fmt(r.max)}</td></tr>` +
     `<tr><th>kept by the masks</th><td>${r.kept === null ? "-" : (100 * r.kept).toFixed(1) + "%"}</td></tr></table>`;
+  // One line per example: a newline token shows as a visible mark.
   html += "<h3>Top examples (pruned; red: important tokens)</h3>" + r.examples.map(e => "<div>" + e.tokens.map((t, j) =>
-    `<span class="imp" style="background:rgba(220,40,40,${Math.max(0, Math.min(1, e.importance[j])).toFixed(2)})">${esc(t)}</span>`).join("") +
+    `<span class="imp" style="background:rgba(220,40,40,${Math.max(0, Math.min(1, e.importance[j])).toFixed(2)})">${esc(t.replace(/\n/g, "\u21b5"))}</span>`).join("") +
     ` <small>${e.activation.toFixed(2)}</small></div>`).join("");
   html += "<h3>Graph (the activating token on the right; * any token)</h3>" + drawGraph(r.graph);
   $("unit").innerHTML = html;

@@ -16,7 +16,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from .. import runlock
 from ..checkpoint import load_checkpoint, resolve
-from ..config import Arg, Command, require, require_finite
+from ..config import Arg, Command, Device, require, require_finite
 from ..data.dataset import TokenWindows, tokenize_split
 from ..data.sources import resolve_source
 from ..data.tokenizer import EOT, gpt2_tokenizer
@@ -78,7 +78,7 @@ class ExplainConfig:
     """Pruned examples written out per unit (with their tokens' importances; at most `examples`)."""
     stories: int = 8
     """Held-out windows shown in explorer.html (at most those scored)."""
-    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    device: Device = "auto"
     """Device to run on."""
     progress: bool = True
     """Show progress bars."""

@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..checkpoint import load_checkpoint
-from ..config import Arg, Command, check_choice, require, require_finite
+from ..config import Arg, Command, Device, check_choice, require, require_finite
 from ..errors import ConfigError, DivergedError
 from ..data.dataset import TokenWindows, tokenize_split
 from ..data.sources import resolve_source
@@ -71,7 +71,7 @@ class SAETrainConfig:
     """Held-out tokens for the final metrics."""
     seed: int = 0
     """Seed for initialisation and data order."""
-    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    device: Device = "auto"
     """Device to run on."""
     progress: bool = True
     """Show a progress bar."""
