@@ -86,7 +86,7 @@ function showToken(pos) {
     for (const kind of ["attn", "mlp"]) {
       const units = (story.units[pos][`${kind}-${l}`] || []).slice().sort((a, b) => b[1] - a[1]);
       html += `<tr><th>layer ${l} ${kind}</th><td>` + units.map(([u, a]) =>
-        `<span class="unit" data-key="${kind}-clean-${l}" data-unit="${u}">${u} (${a.toFixed(2)})</span>`).join("") + "</td></tr>";
+        `<span class="unit" data-key="${kind}-clean-${l}" data-unit="${u}">${u} (${a.toFixed(2)})</span>`).join(" ") + "</td></tr>";  // spaces: a long row wraps
     }
   }
   $("token").innerHTML = html + "</table>";
@@ -128,7 +128,7 @@ function drawGraph(roots) {
   let svg = `<svg class="graph" width="${depth * W + 8}" height="${row * H + 8}">`;
   edges.forEach(([a, b]) => svg += `<line x1="${x(a.depth) + W - 20}" y1="${y(a.y) + 9}" x2="${x(b.depth)}" y2="${y(b.y) + 9}" stroke="#999"/>`);
   nodes.forEach(({n, depth: d, y: r}) => {
-    const label = n.t === null ? "*" : JSON.stringify(n.t).slice(1, -1);
+    const label = n.t === null ? "*" : n.t.replace(/\n/g, "\u21b5");  // a newline token as a visible mark
     svg += `<g class="node"><rect x="${x(d)}" y="${y(r)}" width="${W - 20}" height="18" rx="3" fill="${d === 0 ? "#fde2b8" : "#e8eef8"}"` +
       ` stroke="${n.v === null ? "#bbb" : "#c33"}" stroke-width="${n.v === null ? 1 : 2}"/>` +
       `<text x="${x(d) + 4}" y="${y(r) + 13}">${esc(label.slice(0, 11))}${n.v === null ? "" : " " + n.v.toFixed(2)}</text></g>`;
