@@ -23,9 +23,9 @@ UNTIL_THE_DATA_ENDS = ("max_steps", "warmup_steps", "max_batches", "max_tokens",
 """Counts that stop at the data's end (or the graph's, or the vocabulary's), or are the run's own
 length: a large value is a long run the user asked for, not a mistake."""
 
-UNBOUNDED = ("lr", "weight_decay", "grad_clip", "coef_clean", "coef_ablated", "coef_recon", "temperature_attn",
-             "temperature_mlp", "temperature", "topk_eps", "topk_gap_floor", "init_std", "ln_eps", "l1_coef", "tau",
-             "activation_eps")
+UNBOUNDED = ("lr", "mask_head_lr_scale", "weight_decay", "grad_clip", "coef_clean", "coef_ablated", "coef_recon",
+             "temperature_attn", "temperature_mlp", "temperature", "topk_eps", "topk_gap_floor", "init_std", "ln_eps",
+             "l1_coef", "tau", "activation_eps")
 """Rates, weights and thresholds with no upper bound; a diverging run stops itself (training's and
 the SAE's divergence checks), a large threshold keeps nothing."""
 
@@ -36,7 +36,8 @@ ACCEPTED = {
     **{(name, big): "unbounded" for name in UNBOUNDED for big in ("1e12", "1000000000000")},
     **{(name, "0"): "0 turns it off, or is the documented default" for name in (
         "topk_eps", "topk_gap_floor", "coef_clean", "coef_ablated", "coef_recon", "min_lr_ratio", "grad_clip", "beta1",
-        "weight_decay", "warmup_steps", "tau", "activation_eps", "l1_coef", "temperature", "top_k", "max_batches")},
+        "weight_decay", "warmup_steps", "tau", "activation_eps", "l1_coef", "temperature", "top_k", "max_batches",
+        "mask_head_lr_scale")},
     **{("seed", v): "any seed >= 0" for v in ("0", "1000000000000")},
     **{(name, "1000000000000"): "an interval longer than the run: never, but at the end" for name in (
         "eval_interval", "log_interval", "checkpoint_interval")},

@@ -375,3 +375,49 @@ def test_a_graph_runs_optimiser_state_resumes_in_an_eager_run():
         opt.step()
     for a, b in zip(models[0].parameters(), models[1].parameters()):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)  # a float32 tensor lr rounds differently
+
+
+@ONE_BACKEND
+@pytest.mark.parametrize("scale", [0.0, 3.0])
+def test_the_mask_heads_learn_at_their_own_rate(scale):
+    """AdamW's first update is lr * g / (|g| + eps): with the same gradients, the mask heads' moves
+    are `scale` times those at scale 1, every other parameter's the same."""
+    from selfablate import SelfAblatingTransformer
+    from selfablate.train import autocast_for, make_optimizer, train_step
+
+    model_cfg, tr = get_preset("tiny")
+    x = torch.randint(0, model_cfg.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
+    moves = {}
+    for s in (1.0, scale):
+        torch.manual_seed(0)
+        model = SelfAblatingTransformer(model_cfg)
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        cfg = dataclasses.replace(tr, mask_head_lr_scale=s)
+        train_step(model, make_optimizer(model, cfg), (x, x), 5, cfg, torch.device("cpu"), autocast_for(torch.device("cpu"), "float32"))
+        moves[s] = {n: p.detach() - before[n] for n, p in model.named_parameters()}
+    heads = [n for n in moves[1.0] if "mask_head" in n]
+    assert heads and all(moves[1.0][n].abs().max() > 0 for n in heads)
+    for n, move in moves[scale].items():
+        # atol: a few float32 ulps of weights about 0.02 (a move is read as after - before)
+        torch.testing.assert_close(move, moves[1.0][n] * (scale if n in heads else 1.0), rtol=1e-5, atol=1e-8,
+                                   msg=lambda m, n=n: f"{n}: {m}")
+
+
+@ONE_BACKEND
+def test_an_optimiser_state_keeps_its_groups_and_the_runs_own_rate_scale():
+    """At scale 1 the groups are the two they always were (a state saved before resumes); at
+    another scale the mask heads have two of their own, and a loaded state keeps this run's scale."""
+    from selfablate import SelfAblatingTransformer
+    from selfablate.step import load_optimizer_state
+    from selfablate.train import make_optimizer
+
+    model_cfg, tr = get_preset("tiny")
+    model = SelfAblatingTransformer(model_cfg)
+    assert len(make_optimizer(model, tr).param_groups) == 2
+    scaled = make_optimizer(model, dataclasses.replace(tr, mask_head_lr_scale=2.0))
+    assert [g.get("lr_scale") for g in scaled.param_groups] == [1.0, 1.0, 2.0, 2.0]
+    state = scaled.state_dict()
+    for g in state["param_groups"]:
+        g.pop("lr_scale")  # as a state saved by an older version would be
+    load_optimizer_state(scaled, state)
+    assert [g["lr_scale"] for g in scaled.param_groups] == [1.0, 1.0, 2.0, 2.0]

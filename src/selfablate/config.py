@@ -151,6 +151,10 @@ class TrainConfig:
     """Optimiser steps."""
     lr: float = 1.4e-3
     """Peak learning rate (AdamW)."""
+    mask_head_lr_scale: float = 1.0
+    """The mask heads' learning rate as a multiple of lr (warm-up and schedule apply alike): new
+    heads on a pretrained model (init_from) may learn faster than the weights they read; 0 holds
+    them at their initialisation."""
     min_lr_ratio: float = 0.1
     """The cosine schedule decays to lr * min_lr_ratio."""
     warmup_steps: int = 1000
@@ -218,6 +222,7 @@ class TrainConfig:
         require(self.seed >= 0, f"seed must be >= 0, got {self.seed}")
         require_finite(self)
         require(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        require(self.mask_head_lr_scale >= 0, f"mask_head_lr_scale must be >= 0, got {self.mask_head_lr_scale}")
         require(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
         for name in ("beta1", "beta2"):
             require(0 <= getattr(self, name) < 1, f"{name} must be in [0, 1), got {getattr(self, name)}")

@@ -65,14 +65,19 @@ def lr_at(step: int, cfg: TrainConfig, anchor: Anchor | None = None) -> float:
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, capturable: bool = False) -> torch.optim.AdamW:
-    """AdamW; weight decay on matrices only (not biases, LayerNorms or the embeddings). capturable:
-    its state and step counts on the device, so that a CUDA graph can hold its step."""
-    decay, no_decay = [], []
+    """AdamW; weight decay on matrices only (not biases, LayerNorms or the embeddings). With
+    cfg.mask_head_lr_scale other than 1, the mask heads get two groups of their own (decayed and
+    not) whose `lr_scale` multiplies the rate; at 1 the groups are the two a state saved before
+    has. capturable: its state and step counts on the device, so that a CUDA graph can hold its step."""
+    scale = cfg.mask_head_lr_scale
+    params: dict[tuple[float, bool], list[torch.nn.Parameter]] = {(1.0, True): [], (1.0, False): []}
     for name, p in model.named_parameters():
         if not p.requires_grad:  # frozen (train --freeze-clean)
             continue
-        (decay if p.dim() >= 2 and not name.startswith(("wte", "wpe")) else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        decay = p.dim() >= 2 and not name.startswith(("wte", "wpe"))
+        params.setdefault((scale if "mask_head" in name else 1.0, decay), []).append(p)
+    groups = [{"params": ps, "weight_decay": cfg.weight_decay if decay else 0.0, "lr_scale": s, "lr": cfg.lr * s}
+              for (s, decay), ps in params.items()]
     kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), capturable=capturable)
     try:  # the fused kernel: one pass per tensor instead of one per operation
         return torch.optim.AdamW(groups, **kwargs, fused=True)
@@ -82,9 +87,9 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, capturable: bool = 
 
 def load_optimizer_state(opt: torch.optim.Optimizer, state: dict[str, Any]) -> None:
     """Load a saved AdamW state into opt, keeping opt's own implementation flags (fused,
-    capturable) and a float learning rate: a state saved by a CUDA-graph run (capturable, its
-    learning rate a device tensor) resumes anywhere, and the other way round."""
-    own = [{k: g[k] for k in ("fused", "capturable", "foreach") if k in g} for g in opt.param_groups]
+    capturable), its groups' rate scales and a float learning rate: a state saved by a CUDA-graph
+    run (capturable, its learning rate a device tensor) resumes anywhere, and the other way round."""
+    own = [{k: g[k] for k in ("fused", "capturable", "foreach", "lr_scale") if k in g} for g in opt.param_groups]
     opt.load_state_dict(state)
     for group, flags in zip(opt.param_groups, own):
         group.update(flags)
@@ -121,7 +126,7 @@ def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, batch: tuple[
     reads them."""
     lr = lr_at(step, cfg, anchor)
     for group in opt.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
     x, y = (to_device(t, device) for t in batch)
     sums, grad_norm = _forward_backward_update(model, opt, x, y, cfg, autocast)
     return StepMetrics(step + 1, lr, *sums, grad_norm)
@@ -141,16 +146,19 @@ class GraphedStep:
                  device: torch.device, autocast: Callable, warmup: int = 3, anchor: Anchor | None = None):
         self.model, self.opt, self.cfg, self.device, self.autocast = model, opt, cfg, device, autocast
         self.warmup, self.anchor = warmup, anchor
-        self.lr = torch.tensor(cfg.lr, dtype=torch.float32, device=device)  # the graph reads it
+        # One device tensor per rate scale, which the graph reads and each call refills.
+        self.lrs = {s: torch.tensor(cfg.lr * s, dtype=torch.float32, device=device)
+                    for s in {g.get("lr_scale", 1.0) for g in opt.param_groups}}
         for group in opt.param_groups:
-            group["lr"] = self.lr
+            group["lr"] = self.lrs[group.get("lr_scale", 1.0)]
         self.inputs: tuple[Tensor, Tensor] | None = None
         self.graph: torch.cuda.CUDAGraph | None = None
         self.outputs: tuple[list[Tensor | None], Tensor | None] | None = None
 
     def __call__(self, batch: tuple[Tensor, Tensor], step: int) -> StepMetrics:
         lr = lr_at(step, self.cfg, self.anchor)
-        self.lr.fill_(lr)
+        for scale, rate in self.lrs.items():
+            rate.fill_(lr * scale)
         if self.inputs is None:
             self.inputs = tuple(torch.empty_like(t, device=self.device) for t in batch)  # type: ignore[assignment]
         for static, t in zip(self.inputs, batch):
