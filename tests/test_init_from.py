@@ -124,3 +124,34 @@ def test_one_of_our_checkpoints_gives_its_clean_stream(tmp_path, tiny_runs):
     assert all(torch.equal(theirs[k], ours.state_dict()[k]) for k in theirs)
     with pytest.raises(SelfAblateError, match="a compact-vocabulary model cannot start a run"):
         load_source(str(tiny_runs["local"]))
+
+
+def test_reproduce_from_a_pretrained_model_takes_it_as_the_baseline(neo, tmp_path, stories_dir, monkeypatch):
+    """`reproduce --init-from`: the baseline is the imported model itself (untrained), each
+    self-ablating model starts from it with new mask heads; both record the source's hash, and
+    the results page says where the grid started."""
+    from selfablate import reproduce
+    from selfablate.interop.hf import weights_sha256
+
+    folder, _ = neo
+    monkeypatch.setattr(reproduce, "STAGES", tuple(s for s in reproduce.STAGES if s.name in ("train", "evaluate")))
+    cfg = reproduce.ReproduceConfig(out=str(tmp_path / "grid"), preset="tiny", data=str(stories_dir),
+                                    ablations=("local",), ks=(4,), max_steps=3, eval_max_tokens=512,
+                                    init_from=str(folder), progress=False)
+    report = reproduce.run_reproduce(cfg)
+    source = load_source(str(folder))
+    base, local = (tmp_path / "grid" / "models" / n for n in ("none-s0", "local-k4-s0"))
+    imported = load_checkpoint(base)
+    assert imported.cfg.ablation == "none" and imported.cfg.attention_window == (0, 16)
+    assert weights_sha256(imported) == source.sha256  # the source's weights, untouched
+    for run in (base, local):
+        assert json.loads((run / "checkpoint" / "config.json").read_text())["meta"]["init_from"]["sha256"] == source.sha256
+    tuned = load_checkpoint(local)
+    assert tuned.cfg.ablation == "local" and tuned.cfg.n_ctx == 64 and not tuned.cfg.compact_vocab
+    assert json.loads((tmp_path / "grid" / "eval" / "none-s0.json").read_text())["lm"]["clean"]["ce"] > 0
+    assert "| none |" in (report / "table.md").read_text()
+    from selfablate.report.build import write_report
+
+    write_report(tmp_path / "grid", tmp_path / "results.md")
+    text = (tmp_path / "results.md").read_text()
+    assert f"- **Start:** every model from {folder} (weights sha256 {source.sha256[:12]}" in text

@@ -65,6 +65,11 @@ class ReproduceConfig:
     """Held-out tokens for each SAE's metrics."""
     sae_sweep: tuple[float, ...] = ()
     """Extra L1 coefficients for an SAE frontier per model (empty: only 5)."""
+    init_from: str = ""
+    """Start every model from this pretrained model (as `train --init-from`: a GPT-Neo folder,
+    hf:NAME or one of our checkpoints): the baseline is that model itself, imported and not
+    trained, and each self-ablating model is it with new mask heads, fine-tuned for max_steps.
+    The architecture is the source's; the preset gives the rest. Empty: every model from scratch."""
     explain_tokens: int = 131072
     """Training tokens searched for each MLP neuron's top examples by the N2G stage (`explain`); its
     graphs are scored on a quarter as many held-out tokens."""
@@ -89,6 +94,8 @@ class ReproduceConfig:
         require(self.max_steps >= 0 and self.eval_max_tokens >= 0 and self.sae_steps >= 0 and self.sae_eval_tokens >= 1,
                 "max_steps, eval_max_tokens and sae_steps must be >= 0, sae_eval_tokens >= 1")
         require(self.explain_tokens >= 1, f"explain_tokens must be >= 1, got {self.explain_tokens}")
+        require(not self.init_from or self.init_from.startswith("hf:") or Path(self.init_from).exists(),
+                f"init_from: {self.init_from} does not exist")
         model = get_preset(self.preset)[0]
         require(-model.n_layers <= self.sae_layer < model.n_layers,
                 f"sae_layer must be in {-model.n_layers}..{model.n_layers - 1} for the {self.preset} preset's "
@@ -123,7 +130,7 @@ def grid(cfg: ReproduceConfig) -> list[RunSpec]:
             model = dataclasses.replace(model_base, **changes)  # validates k against d_model and d_mlp
             train = dataclasses.replace(train_base, out=str(root / f"{name}-s{seed}"), data=cfg.data, seed=seed,
                                         resume=True, progress=False, max_steps=cfg.max_steps or train_base.max_steps,
-                                        device=cfg.device, precision=cfg.precision)
+                                        device=cfg.device, precision=cfg.precision, init_from=cfg.init_from)
             specs.append(RunSpec(f"{name}-s{seed}", model, train))
     return specs
 
@@ -148,8 +155,24 @@ def _checkpoint(spec: RunSpec) -> Path:
 def _train(cfg: ReproduceConfig, spec: RunSpec) -> None:
     from .train import train
 
+    if cfg.init_from and not spec.model.self_ablating:
+        return _import_baseline(cfg, spec)
     result = train(spec.model, spec.train)
     write_json(Path(spec.train.out) / "done.json", {"steps": result.steps, "val": result.final_eval._asdict()})
+
+
+def _import_baseline(cfg: ReproduceConfig, spec: RunSpec) -> None:
+    """With init_from, the baseline is the pretrained model as imported: what the self-ablating
+    models started from, so that every comparison is with the model before self-ablation."""
+    from .checkpoint import save_checkpoint
+    from .interop.hf import load_source
+    from .train import CHECKPOINT_DIR
+
+    source = load_source(cfg.init_from)
+    record = {"source": source.name, "sha256": source.sha256}
+    meta = {"train": dataclasses.asdict(spec.train), "step": 0, "init_from": record}
+    save_checkpoint(source.model, Path(spec.train.out) / CHECKPOINT_DIR, meta=meta)
+    write_json(Path(spec.train.out) / "done.json", {"steps": 0, "imported": record})
 
 
 def _evaluate(cfg: ReproduceConfig, spec: RunSpec) -> None:
@@ -171,7 +194,11 @@ def _circuits(cfg: ReproduceConfig, spec: RunSpec) -> None:
 
 
 def sae_hook(cfg: ReproduceConfig, spec: RunSpec) -> str:
-    layer = cfg.sae_layer % spec.model.n_layers
+    from .checkpoint import read_header
+
+    # With init_from the layers are the source's, which the trained checkpoint holds.
+    n_layers = read_header(_checkpoint(spec))["model"]["n_layers"] if cfg.init_from else spec.model.n_layers
+    layer = cfg.sae_layer % n_layers
     return f"blocks.{layer}.hook_mlp_out"
 
 

@@ -44,7 +44,16 @@ def _what_ran(out: Path, config: dict[str, Any], names: list[str]) -> list[str]:
         f"{', '.join(f'{x:g}' for x in config['tau_sweep']) or 'no other tau'}) on {_prompts(out, names[-1])}; "
         f"{_sae(out, names[-1])}; {_n2g(out, names[-1])}."
         + ("" if ablated else " No self-ablating model in this grid."),
-    ]
+    ] + _start(header["meta"].get("init_from"), t["max_steps"])
+
+
+def _start(source: dict[str, str] | None, steps: int) -> list[str]:
+    """Where the grid's models started, when not from scratch (`reproduce --init-from`)."""
+    if not source:
+        return []
+    return [f"- **Start:** every model from {source['source']} (weights sha256 {source['sha256'][:12]}...): the "
+            f"baseline is that model as imported, not trained; each self-ablating model is it with new mask "
+            f"heads, fine-tuned for {steps:,} steps."]
 
 
 def _prompts(out: Path, name: str) -> str:
