@@ -225,6 +225,24 @@ def test_a_record_of_an_older_version_with_lists_as_text_is_the_same_grid(tmp_pa
         changed_settings(meta, cfg)
 
 
+def test_a_setting_an_older_record_lacks_counts_as_its_default(tmp_path):
+    """A record written before a setting existed ran with that setting's default: the same grid
+    when it is still the default, a changed one when not (a grid from scratch is not silently
+    continued from a pretrained model)."""
+    from selfablate.reproduce import changed_settings
+
+    meta = tmp_path / "reproduce.json"
+    cfg = ReproduceConfig(out=str(tmp_path))
+    old = json.loads(json.dumps(__import__("dataclasses").asdict(cfg)))
+    del old["init_from"], old["explain_tokens"]
+    meta.write_text(json.dumps({"config": old}))
+    assert changed_settings(meta, cfg) == []
+    source = tmp_path / "neo"
+    source.mkdir()
+    assert changed_settings(meta, __import__("dataclasses").replace(cfg, init_from=str(source))) == [
+        f"init_from: '' -> {str(source)!r}"]
+
+
 def test_the_paper_preset_takes_the_authors_prompts_and_sae_settings(monkeypatch, tmp_path):
     import selfablate.report.circuits as circuits
     import selfablate.sae.train as sae_train

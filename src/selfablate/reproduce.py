@@ -258,14 +258,16 @@ def changed_settings(meta: Path, cfg: ReproduceConfig, rec: dict[str, Any] | Non
     if not rec:
         return []
     new = json.loads(json.dumps(dataclasses.asdict(cfg)))  # as the record holds it: lists, not tuples
-    old = dict(rec["config"])
+    # A setting the record lacks did not exist when it was written: that grid ran with its default.
+    defaults = json.loads(json.dumps({f.name: getattr(ReproduceConfig, f.name) for f in dataclasses.fields(cfg)}))
+    old = defaults | dict(rec["config"])
     try:
         for name, value in old.items():  # records of older versions wrote lists as "2,8"
             if isinstance(value, str) and isinstance(new.get(name), list):
                 old[name] = list(parse_list(list_item_type(field_type(ReproduceConfig, name)), value))
     except ValueError:
         raise _not_a_record(meta) from None
-    return [f"{k}: {old[k]!r} -> {v!r}" for k, v in new.items() if k not in IGNORED and k in old and old[k] != v]
+    return [f"{k}: {old[k]!r} -> {v!r}" for k, v in new.items() if k not in IGNORED and old[k] != v]
 
 
 def record(meta: Path, cfg: ReproduceConfig, names: list[str]) -> None:
