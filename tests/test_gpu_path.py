@@ -3,13 +3,13 @@ code under CPU autocast), masks and gradients that do not depend on the backend 
 
 import dataclasses
 import functools
-import json
 
 import pytest
 import torch
 
 from selfablate import ModelConfig, SelfAblatingTransformer
 from selfablate.config import get_preset
+from selfablate.metrics_log import read_metrics
 from selfablate.ops.masks import hard_topk_soft_grad, soft_topk, topk_winners
 from selfablate.train import autocast_for, make_optimizer, train, train_step
 
@@ -164,8 +164,7 @@ def test_compiled_model_trains_as_the_eager_one(tmp_path, stories_dir, set_backe
     tr = dataclasses.replace(tr, data=str(stories_dir), max_steps=3, eval_interval=3, checkpoint_interval=3,
                              log_interval=1, progress=False)
     runs = {c: train(model_cfg, dataclasses.replace(tr, compile=c, out=str(tmp_path / c))) for c in ("off", "on")}
-    logs = {c: [json.loads(line) for line in (tmp_path / c / "metrics.jsonl").read_text().splitlines()]
-            for c in runs}
+    logs = {c: read_metrics(tmp_path / c) for c in runs}
     # Step 1 starts from the same weights, so both streams' losses agree to float32 rounding.
     for key in ("loss_clean", "loss_ablated", "grad_norm"):
         assert logs["on"][0][key] == pytest.approx(logs["off"][0][key], rel=1e-5), key
