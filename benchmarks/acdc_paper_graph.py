@@ -4,17 +4,40 @@ No paper-scale trained model exists on a CPU machine, so the model is the paper 
 random weights perturbed away from their initialisation (so that edges matter), and tau is 1% of
 the KL of the fully patched model: this measures the algorithm's speed, not a circuit.
 
-    python benchmarks/acdc_paper_graph.py [--checkpoint DIR] [--tau T]
+`--batch 1,32` runs ACDC once per batch size (edges tried per pass, `acdc(..., batch=)`) and checks
+that every run keeps the first run's edges; each pass reads its KLs back to the host once, so the
+passes column is also the count of host reads. `--layers`/`--heads` shrink the graph.
+
+    python benchmarks/acdc_paper_graph.py [--checkpoint DIR] [--tau T] [--batch 1,32] [--layers 8 --heads 16]
 """
 
 import argparse
+import dataclasses
 import time
 
 import torch
 
 from selfablate import ModelConfig, SelfAblatingTransformer, load_checkpoint
+from selfablate.circuits import discovery
 from selfablate.circuits.discovery import acdc, eap_scores, kl_with_mask, make_task
 from selfablate.circuits.ioi import ioi_prompts
+
+
+def counted_acdc(task, tau: float, batch: int):
+    """ACDC, its time and its passes (calls of the batched or one-edge KL)."""
+    inner, calls = discovery._trial_kls, [0]
+
+    def counting(*a):
+        calls[0] += 1
+        return inner(*a)
+
+    discovery._trial_kls = counting
+    try:
+        t0 = time.perf_counter()
+        r = acdc(task, tau, progress=False, batch=batch)
+        return r, time.perf_counter() - t0, calls[0]
+    finally:
+        discovery._trial_kls = inner
 
 
 def main() -> None:
@@ -22,12 +45,16 @@ def main() -> None:
     p.add_argument("--checkpoint", default="")
     p.add_argument("--tau", type=float, default=0.0, help="0: 1%% of the fully patched KL")
     p.add_argument("--prompts", type=int, default=64)
+    p.add_argument("--batch", default="1", help="comma-separated ACDC batch sizes")
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--heads", type=int, default=16)
     args = p.parse_args()
     if args.checkpoint:
         model = load_checkpoint(args.checkpoint).eval()
     else:
         torch.manual_seed(0)
-        model = SelfAblatingTransformer(ModelConfig(ablation="none")).eval()
+        cfg = dataclasses.replace(ModelConfig(ablation="none"), n_layers=args.layers, n_heads=args.heads)
+        model = SelfAblatingTransformer(cfg).eval()
         with torch.no_grad():
             for name, w in model.named_parameters():
                 if "blocks" in name:
@@ -35,14 +62,19 @@ def main() -> None:
     task = make_task(model, ioi_prompts(args.prompts))
     kl_all = kl_with_mask(task, torch.ones(task.graph.n_edges)).item()
     tau = args.tau or kl_all / 100
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {model.cfg.n_layers} layers x "
+          f"{model.cfg.n_heads} heads: {task.graph.n_edges} edges, {args.prompts} prompts")
     t0 = time.perf_counter()
     eap_scores(task)
     print(f"EAP over {task.graph.n_edges} edges: {time.perf_counter() - t0:.2f} s")
-    t0 = time.perf_counter()
-    r = acdc(task, tau, progress=True)
-    kept = int((r.mask == 0).sum())
-    print(f"ACDC tau={tau:.4g} (KL all patched {kl_all:.4g}): {kept} edges kept, KL {r.kl:.4g}, "
-          f"{time.perf_counter() - t0:.0f} s for {task.graph.n_edges} edges")
+    first = None
+    for batch in (int(b) for b in args.batch.split(",")):
+        r, seconds, passes = counted_acdc(task, tau, batch)
+        kept = r.mask == 0
+        first = kept if first is None else first
+        same = "same edges" if torch.equal(kept, first) else f"{int((kept != first).sum())} edges differ"
+        print(f"ACDC tau={tau:.4g} (KL all patched {kl_all:.4g}), batch {batch}: {int(kept.sum())} edges kept, "
+              f"KL {r.kl:.4g}, {passes} passes, {seconds:.1f} s ({same} as batch {args.batch.split(',')[0]})")
 
 
 if __name__ == "__main__":

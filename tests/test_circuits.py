@@ -168,6 +168,38 @@ def test_acdc_circuit_kl_is_what_its_mask_gives(task):
     assert kl_with_mask(task, r.mask).item() == pytest.approx(r.kl, rel=1e-9, abs=1e-12)
 
 
+def test_batched_trials_equal_one_at_a_time(task):
+    """Each cumulative trial of a batch (the mask plus edges[: i + 1]) has the KL of the sparse
+    one-edge path, for batches inside one destination group, across groups and across layers,
+    on top of masks that already prune part of the later layers."""
+    from selfablate.circuits.discovery import trial_kls
+
+    g, layers = task.graph, task.graph.edge_layers
+    gen = torch.Generator().manual_seed(0)
+    for layer in range(g.n_layers + 1):
+        mask = (torch.rand(g.n_edges, generator=gen, dtype=torch.float64) < 0.5).double()
+        mask[[e for e in range(g.n_edges) if layers[e] <= layer]] = 0.0  # later layers partly pruned
+        below = [e for e in reversed(range(g.n_edges)) if layer - 1 <= layers[e] <= layer]
+        edges = sorted(torch.randperm(len(below), generator=gen)[:9].tolist())
+        edges = [below[i] for i in edges]
+        expected, trial = [], mask.clone()
+        for e in edges:
+            trial[e] = 1.0
+            expected.append(kl_with_mask(task, trial).item())
+        assert trial_kls(task, mask, edges).tolist() == pytest.approx(expected, rel=1e-12, abs=1e-15)
+
+
+@pytest.mark.parametrize("batch, share", [(3, 1 / 200), (3, 1 / 50), (64, 1 / 10)])
+def test_batched_acdc_keeps_the_same_edges(task, batch, share):
+    tau = share * kl_with_mask(task, torch.ones(task.graph.n_edges, dtype=torch.float64)).item()
+    one, many = acdc(task, tau), acdc(task, tau, batch=batch)
+    assert 0 < int((one.mask == 0).sum()) < task.graph.n_edges
+    assert torch.equal(one.mask, many.mask)
+    # KL = sum p log p - p . logits + logsumexp: terms near ln(vocab) = 10.8 round at ~1e-14 each
+    assert many.kl == pytest.approx(one.kl, abs=1e-11)
+    assert torch.allclose(many.delta_kl, one.delta_kl, rtol=1e-8, atol=1e-11)
+
+
 def test_eap_is_the_first_order_change_of_the_logit_difference(task):
     scores = eap_scores(task)
     base = logit_diff_with_mask(task, torch.zeros(task.graph.n_edges, dtype=torch.float64)).item()
@@ -227,9 +259,10 @@ def test_acdc_recovers_a_hand_built_circuit():
         model.blocks[0].attn.out_proj.weight[:, :Dh] = torch.randn(16, Dh, dtype=torch.float64)
         model.blocks[0].attn.k_proj.weight.mul_(20)  # a sharp, name-dependent attention pattern
     task = make_task(model, ioi_prompts(8, seed=3))
-    r = acdc(task, tau=1e-9)
-    kept = {task.graph.edge_names[e] for e in (r.mask == 0).nonzero().flatten().tolist()}
-    assert kept == {("embed", "L0.H0.k"), ("embed", "L0.H0.v"), ("L0.H0", "final")}
+    for batch in (1, 16):
+        r = acdc(task, tau=1e-9, batch=batch)
+        kept = {task.graph.edge_names[e] for e in (r.mask == 0).nonzero().flatten().tolist()}
+        assert kept == {("embed", "L0.H0.k"), ("embed", "L0.H0.v"), ("L0.H0", "final")}
 
 
 def test_circuits_on_the_authors_prompts_from_the_command_line(tmp_path, setup, capsys):

@@ -46,6 +46,7 @@ ACCEPTED = {
     ("sae_layer", "-1"): "the last layer, as Python counts",
     ("k", "1000000000000"): "read by --kind topk only, whose SAE checks it against its latents",
     ("seq_len", "0"): "0: the model's n_ctx",
+    ("acdc_batch", "0"): "0: by device (one edge a pass on the CPU)",
     ("max_tokens", "0"): "0: the whole split",
     ("eval_max_tokens", "0"): "0: the whole split",
     ("max_steps", "0"): "reproduce: 0 keeps the preset's",

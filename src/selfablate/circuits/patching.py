@@ -15,6 +15,7 @@ along 0 -> 1).
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Callable, NamedTuple
@@ -177,15 +178,20 @@ def _project(model: SelfAblatingTransformer, layer: int, x: Tensor, rows: Tensor
 
 
 def _heads(model: SelfAblatingTransformer, layer: int, qkv: Tensor, heads: Tensor) -> Tensor:
-    """Outputs of some heads of one layer: heads (h,) indices, qkv (3h, B, T, Dh) their queries,
-    then keys, then values -> (h, B, T, D), without out_proj's bias (added to the residual
-    separately)."""
+    """Outputs of some heads of one layer: heads (h,) indices, qkv (m, 3h, B, T, Dh) their queries,
+    then keys, then values, for m trials (or (3h, B, T, Dh) for one) -> (m, h, B, T, D) (or
+    (h, B, T, D)), without out_proj's bias (added to the residual separately)."""
     H, Dh = model.cfg.n_heads, model.cfg.d_head
-    q, k, v = qkv.view(3, len(heads), *qkv.shape[1:]).transpose(1, 2)  # each (B, h, T, Dh)
-    band = ops.windowed_allowed(q.shape[2], model.blocks[layer].attn.window, q.device)  # GPT-Neo's local layers
-    z = F.scaled_dot_product_attention(q, k, v, attn_mask=band, is_causal=band is None, scale=1.0)  # (B, h, T, Dh)
+    trials = qkv.dim() == 5
+    qkv = qkv if trials else qkv.unsqueeze(0)  # (m, 3h, B, T, Dh)
+    m, _, B, T, _ = qkv.shape
+    # (m, 3h, B, T, Dh) -> (3, m * B, h, T, Dh): trials and prompts are one batch dimension.
+    q, k, v = qkv.view(m, 3, len(heads), B, T, Dh).permute(1, 0, 3, 2, 4, 5).reshape(3, m * B, len(heads), T, Dh)
+    band = ops.windowed_allowed(T, model.blocks[layer].attn.window, q.device)  # GPT-Neo's local layers
+    z = F.scaled_dot_product_attention(q, k, v, attn_mask=band, is_causal=band is None, scale=1.0)  # (mB, h, T, Dh)
     w_o = model.blocks[layer].attn.out_proj.weight.view(-1, H, Dh)[:, heads]  # (D, h, Dh)
-    return torch.einsum("bhte,dhe->hbtd", z, w_o)  # (h, B, T, D)
+    out = torch.einsum("mbhte,dhe->mhbtd", z.view(m, B, len(heads), T, Dh), w_o)  # (m, h, B, T, D)
+    return out if trials else out[0]
 
 
 class _Reuse:
@@ -308,3 +314,82 @@ def last_logprobs(model: SelfAblatingTransformer, final: Tensor, last: Tensor) -
 def kl_last(clean_logp: Tensor, logp: Tensor) -> Tensor:
     """Mean over prompts of KL(p_clean || p) at the last position: sum_v p_c (log p_c - log p)."""
     return (clean_logp.exp() * (clean_logp - logp)).sum(-1).mean()
+
+
+class Trials(NamedTuple):
+    """m ACDC trials from one mask: trial i patches what the mask patches plus edges[: i + 1]."""
+
+    masks: Tensor
+    """(m, n_edges) each trial's 0/1 mask."""
+    shared: dict[int, tuple[Tensor, Tensor]]
+    """For each destination group, the rows and sources (host-known) of the batch's edges from
+    sources shared by all trials, as flat (trial * rows + row) and source indices."""
+
+
+def cumulative_trials(graph: EdgeGraph, mask: Tensor, edges: list[int], first: int) -> Trials:
+    """The trials' masks, and the increments to the shared sources (index < first) by group,
+    worked out on the host from the edge indices (no device reads)."""
+    m = len(edges)
+    masks = mask.expand(m, -1).clone()  # (m, n_edges)
+    tried = torch.tensor(edges, device=mask.device)
+    masks[:, tried] = torch.ones(m, m, dtype=mask.dtype, device=mask.device).tril()  # trial i: edges[: i + 1]
+    starts = [start for _, start, _, _ in graph.groups]
+    shared: dict[int, tuple[list[int], list[int]]] = {}
+    for j, e in enumerate(edges):
+        gi = bisect.bisect_right(starts, e) - 1
+        _, start, rows, n = graph.groups[gi]
+        row, src = divmod(e - start, n)
+        if src < first:
+            dest, srcs = shared.setdefault(gi, ([], []))
+            dest += [i * rows + row for i in range(j, m)]
+            srcs += [src] * (m - j)
+    return Trials(masks, {gi: (torch.tensor(d, device=mask.device), torch.tensor(s, device=mask.device))
+                          for gi, (d, s) in shared.items()})
+
+
+def _trial_inputs(graph: EdgeGraph, trials: Trials, group: int, base: Tensor, own: list[Tensor],
+                  running: Tensor, d_shared: Tensor, corrupt: RunCache) -> Tensor:
+    """Inputs (m, rows, B, T, D) of one destination group in every trial: each trial's running sum
+    of sources plus, for each patched edge, corrupt minus own output of its source. The shared
+    sources' part is one product with the mask before the batch (`base`, the same for every
+    trial) plus the batch's own edges; the sources the trials recompute go through each trial's
+    mask. running (m, B, T, D) includes the biases."""
+    _, start, rows, n = graph.groups[group]
+    first, m = len(d_shared), len(running)
+    block = base[start : start + rows * n].view(rows, n)
+    x = running.unsqueeze(1) + torch.einsum("rs,sbtd->rbtd", block[:, :first], d_shared[:n])  # (m, rows, B, T, D)
+    if group in trials.shared:
+        dest, src = trials.shared[group]
+        x = x.flatten(0, 1).index_add(0, dest, d_shared[src]).view_as(x)
+    if n > first:
+        block = trials.masks[:, start : start + rows * n].view(m, rows, n)[..., first:]  # (m, rows, n - first)
+        delta = corrupt.sources[first:n].unsqueeze(1) - torch.stack(own[: n - first])  # (n - first, m, B, T, D)
+        x = x + torch.einsum("mrs,smbtd->mrbtd", block, delta)
+    return x
+
+
+@torch.no_grad()
+def trials_final(model: SelfAblatingTransformer, mask: Tensor, edges: list[int], corrupt: RunCache,
+                 clean: RunCache, start_layer: int) -> Tensor:
+    """Final residuals (m, B, T, D), before ln_final, of the m cumulative trials of `edges` on top
+    of `mask` (see `cumulative_trials`), all in one pass: the same arithmetic as `patched_forward`
+    for each trial's mask, but dense, with trials as a batch dimension. Every edge into a layer
+    before start_layer must be unpatched in every trial, so those sources are the clean run's."""
+    graph = graph_of(model)
+    first = graph.sources_before_attn(start_layer)
+    trials = cumulative_trials(graph, mask, edges, first)
+    d_shared = corrupt.sources[:first] - clean.sources[:first]  # (first, B, T, D)
+    running = (clean.sum(first) + _bias_before(model, start_layer)).expand(len(edges), *d_shared.shape[1:])  # (m, B, T, D)
+    own: list[Tensor] = []  # the sources from `first` on, each (m, B, T, D)
+    H = model.cfg.n_heads
+    for l in range(start_layer, model.cfg.n_layers):
+        x = _trial_inputs(graph, trials, 2 * l, mask, own, running, d_shared, corrupt)  # (m, 3H, B, T, D)
+        qkv = _project(model, l, x.flatten(0, 1), torch.arange(3 * H, device=x.device).repeat(len(edges)))
+        heads = _heads(model, l, qkv.view(*x.shape[:2], *qkv.shape[1:]), torch.arange(H, device=x.device))  # (m, H, B, T, D)
+        own += list(heads.unbind(1))
+        running = running + heads.sum(1) + model.blocks[l].attn.out_proj.bias
+        x = _trial_inputs(graph, trials, 2 * l + 1, mask, own, running, d_shared, corrupt)[:, 0]  # (m, B, T, D)
+        b = model.blocks[l]
+        own.append(b.mlp(b.ln_2(x), Stream.CLEAN))
+        running = running + own[-1]
+    return _trial_inputs(graph, trials, len(graph.groups) - 1, mask, own, running, d_shared, corrupt)[:, 0]

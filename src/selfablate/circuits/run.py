@@ -46,6 +46,10 @@ class CircuitConfig:
     """ACDC threshold on the KL increase (the paper: 0.03)."""
     sweep: tuple[float, ...] = (0.003, 0.01, 0.1)
     """More ACDC thresholds for the faithfulness-vs-edges curve (empty: none)."""
+    acdc_batch: int = 0
+    """Edges ACDC tries in one batched pass, speculating that each is pruned (the same edges as one
+    at a time; see `discovery.acdc`). 0: one on the CPU, whose one-edge pass skips every node the
+    patch cannot change, and 32 on a GPU, where a small pass costs its kernel launches."""
     ig_steps: int = 5
     """Integration steps of EAP-IG."""
     top_edges: int = 50
@@ -69,10 +73,14 @@ class CircuitConfig:
         require(self.tau >= 0, f"tau must be >= 0, got {self.tau}")
         require(1 <= self.ig_steps <= 1000, f"ig_steps must be in 1..1000 (a backward pass each), got {self.ig_steps}")
         require(self.top_edges >= 1, f"top_edges must be >= 1, got {self.top_edges}")
+        require(0 <= self.acdc_batch <= 1024, f"acdc_batch must be in 0..1024 (0: by device), got {self.acdc_batch}")
         require(self.seed >= 0, f"seed must be >= 0, got {self.seed}")
 
     def taus(self) -> list[float]:
         return sorted({self.tau, *self.sweep})
+
+    def acdc_batch_on(self, device: torch.device) -> int:
+        return self.acdc_batch or (1 if device.type == "cpu" else 32)
 
 
 def behaviour(model: SelfAblatingTransformer, batch: IOIBatch) -> dict[str, Any]:
@@ -122,10 +130,10 @@ def run_circuits(checkpoint: str, cfg: CircuitConfig, device: torch.device) -> d
     g = task.graph
     with torch.no_grad():
         kl_empty = kl_with_mask(task, torch.ones(g.n_edges, device=task.clean.device)).item()
-    runs = {}
+    runs, batch = {}, cfg.acdc_batch_on(task.clean.device)
     for tau in cfg.taus():
         t = time.perf_counter()
-        r = acdc(task, tau, cfg.progress)
+        r = acdc(task, tau, cfg.progress, batch=batch)
         kept = (r.mask == 0).nonzero().flatten().tolist()
         runs[tau] = {"tau": tau, "edges": len(kept), "kl": r.kl, "seconds": time.perf_counter() - t,
                      "circuit": [{"source": g.edge_names[e][0], "dest": g.edge_names[e][1],
@@ -142,7 +150,7 @@ def run_circuits(checkpoint: str, cfg: CircuitConfig, device: torch.device) -> d
         "ioi_test": behaviour(model, test) if test is not None and len(test.texts) else None,
         "prompts": {"discovery": len(batch.texts), "held_out": len(test.texts) if test is not None else 0},
         "prompts_sample": batch.texts[:4], "kl_all_edges_patched": kl_empty,
-        "acdc": {"tau": cfg.tau, "edges": main["edges"], "kl": main["kl"], "seconds": main["seconds"],
+        "acdc": {"tau": cfg.tau, "edges": main["edges"], "kl": main["kl"], "seconds": main["seconds"], "batch": batch,
                  "circuit": main["circuit"]},
         "sweep": list(runs.values()),
         "faithfulness_auc": faithfulness_auc([(r["edges"], r["kl"]) for r in runs.values()], g.n_edges, kl_empty),
