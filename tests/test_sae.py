@@ -69,6 +69,36 @@ def test_identity_sae_scores_one_and_zero_sae_scores_zero(trained):
     assert z["ce_with_sae"] == pytest.approx(z["ce_zero_ablation"])
 
 
+def test_downstream_metrics_equal_full_logits(trained):
+    """CE and KL with the SAE spliced in, and with the zero and mean ablations, equal a plain
+    computation from the (tokens, vocab) log-probabilities (the metrics go through the LM head in
+    chunks of rows: 512 tokens are two chunks)."""
+    _, model, windows = trained
+    torch.manual_seed(0)
+    sae = SAE(SAEConfig(d_in=32, d_sae=64, hook=HOOK))
+    got = evaluate_sae(model, sae, windows, 512)
+    batches = list(windows.sequential_batches(8, 512 // 32))
+    acts = torch.cat([hook_activations(model, x, HOOK) for x, _ in batches])
+    mean = acts.mean(0)
+    ce, kl = {}, {}
+    for name, fn in {"clean": None, "sae": lambda t: sae(t).recon.view_as(t), "zero": torch.zeros_like,
+                     "mean": lambda t: mean.expand_as(t)}.items():
+        logp = []
+        for x, _ in batches:
+            with model.hooks([] if fn is None else [(HOOK, lambda t, hp: fn(t))]), torch.no_grad():
+                logp.append(model(x).logits_clean.double().log_softmax(-1))
+        logp = torch.cat(logp)  # (windows, T, vocab)
+        y = torch.cat([y for _, y in batches])
+        ce[name] = -logp.gather(-1, y[..., None]).mean().item()
+        kl[name] = (ref.exp() * (ref - logp)).sum(-1).mean().item() if name != "clean" else 0.0
+        ref = logp if name == "clean" else ref
+    assert got["ce_clean"] == pytest.approx(ce["clean"], rel=1e-6)
+    for name, key in (("sae", "with_sae"), ("zero", "zero_ablation"), ("mean", "mean_ablation")):
+        assert got[f"ce_{key}"] == pytest.approx(ce[name], rel=1e-6), name
+    assert got["kl_with_sae"] == pytest.approx(kl["sae"], rel=1e-4, abs=1e-7)
+    assert got["kl_zero_ablation"] == pytest.approx(kl["zero"], rel=1e-4, abs=1e-7)
+
+
 def test_hook_activations_match_the_cache(trained):
     _, model, windows = trained
     x, _ = next(windows.sequential_batches(2))

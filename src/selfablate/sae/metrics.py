@@ -31,11 +31,6 @@ def density(latents: Tensor) -> Tensor:
     return (latents > 0).float().mean(0)
 
 
-def kl_per_token(logp_ref: Tensor, logp: Tensor) -> Tensor:
-    """KL(p_ref || p) per token: sum_v p_ref (log p_ref - log p)."""
-    return (logp_ref.exp() * (logp_ref - logp)).sum(-1)
-
-
 def density_histogram(dens: Tensor, bins: int = 20, low: float = -6.0) -> dict[str, list]:
     """Histogram of log10(density) over latents in [low, 0]; dead latents are counted apart."""
     alive = dens[dens > 0]

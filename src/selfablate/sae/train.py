@@ -22,6 +22,7 @@ from ..data.vocab import token_lookup
 from .. import runlock
 from ..files import write_text_atomically
 from ..model import SelfAblatingTransformer, Stream
+from ..ops.lm_head import chunk_rows_for
 from ..runtime import require_fits, resolve_device, wide_dtype
 from . import metrics as M
 from .buffer import ActivationBuffer, check_hook, hook_activations
@@ -156,20 +157,37 @@ def _final_hook(hook: str) -> str:
 
 
 @torch.no_grad()
-def _logprobs(model: SelfAblatingTransformer, x: torch.Tensor, hook: str, replace=None) -> torch.Tensor:
-    """Log-probabilities of the hook's stream, optionally with the hook's activation replaced."""
+def _final(model: SelfAblatingTransformer, x: torch.Tensor, hook: str, replace=None) -> torch.Tensor:
+    """The final normalised residual (B, T, D) of the hook's stream, optionally with the hook's
+    activation replaced: the LM head's input, without the (B, T, vocab) logits."""
     final: dict[str, torch.Tensor] = {}
     hooks = [(_final_hook(hook), lambda t, hp: final.__setitem__("x", t))]
     if replace is not None:
         hooks.append((hook, lambda t, hp: replace(t)))
     with model.hooks(hooks):
         model(x, return_logits=False)
-    return model.unembed(final["x"]).float().log_softmax(-1)  # (B, T, vocab)
+    return final["x"]
 
 
-
-def _ce(logp: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return -logp.gather(-1, y.unsqueeze(-1)).squeeze(-1)  # (B, T)
+def _ce_and_kl(model: SelfAblatingTransformer, ref: torch.Tensor, finals: dict[str, torch.Tensor], y: torch.Tensor,
+               ce: dict[str, torch.Tensor], kl: dict[str, torch.Tensor]) -> None:
+    """Adds to ce["clean"] and to each variant's ce and kl their sums over the batch:
+    CE = -log p(y) and KL(p_ref || p) = sum_v p_ref (log p_ref - log p), per token. Rows go through
+    the LM head in chunks (`ops.lm_head.chunk_rows_for`), the reference's log-probabilities once
+    per chunk for every variant, so no (tokens, vocab) tensor is ever held."""
+    rows = chunk_rows_for(model.cfg.vocab_size, ref.device)
+    ref, y = ref.flatten(0, -2), y.flatten()  # (N, D), (N,)
+    finals = {k: f.flatten(0, -2) for k, f in finals.items()}
+    logp = lambda h: model.unembed(h).float().log_softmax(-1)  # noqa: E731  (rows, vocab)
+    for i in range(0, len(y), rows):
+        target = y[i : i + rows, None]
+        lp_ref = logp(ref[i : i + rows])
+        p_ref = lp_ref.exp()
+        ce["clean"] -= lp_ref.gather(-1, target).sum()
+        for name, f in finals.items():
+            lp = logp(f[i : i + rows])
+            ce[name] -= lp.gather(-1, target).sum()
+            kl[name] += (p_ref * (lp_ref - lp)).sum()
 
 
 @torch.no_grad()
@@ -190,12 +208,7 @@ def evaluate_sae(model: SelfAblatingTransformer, sae: SAE, windows: TokenWindows
     ce = {k: zero() for k in ("clean", *variants)}
     kl = {k: zero() for k in variants}
     for x, y in batches:
-        ref = _logprobs(model, x, hook)
-        ce["clean"] += _ce(ref, y).sum()
-        for name, fn in variants.items():
-            lp = _logprobs(model, x, hook, fn)
-            ce[name] += _ce(lp, y).sum()
-            kl[name] += M.kl_per_token(ref, lp).sum()
+        _ce_and_kl(model, _final(model, x, hook), {k: _final(model, x, hook, fn) for k, fn in variants.items()}, y, ce, kl)
     n = sum(y.numel() for _, y in batches)
     ce, kl = {k: v.item() / n for k, v in ce.items()}, {k: v.item() / n for k, v in kl.items()}
     dens = M.density(out.latents)
