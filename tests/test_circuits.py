@@ -239,6 +239,7 @@ def test_circuits_command_writes_json_and_svg(tmp_path, setup, capsys):
     r = json.loads((tmp_path / "c" / "circuit.json").read_text())
     assert r["graph"]["edges"] == graph.n_edges and r["acdc"]["edges"] == len(r["acdc"]["circuit"])
     assert [s["tau"] for s in r["sweep"]] == [0.0001, 0.001] and set(r["ioi"]) == {"clean", "ablated"}
+    assert r["acdc"]["batch"] == 1 and r["prompts"]["discovery"] == 4  # auto on the CPU: one edge a pass
     svg = ET.parse(tmp_path / "c" / "circuit.svg").getroot()
     assert svg.tag.endswith("svg") and len(svg.findall("{http://www.w3.org/2000/svg}line")) == r["acdc"]["edges"]
     assert (tmp_path / "c" / "circuit.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -130,10 +130,10 @@ def run_circuits(checkpoint: str, cfg: CircuitConfig, device: torch.device) -> d
     g = task.graph
     with torch.no_grad():
         kl_empty = kl_with_mask(task, torch.ones(g.n_edges, device=task.clean.device)).item()
-    runs, batch = {}, cfg.acdc_batch_on(task.clean.device)
+    runs, trials = {}, cfg.acdc_batch_on(task.clean.device)
     for tau in cfg.taus():
         t = time.perf_counter()
-        r = acdc(task, tau, cfg.progress, batch=batch)
+        r = acdc(task, tau, cfg.progress, batch=trials)
         kept = (r.mask == 0).nonzero().flatten().tolist()
         runs[tau] = {"tau": tau, "edges": len(kept), "kl": r.kl, "seconds": time.perf_counter() - t,
                      "circuit": [{"source": g.edge_names[e][0], "dest": g.edge_names[e][1],
@@ -150,7 +150,7 @@ def run_circuits(checkpoint: str, cfg: CircuitConfig, device: torch.device) -> d
         "ioi_test": behaviour(model, test) if test is not None and len(test.texts) else None,
         "prompts": {"discovery": len(batch.texts), "held_out": len(test.texts) if test is not None else 0},
         "prompts_sample": batch.texts[:4], "kl_all_edges_patched": kl_empty,
-        "acdc": {"tau": cfg.tau, "edges": main["edges"], "kl": main["kl"], "seconds": main["seconds"], "batch": batch,
+        "acdc": {"tau": cfg.tau, "edges": main["edges"], "kl": main["kl"], "seconds": main["seconds"], "batch": trials,
                  "circuit": main["circuit"]},
         "sweep": list(runs.values()),
         "faithfulness_auc": faithfulness_auc([(r["edges"], r["kl"]) for r in runs.values()], g.n_edges, kl_empty),
