@@ -13,6 +13,8 @@ is skipped and says so; a section that fails says why and the rest go on):
 - CUDA kernels per step (the profiler), eager against graph-replayed;
 - CUDA float32 against CPU float64 (losses, logits, masks) at the paper's architecture, and the
   bf16 gradient against float32's (norm ratio, cosine);
+- the grid's evaluations (`gpu_evals.py`): ACDC on the paper's graph, `evaluate` over 131,072
+  tokens, SAE training steps/s (`--only circuits,evaluate,sae` runs these alone);
 - torch.compile(fullgraph=True), eager and captured (compilation takes most of a minute a model).
 Without CUDA (and without --smoke) it says so in one line and exits 0. Writes gpu.json to --out.
 """
@@ -38,6 +40,7 @@ from selfablate.perf import train_flops_per_token
 from selfablate.runtime import autocast_for, configure
 from selfablate.step import GraphedStep, make_optimizer, train_step
 
+import gpu_evals
 from gpt_neo import gpt_neo_step
 
 SHAPES = ((24, 256), (192, 256))
@@ -346,6 +349,15 @@ def variants(modes: tuple[str, ...]) -> Callable[[Run], None]:
     return fn
 
 
+def evaluation(name: str) -> Callable[[Run], None]:
+    """One of the grid's evaluations (`gpu_evals`): circuits, evaluate or sae."""
+    def fn(run: Run) -> None:
+        r = gpu_evals.run(name, run.device, run.smoke)
+        RESULTS.setdefault("evaluations", {})[name] = r
+        say(r["line"])
+    return fn
+
+
 PLAN = {
     "peak": ("bf16 matmul peak", 5, matmul_peak),
     "graph": ("graph vs eager", 25, graph_equals_eager),
@@ -360,6 +372,9 @@ PLAN = {
     "float64": ("vs float64", 30, versus_float64),
     "bf16": ("bf16 gradient", 15, bf16_gradient),
     "large32": ("192x256 float32", 20, speed_section(("local",), (1,), ("float32",), ("eager", "graph"))),
+    "circuits": ("ACDC on the paper graph", 60, evaluation("circuits")),
+    "evaluate": ("evaluate 131k tokens", 30, evaluation("evaluate")),
+    "sae": ("SAE steps/s", 30, evaluation("sae")),
     "compiled": ("compiled local, bf16", 80, speed_section(("local",), (0,), ("bfloat16",), ("compiled+graph",),
                                                              profile=True)),
     "compiled32": ("compiled local, float32", 70, speed_section(("local",), (0,), ("float32",), ("compiled+graph",))),

@@ -165,3 +165,17 @@ def test_a_zero_initialised_sae_starts_with_a_zero_decoder_bias(trained):
     zero_init = train_sae(model, windows, dataclasses.replace(cfg, b_dec_init="zeros", subtract_b_dec=False))
     assert mean_init.b_dec.abs().max() > 1e-3 and zero_init.b_dec.abs().max() < 1e-9
     assert zero_init.cfg.subtract_b_dec is False and mean_init.cfg.subtract_b_dec is True
+
+
+def test_the_divergence_check_reads_the_losses_and_sees_a_weight_not_finite():
+    from selfablate.errors import DivergedError
+    from selfablate.sae.train import check_sae_finite
+
+    sae = SAE(SAEConfig(4, 8))
+    assert check_sae_finite(sae, 1, torch.tensor(0.5), torch.tensor(2.0)) == (0.5, 2.0)
+    with torch.no_grad():
+        sae.b_dec[0] = float("nan")  # the loss of the batch before can still be finite
+    with pytest.raises(DivergedError, match="diverged by step 3"):
+        check_sae_finite(sae, 3, torch.tensor(0.5), torch.tensor(2.0))
+    with pytest.raises(DivergedError):
+        check_sae_finite(SAE(SAEConfig(4, 8)), 3, torch.tensor(float("inf")), torch.tensor(2.0))

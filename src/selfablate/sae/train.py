@@ -135,16 +135,20 @@ def train_sae(model: SelfAblatingTransformer, windows: TokenWindows, cfg: SAETra
         opt.step()
         sae.normalise_decoder()
         if step % 50 == 0 or step == cfg.steps - 1:
-            check_sae_finite(sae, step + 1, mse.item())
-            bar.set_postfix(mse=f"{mse.item():.4f}", l1=f"{l1.item():.2f}")
+            mse_value, l1_value = check_sae_finite(sae, step + 1, mse, l1)
+            bar.set_postfix(mse=f"{mse_value:.4f}", l1=f"{l1_value:.2f}")
     return sae
 
 
-def check_sae_finite(sae: SAE, step: int, mse: float) -> None:
-    """A diverged SAE is an error, never a result (its metrics would read FVU nan, 100% dead)."""
-    if not (math.isfinite(mse) and all(bool(torch.isfinite(p).all()) for p in sae.parameters())):
+def check_sae_finite(sae: SAE, step: int, mse: torch.Tensor, l1: torch.Tensor) -> tuple[float, float]:
+    """A diverged SAE is an error, never a result (its metrics would read FVU nan, 100% dead).
+    Returns (mse, l1) as numbers, read with the weights' check in one host transfer."""
+    weights_finite = torch.stack([torch.isfinite(p).all() for p in sae.parameters()]).all()
+    mse, l1, finite = torch.stack([mse.detach().float(), l1.detach().float(), weights_finite.float()]).tolist()
+    if not (math.isfinite(mse) and finite):
         raise DivergedError(f"the SAE diverged by step {step} (reconstruction error {mse}, or a weight not "
                             "finite): try a lower --lr; nothing was written")
+    return mse, l1
 
 
 def default_hook(model: SelfAblatingTransformer) -> str:
