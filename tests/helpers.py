@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from selfablate import ModelConfig, SelfAblatingTransformer
 
@@ -34,3 +35,25 @@ def perturbed(cfg: ModelConfig, *, scale: float = 0.05, only: tuple[str, ...] = 
             if not only or any(part in name for part in only):
                 p.add_(torch.randn_like(p) * scale)
     return model
+
+
+SYNC_OPS = {"_local_scalar_dense", "nonzero", "masked_select", "is_nonzero", "equal", "allclose", "unique",
+            "_unique2", "unique_consecutive", "repeat_interleave", "masked_scatter_"}
+"""aten operators whose result the host needs, or whose output size depends on the data."""
+FROM_HOST = {"lift_fresh", "lift_fresh_copy", "_pin_memory"}
+"""aten operators that make a tensor from Python data (on CUDA: a host-to-device copy)."""
+
+
+class Recorder(TorchDispatchMode):
+    """Every aten operator run inside, with its output shapes: what a CUDA graph records. A
+    captured call must run the same list every time, with nothing in `SYNC_OPS` or `FROM_HOST`."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[tuple[str, tuple]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        shapes = tuple(tuple(t.shape) for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor))
+        self.calls.append((func.overloadpacket.__name__, shapes))
+        return out

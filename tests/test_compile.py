@@ -7,9 +7,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from selfablate import ModelConfig, SelfAblatingTransformer
+
+from .helpers import FROM_HOST, SYNC_OPS, Recorder
 
 CFG = dict(vocab_size=97, n_ctx=16, d_model=32, n_layers=2, n_heads=4, d_mlp=64, k_attn=8, k_mlp=16)
 
@@ -59,27 +60,6 @@ def test_compiled_step_equals_eager():
 
 # -- what a CUDA graph of the whole step needs, checked on the path CUDA takes -------------------
 
-SYNC_OPS = {"_local_scalar_dense", "nonzero", "masked_select", "is_nonzero", "equal", "allclose", "unique",
-            "_unique2", "unique_consecutive", "repeat_interleave", "masked_scatter_"}
-"""aten operators whose result the host needs, or whose output size depends on the data."""
-FROM_HOST = {"lift_fresh", "lift_fresh_copy", "_pin_memory"}
-"""aten operators that make a tensor from Python data (on CUDA: a host-to-device copy)."""
-
-
-class Recorder(TorchDispatchMode):
-    """Every aten operator a step runs, with its output shapes."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls: list[tuple[str, tuple]] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        shapes = tuple(tuple(t.shape) for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor))
-        self.calls.append((func.overloadpacket.__name__, shapes))
-        return out
-
-
 @pytest.mark.parametrize("ablation", ["local", "global", "none"])
 def test_a_training_step_can_be_captured_as_a_cuda_graph(ablation):
     """A step on CUDA's path (PyTorch's operators, CUDA's policy) reads nothing back on the host,
@@ -105,3 +85,48 @@ def test_a_training_step_can_be_captured_as_a_cuda_graph(ablation):
     assert not SYNC_OPS & set(names), SYNC_OPS & set(names)
     assert not FROM_HOST & set(names), FROM_HOST & set(names)
     assert len(names) > 100 and steps[2] == steps[1]
+
+
+def test_captured_warms_up_then_records_once_and_replays(monkeypatch):
+    """`runtime.Captured` on a stand-in for CUDA's graph API: the warm-up calls run fn on a side
+    stream that waits for the main one and is waited for; the next call records fn once (in the
+    shared pool) and replays it; later calls only replay and return the recorded outputs."""
+    from selfablate.runtime import Captured
+
+    log = []
+
+    class Graph:
+        def replay(self):
+            log.append("replay")
+
+    class Stream:
+        def __init__(self, name="side"):
+            self.name = name
+
+        def wait_stream(self, other):
+            log.append(f"{self.name} waits for {other.name}")
+
+    @contextlib.contextmanager
+    def graph(g, pool=None):
+        log.append(f"record into {pool}")
+        yield
+        log.append("recorded")
+
+    main = Stream("main")
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+    monkeypatch.setattr(torch.cuda, "graph", graph)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device: Stream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device: main)
+    calls = []
+
+    def fn():
+        calls.append(len(calls))
+        log.append("fn")
+        return [len(calls)]
+
+    run = Captured(fn, torch.device("cpu"), warmup=2, pool="pool")
+    outs = [run() for _ in range(4)]
+    assert outs[:2] == [[1], [2]] and outs[2] == [3] and outs[3] is outs[2] and len(calls) == 3
+    assert log == ["side waits for main", "fn", "main waits for side"] * 2 + \
+        ["record into pool", "fn", "recorded", "replay", "replay"]

@@ -179,3 +179,55 @@ def test_the_divergence_check_reads_the_losses_and_sees_a_weight_not_finite():
         check_sae_finite(sae, 3, torch.tensor(0.5), torch.tensor(2.0))
     with pytest.raises(DivergedError):
         check_sae_finite(SAE(SAEConfig(4, 8)), 3, torch.tensor(float("inf")), torch.tensor(2.0))
+
+
+def _graphed_step_on_the_host(sae, batch_tokens):
+    """An SAEStep built as on CUDA (capturable Adam, rate and L1 coefficient in tensors, a fixed
+    input buffer), whose step is run here as the function a CUDA graph would record."""
+    from selfablate.sae.train import SAEStep
+
+    step = SAEStep(sae, batch_tokens, 1e-3, torch.device("cpu"), graphed=True)
+
+    def run(x, lr, coef):
+        step.opt.param_groups[0]["lr"].fill_(lr)
+        step.coef.fill_(coef)
+        step.x.copy_(x)
+        return step.captured.fn()
+    return run
+
+
+@pytest.mark.parametrize("kind", ["relu", "topk"])
+def test_an_sae_step_can_be_captured_as_a_cuda_graph(kind):
+    """After the first step (which makes Adam's state), every step runs the same operators on the
+    same shapes, reads nothing back and makes no tensor from host data."""
+    from .helpers import FROM_HOST, SYNC_OPS, Recorder
+
+    torch.manual_seed(0)
+    run = _graphed_step_on_the_host(SAE(SAEConfig(8, 32, kind, k=4)), 64)
+    steps = []
+    for i in range(3):
+        with Recorder() as rec:
+            run(torch.randn(64, 8), 1e-3 * (i + 1), 0.5 * i)
+        steps.append(rec.calls)
+    names = {name for name, _ in steps[1]}
+    assert not SYNC_OPS & names and not FROM_HOST & names, (SYNC_OPS | FROM_HOST) & names
+    assert len(steps[1]) > 20 and steps[2] == steps[1]
+
+
+def test_the_graphed_sae_step_trains_as_the_eager_one():
+    """Rates and coefficients read from device tensors, a capturable Adam: the same weights as
+    the eager step's after steps of changing rate and L1 coefficient."""
+    from selfablate.sae.train import SAEStep
+
+    torch.manual_seed(0)
+    eager_sae, data = SAE(SAEConfig(8, 32)), torch.randn(5, 64, 8)
+    graphed_sae = SAE(SAEConfig(8, 32))
+    graphed_sae.load_state_dict(eager_sae.state_dict())
+    start = eager_sae.W_enc.detach().clone()
+    eager, graphed = SAEStep(eager_sae, 64, 1e-3, torch.device("cpu"), graphed=False), _graphed_step_on_the_host(graphed_sae, 64)
+    for i, x in enumerate(data):
+        lr, coef = 1e-2 / (i + 1), 0.2 * i
+        torch.testing.assert_close(graphed(x, lr, coef), eager(x, lr, coef), rtol=1e-6, atol=1e-7)
+    for name, w in eager_sae.state_dict().items():
+        torch.testing.assert_close(graphed_sae.state_dict()[name], w, rtol=1e-6, atol=1e-7)
+    assert (graphed_sae.W_enc - start).abs().max() > 1e-3  # it did train

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+from typing import Any, Callable
 
 import torch
 
@@ -97,3 +98,50 @@ def require_fits(needed: float, device: torch.device, what: str) -> None:
     if needed > free:
         raise ConfigError(f"{what} needs about {needed / 2**30:,.1f} GiB, more than the {free / 2**30:,.1f} GiB "
                           f"free on {device.type}: choose smaller sizes")
+
+
+def fused_if_possible(make: Callable[..., torch.optim.Optimizer], params: Any, **kwargs: Any) -> torch.optim.Optimizer:
+    """make(params, **kwargs) with the fused kernel (one pass per tensor instead of one per
+    operation), or without it on a device or dtype that lacks it."""
+    try:
+        return make(params, **kwargs, fused=True)
+    except (RuntimeError, TypeError, ValueError):
+        return make(params, **kwargs)
+
+
+class Captured:
+    """`fn()` (no arguments: it reads fixed input buffers that the caller refills) run eagerly on a
+    side stream for the first `warmup` calls, then recorded once as a CUDA graph, and replayed by
+    every call after: one launch for all of fn's kernels. Returns fn's outputs, which from the
+    capture on are fixed buffers that each replay rewrites (read or copy them before the next).
+
+    The warm-up calls are real calls (their results count); they let cuBLAS, the allocator and
+    lazily made state (an optimiser's moments) settle before recording. fn must read nothing
+    back on the host, make no tensor from host data and keep every shape. Graphs given one
+    `pool` share their temporary memory, which is safe because they are replayed one at a time
+    and their outputs stay referenced here."""
+
+    def __init__(self, fn: Callable[[], Any], device: torch.device, warmup: int = 1, pool: Any = None):
+        self.fn, self.device, self.warmup, self.pool = fn, device, warmup, pool
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.outputs: Any = None
+
+    def __call__(self) -> Any:
+        if self.graph is None and self.warmup > 0:
+            self.warmup -= 1
+            return self._on_side_stream()
+        if self.graph is None:
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph, pool=self.pool):  # records; nothing runs
+                self.outputs = self.fn()
+        self.graph.replay()
+        return self.outputs
+
+    def _on_side_stream(self) -> Any:
+        """Capture must not be the first use of a stream's kernels: warm up off the default stream."""
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            out = self.fn()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        return out

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from .config import TrainConfig
-from .runtime import to_device
+from .runtime import Captured, fused_if_possible, to_device
 
 
 class StepMetrics(NamedTuple):
@@ -78,11 +78,7 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, capturable: bool = 
         params.setdefault((scale if "mask_head" in name else 1.0, decay), []).append(p)
     groups = [{"params": ps, "weight_decay": cfg.weight_decay if decay else 0.0, "lr_scale": s, "lr": cfg.lr * s}
               for (s, decay), ps in params.items()]
-    kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), capturable=capturable)
-    try:  # the fused kernel: one pass per tensor instead of one per operation
-        return torch.optim.AdamW(groups, **kwargs, fused=True)
-    except (RuntimeError, TypeError, ValueError):  # a device or dtype without it
-        return torch.optim.AdamW(groups, **kwargs)
+    return fused_if_possible(torch.optim.AdamW, groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), capturable=capturable)
 
 
 def load_optimizer_state(opt: torch.optim.Optimizer, state: dict[str, Any]) -> None:
@@ -152,8 +148,7 @@ class GraphedStep:
         for group in opt.param_groups:
             group["lr"] = self.lrs[group.get("lr_scale", 1.0)]
         self.inputs: tuple[Tensor, Tensor] | None = None
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self.outputs: tuple[list[Tensor | None], Tensor | None] | None = None
+        self.captured = Captured(self._run, device, warmup)
 
     def __call__(self, batch: tuple[Tensor, Tensor], step: int) -> StepMetrics:
         lr = lr_at(step, self.cfg, self.anchor)
@@ -163,34 +158,11 @@ class GraphedStep:
             self.inputs = tuple(torch.empty_like(t, device=self.device) for t in batch)  # type: ignore[assignment]
         for static, t in zip(self.inputs, batch):
             static.copy_(t.pin_memory(), non_blocking=True)
-        if self.graph is None and self.warmup > 0:
-            self.warmup -= 1
-            sums, grad_norm = self._on_side_stream()
-        else:
-            if self.graph is None:
-                self.graph, self.outputs = self._capture()
-            self.graph.replay()
-            sums, grad_norm = self.outputs  # type: ignore[misc]
+        sums, grad_norm = self.captured()
         return StepMetrics(step + 1, lr, *sums, grad_norm)
 
     def _run(self) -> tuple[list[Tensor | None], Tensor | None]:
         return _forward_backward_update(self.model, self.opt, *self.inputs, self.cfg, self.autocast)  # type: ignore[misc]
-
-    def _on_side_stream(self) -> tuple[list[Tensor | None], Tensor | None]:
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            out = self._run()
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        return out
-
-    def _capture(self) -> tuple[torch.cuda.CUDAGraph, tuple[list[Tensor | None], Tensor | None]]:
-        """Record one step (nothing runs while recording); its outputs are fixed buffers that
-        every replay rewrites."""
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            outputs = self._run()
-        return graph, outputs
 
 
 def graphs_apply(device: torch.device, world: int, wanted: bool) -> bool:

@@ -8,6 +8,7 @@ from torch import Tensor
 from ..data.dataset import TokenWindows
 from ..errors import SelfAblateError
 from ..model import SelfAblatingTransformer, Stream
+from ..runtime import to_device
 
 
 def check_hook(model: SelfAblatingTransformer, hook: str) -> None:
@@ -55,11 +56,12 @@ class ActivationBuffer:
         have = len(self.pool)
         while have < self.pool_tokens:
             x, _ = self.windows.random_batch(self.seqs, self.gen)
-            acts = hook_activations(self.model, x.to(self.device), self.hook).float()
+            acts = hook_activations(self.model, to_device(x, self.device), self.hook).float()
             parts.append(acts)
             have += len(acts)
         pool = torch.cat([p for p in parts if p.numel()])
-        self.pool = pool[torch.randperm(len(pool), generator=self.gen, device="cpu").to(pool.device)]
+        # The order is drawn on the host (the same on every device), then copied without a wait.
+        self.pool = pool[to_device(torch.randperm(len(pool), generator=self.gen, device="cpu"), pool.device)]
 
     def next(self, n: int) -> Tensor:
         if len(self.pool) < max(n, self.pool_tokens // 2):

@@ -23,7 +23,7 @@ from .. import runlock
 from ..files import write_text_atomically
 from ..model import SelfAblatingTransformer, Stream
 from ..ops.lm_head import chunk_rows_for
-from ..runtime import require_fits, resolve_device, wide_dtype
+from ..runtime import Captured, fused_if_possible, require_fits, resolve_device, wide_dtype
 from . import metrics as M
 from .buffer import ActivationBuffer, check_hook, hook_activations
 from .model import SAE, SAEConfig, sae_loss, save_sae
@@ -74,6 +74,9 @@ class SAETrainConfig:
     """Seed for initialisation and data order."""
     device: Device = "auto"
     """Device to run on."""
+    cuda_graph: bool = True
+    """On CUDA: capture the training step (forward, backward, Adam, decoder normalisation) once as
+    a CUDA graph and replay it (`SAEStep`). Ignored elsewhere."""
     progress: bool = True
     """Show a progress bar."""
 
@@ -108,8 +111,9 @@ def train_sae(model: SelfAblatingTransformer, windows: TokenWindows, cfg: SAETra
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     device = next(model.parameters()).device
-    # A pool larger than all the activations the run will draw only costs time.
-    pool = min(cfg.pool_tokens, cfg.steps * cfg.batch_tokens)
+    # A pool larger than all the activations the run will draw only costs time; one smaller than a
+    # batch would give short batches.
+    pool = max(cfg.batch_tokens, min(cfg.pool_tokens, cfg.steps * cfg.batch_tokens))
     buffer = ActivationBuffer(model, windows, cfg.hook, max(1, 4096 // windows.seq_len), pool, gen)
     d_in = buffer.pool.shape[-1]
     # Weights, gradients and Adam's moments of both matrices, and a batch's latents a few times over.
@@ -123,21 +127,57 @@ def train_sae(model: SelfAblatingTransformer, windows: TokenWindows, cfg: SAETra
     if cfg.b_dec_init == "mean":
         with torch.no_grad():  # start the decoder bias at the (scaled) mean: the SAE then models deviations
             sae.b_dec.copy_(buffer.pool.mean(0) * scfg.scale)
-    opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
+    step_fn = SAEStep(sae, cfg.batch_tokens, cfg.lr, device, graphed=cfg.cuda_graph and device.type == "cuda")
     warm, decay_from = max(1, int(cfg.l1_warmup * cfg.steps)), int(0.8 * cfg.steps)
     bar = tqdm(range(cfg.steps), desc=f"SAE {cfg.hook}", disable=not cfg.progress, dynamic_ncols=True)
     for step in bar:
-        for g in opt.param_groups:
-            g["lr"] = cfg.lr * min(1.0, (cfg.steps - step) / max(1, cfg.steps - decay_from))
-        loss, mse, l1 = sae_loss(sae, buffer.next(cfg.batch_tokens), cfg.l1_coef * min(1.0, (step + 1) / warm))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sae.normalise_decoder()
+        lr = cfg.lr * min(1.0, (cfg.steps - step) / max(1, cfg.steps - decay_from))
+        mse, l1 = step_fn(buffer.next(cfg.batch_tokens), lr, cfg.l1_coef * min(1.0, (step + 1) / warm))
         if step % 50 == 0 or step == cfg.steps - 1:
             mse_value, l1_value = check_sae_finite(sae, step + 1, mse, l1)
             bar.set_postfix(mse=f"{mse_value:.4f}", l1=f"{l1_value:.2f}")
     return sae
+
+
+def sae_update(sae: SAE, opt: torch.optim.Optimizer, x: torch.Tensor, l1_coef: float | torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One Adam step of `sae` on activations x (batch, d_in) at the rate in opt's group, then unit
+    decoder rows. Returns (mse, l1) as device tensors: nothing is read back."""
+    opt.zero_grad(set_to_none=True)  # first: a CUDA graph's backward then writes its own gradients
+    loss, mse, l1 = sae_loss(sae, x, l1_coef)
+    loss.backward()
+    opt.step()
+    sae.normalise_decoder()
+    return mse.detach(), l1.detach()
+
+
+class SAEStep:
+    """SAE training steps, eager or (graphed) captured once as a CUDA graph and replayed
+    (`runtime.Captured`): a step of 4,096 activations is a few dozen small kernels, which a GPU
+    runs faster than the host can launch them one by one. Graphed, the batch is copied into a
+    fixed buffer and the learning rate and L1 coefficient live in device tensors, which each call
+    refills; Adam is capturable (its step counts on the device)."""
+
+    def __init__(self, sae: SAE, batch_tokens: int, lr: float, device: torch.device, graphed: bool):
+        self.graphed = graphed
+        rate: float | torch.Tensor = torch.tensor(lr, device=device) if graphed else lr
+        self.opt = fused_if_possible(torch.optim.Adam, sae.parameters(), lr=rate, betas=(0.9, 0.999),
+                                     capturable=graphed)
+        if graphed:
+            self.x = torch.empty(batch_tokens, sae.cfg.d_in, device=device)
+            self.coef = torch.zeros((), device=device)
+            self.captured = Captured(lambda: sae_update(sae, self.opt, self.x, self.coef), device, warmup=3)
+        self.sae = sae
+
+    def __call__(self, x: torch.Tensor, lr: float, l1_coef: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """One step on x at rate lr: (mse, l1) device tensors (graphed: buffers the next call rewrites)."""
+        if not self.graphed:
+            self.opt.param_groups[0]["lr"] = lr
+            return sae_update(self.sae, self.opt, x, l1_coef)
+        self.opt.param_groups[0]["lr"].fill_(lr)
+        self.coef.fill_(l1_coef)
+        self.x.copy_(x)
+        return self.captured()
 
 
 def check_sae_finite(sae: SAE, step: int, mse: torch.Tensor, l1: torch.Tensor) -> tuple[float, float]:
