@@ -285,3 +285,94 @@ def test_circuits_on_the_authors_prompts_from_the_command_line(tmp_path, setup, 
     assert r["prompts_sample"][0] == "After Joy and Rose went to the hospital, Joy gave a snack to"  # seed-42 order
     code = main(["circuits", str(tmp_path / "ckpt"), "--out", str(tmp_path / "d"), "--prompts", "missing.json"])
     assert code == 2 and "the prompt file missing.json does not exist" in capsys.readouterr().err
+
+
+def _random_batches(task, seed=0):
+    """(mask, edges) per layer: a mask pruning part of the later layers, and up to 9 edges into
+    that layer and the one before it, in ACDC's order."""
+    g, layers = task.graph, task.graph.edge_layers
+    gen = torch.Generator().manual_seed(seed)
+    for layer in range(g.n_layers + 1):
+        mask = (torch.rand(g.n_edges, generator=gen, dtype=torch.float64) < 0.5).double()
+        mask[[e for e in range(g.n_edges) if layers[e] <= layer]] = 0.0
+        below = [e for e in reversed(range(g.n_edges)) if layer - 1 <= layers[e] <= layer]
+        yield mask, [below[i] for i in sorted(torch.randperm(len(below), generator=gen)[:9].tolist())]
+
+
+def test_fixed_shape_trials_equal_one_at_a_time(task):
+    """The dense pass that a CUDA graph records: each trial's KL is the sparse one-edge path's,
+    and padding with copies of the last edge repeats the last trial."""
+    from selfablate.circuits.discovery import _kl_of_final
+    from selfablate.circuits.patching import fixed_trials_final
+
+    for mask, edges in _random_batches(task):
+        expected, trial = [], mask.clone()
+        for e in edges:
+            trial[e] = 1.0
+            expected.append(kl_with_mask(task, trial).item())
+        start = min(task.graph.edge_layers[e] for e in edges)
+        tried = torch.tensor(edges + edges[-1:] * 3)
+        kls = _kl_of_final(task, fixed_trials_final(task.model, mask, tried, task.corrupt, task.clean_run, start))
+        assert kls.tolist() == pytest.approx(expected + expected[-1:] * 3, rel=1e-12, abs=1e-15)
+
+
+def test_the_fixed_shape_pass_can_be_captured_as_a_cuda_graph(task):
+    """On CUDA's path, two passes from one start layer with other masks and edges run the same
+    operators on the same shapes, read nothing back and make no tensor from host data."""
+    from selfablate import ops
+    from selfablate.circuits.discovery import _kl_of_final
+    from selfablate.circuits.patching import fixed_trials_final
+
+    from .helpers import FROM_HOST, SYNC_OPS, Recorder
+
+    g, passes = task.graph, []
+    with ops.use_backend("torch"), ops.device_policy_as("cuda"):
+        for seed in range(2):
+            mask = (torch.rand(g.n_edges, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) < 0.5).double()
+            tried = torch.randperm(g.n_edges, generator=torch.Generator().manual_seed(seed))[:8]
+            with Recorder() as rec:
+                _kl_of_final(task, fixed_trials_final(task.model, mask, tried, task.corrupt, task.clean_run, 1))
+            passes.append(rec.calls)
+    names = {name for name, _ in passes[0]}
+    assert not SYNC_OPS & names and not FROM_HOST & names, (SYNC_OPS | FROM_HOST) & names
+    assert len(passes[0]) > 20 and passes[1] == passes[0]
+
+
+class _Direct:
+    """A stand-in for `runtime.Captured` that runs fn at every call (CUDA graphs need a GPU)."""
+    made = 0
+
+    def __init__(self, fn, device, warmup=1, pool=None):
+        self.fn = fn
+        type(self).made += 1
+
+    def __call__(self):
+        return self.fn()
+
+
+def test_graphed_trials_pad_short_batches_and_keep_one_graph_per_start_layer(task, monkeypatch):
+    from selfablate.circuits import discovery
+
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
+    monkeypatch.setattr(discovery, "Captured", _Direct)
+    _Direct.made = 0
+    graphed, starts = discovery.GraphedTrials(task, 12), set()
+    for mask, edges in _random_batches(task, seed=1):
+        for batch in (edges, edges[-2:]):  # a short batch, and one from a later start layer
+            expected = discovery.trial_kls(task, mask, batch).tolist()
+            assert graphed(mask, batch) == pytest.approx(expected, rel=1e-12, abs=1e-15)
+            starts.add(min(task.graph.edge_layers[e] for e in batch))
+    assert _Direct.made == len(starts) > 1
+
+
+@pytest.mark.parametrize("batch", [1, 5])
+def test_graphed_acdc_keeps_the_same_edges(task, monkeypatch, batch):
+    from selfablate.circuits import discovery
+
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
+    monkeypatch.setattr(discovery, "Captured", _Direct)
+    tau = kl_with_mask(task, torch.ones(task.graph.n_edges, dtype=torch.float64)).item() / 50
+    one, graphed = acdc(task, tau), acdc(task, tau, batch=batch, cuda_graph=True)
+    assert 0 < int((one.mask == 0).sum()) < task.graph.n_edges
+    assert torch.equal(one.mask, graphed.mask)
+    assert torch.allclose(graphed.delta_kl, one.delta_kl, rtol=1e-8, atol=1e-11)

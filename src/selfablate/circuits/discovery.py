@@ -6,6 +6,7 @@ at each prompt's last position, averaged over prompts.
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, NamedTuple, Sequence
 
 import torch
@@ -14,7 +15,9 @@ from tqdm.auto import tqdm
 
 from ..errors import SelfAblateError
 from ..model import SelfAblatingTransformer
-from .patching import EdgeGraph, RunCache, cache_run, graph_of, last_logprobs, patched_forward, trials_final
+from ..runtime import Captured, to_device
+from .patching import (EdgeGraph, RunCache, cache_run, fixed_trials_final, graph_of, last_logprobs, patched_forward,
+                       trials_final)
 from .ioi import IOIBatch
 from ..data.tokenizer import gpt2_tokenizer
 from ..data.vocab import to_model_ids, unk_id
@@ -93,6 +96,33 @@ def trial_kls(task: CircuitTask, mask: Tensor, edges: list[int]) -> Tensor:
     return _kl_of_final(task, trials_final(task.model, mask, edges, task.corrupt, task.clean_run, start))
 
 
+class GraphedTrials:
+    """ACDC's batched passes as CUDA graphs: `patching.fixed_trials_final` recorded once per start
+    layer (`runtime.Captured`, one shared memory pool) and replayed, so a pass is one launch and
+    one host read. A batch of fewer than `size` edges is padded with copies of its last edge (its
+    extra trials repeat the last one and are not read)."""
+
+    def __init__(self, task: CircuitTask, size: int):
+        self.task, self.size, device = task, size, task.clean.device
+        self.mask = torch.zeros(task.graph.n_edges, dtype=task.clean_logp.dtype, device=device)
+        self.tried = torch.zeros(size, dtype=torch.long, device=device)
+        self.graphs: dict[int, Captured] = {}
+        self.pool = torch.cuda.graph_pool_handle()
+
+    def _kls(self, start: int) -> Tensor:
+        t = self.task
+        return _kl_of_final(t, fixed_trials_final(t.model, self.mask, self.tried, t.corrupt, t.clean_run, start))
+
+    def __call__(self, mask: Tensor, edges: list[int]) -> list[float]:
+        start = min(self.task.graph.edge_layers[e] for e in edges)
+        self.mask.copy_(mask)
+        padded = edges + edges[-1:] * (self.size - len(edges))
+        self.tried.copy_(to_device(torch.tensor(padded), self.tried.device))
+        if start not in self.graphs:
+            self.graphs[start] = Captured(functools.partial(self._kls, start), self.mask.device, pool=self.pool)
+        return self.graphs[start]()[: len(edges)].tolist()
+
+
 def logit_diff_with_mask(task: CircuitTask, mask: Tensor) -> Tensor:
     final, _ = patched_forward(task.model, task.clean, mask, task.corrupt, return_sources=False)
     logp = last_logprobs(task.model, final, task.last)
@@ -132,7 +162,7 @@ class ACDCResult(NamedTuple):
 
 @torch.no_grad()
 def acdc(task: CircuitTask, tau: float, progress: bool = False, order: Sequence[int] | None = None,
-         batch: int = 1) -> ACDCResult:
+         batch: int = 1, cuda_graph: bool = False) -> ACDCResult:
     """ACDC (Conmy et al. 2023) with exact edge patching: visit edges in reverse topological
     order (or in `order`: every edge index once, destinations' layers never increasing, e.g.
     auto-circuit's) and patch each; keep it patched (prune it) if the KL rises by less than tau.
@@ -143,7 +173,8 @@ def acdc(task: CircuitTask, tau: float, progress: bool = False, order: Sequence[
     increase ACDC measures for edge i once edges 1..i-1 are pruned. The decisions are taken in
     order up to the first kept edge; the trials after it assumed it pruned, so the next batch
     starts behind it. The same edges as batch 1 (up to rounding), in about n_edges / batch +
-    kept passes instead of n_edges: what a GPU needs, where one small pass costs its launches."""
+    kept passes instead of n_edges: what a GPU needs, where one small pass costs its launches.
+    cuda_graph (CUDA only): each pass replays a CUDA graph of it (`GraphedTrials`)."""
     g = task.graph
     mask = torch.zeros(g.n_edges, dtype=task.clean_logp.dtype, device=task.clean.device)
     delta = [0.0] * g.n_edges
@@ -153,10 +184,11 @@ def acdc(task: CircuitTask, tau: float, progress: bool = False, order: Sequence[
                               any(layers[a] < layers[b] for a, b in zip(order, order[1:]))):
         raise SelfAblateError("an ACDC order must list every edge once, destinations' layers never increasing")
     todo = list(reversed(range(g.n_edges))) if order is None else list(order)
+    trial_kls_of = GraphedTrials(task, batch) if cuda_graph else functools.partial(_trial_kls, task)
     with tqdm(total=g.n_edges, desc=f"ACDC tau={tau:.3g}", disable=not progress, leave=False) as bar:
         while todo:
             edges = todo[:batch]
-            pruned, current = _decide(edges, _trial_kls(task, mask, edges), current, tau, delta)
+            pruned, current = _decide(edges, trial_kls_of(mask, edges), current, tau, delta)
             if pruned:
                 mask[torch.tensor(pruned, device=mask.device)] = 1.0
             decided = len(pruned) + (len(pruned) < len(edges))  # the first kept edge ends the batch

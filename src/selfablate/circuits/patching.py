@@ -321,18 +321,26 @@ class Trials(NamedTuple):
 
     masks: Tensor
     """(m, n_edges) each trial's 0/1 mask."""
-    shared: dict[int, tuple[Tensor, Tensor]]
+    shared: dict[int, tuple[Tensor, Tensor]] | None
     """For each destination group, the rows and sources (host-known) of the batch's edges from
-    sources shared by all trials, as flat (trial * rows + row) and source indices."""
+    sources shared by all trials, as flat (trial * rows + row) and source indices. None: every
+    trial reads the shared sources through its own mask (dense, the same shapes for any edges)."""
+
+
+def trial_masks(mask: Tensor, tried: Tensor) -> Tensor:
+    """(m, n_edges): trial i patches what `mask` patches plus tried[: i + 1], tried (m,) edge
+    indices on the device. An edge repeated in tried counts from its first place (the max of
+    its writes), so a short batch can be padded with copies of its last edge."""
+    m = len(tried)
+    steps = torch.ones(m, m, dtype=mask.dtype, device=mask.device).tril()  # [i, j] = 1: trial i patches tried[j]
+    return mask.expand(m, -1).clone().scatter_reduce_(1, tried.expand(m, m), steps, "amax")
 
 
 def cumulative_trials(graph: EdgeGraph, mask: Tensor, edges: list[int], first: int) -> Trials:
     """The trials' masks, and the increments to the shared sources (index < first) by group,
     worked out on the host from the edge indices (no device reads)."""
     m = len(edges)
-    masks = mask.expand(m, -1).clone()  # (m, n_edges)
-    tried = torch.tensor(edges, device=mask.device)
-    masks[:, tried] = torch.ones(m, m, dtype=mask.dtype, device=mask.device).tril()  # trial i: edges[: i + 1]
+    masks = trial_masks(mask, torch.tensor(edges, device=mask.device))
     starts = [start for _, start, _, _ in graph.groups]
     shared: dict[int, tuple[list[int], list[int]]] = {}
     for j, e in enumerate(edges):
@@ -356,9 +364,13 @@ def _trial_inputs(graph: EdgeGraph, trials: Trials, group: int, base: Tensor, ow
     mask. running (m, B, T, D) includes the biases."""
     _, start, rows, n = graph.groups[group]
     first, m = len(d_shared), len(running)
-    block = base[start : start + rows * n].view(rows, n)
-    x = running.unsqueeze(1) + torch.einsum("rs,sbtd->rbtd", block[:, :first], d_shared[:n])  # (m, rows, B, T, D)
-    if group in trials.shared:
+    if trials.shared is None:  # dense: each trial's own mask over the shared sources too
+        block = trials.masks[:, start : start + rows * n].view(m, rows, n)
+        x = running.unsqueeze(1) + torch.einsum("mrs,sbtd->mrbtd", block[..., :first], d_shared)  # (m, rows, B, T, D)
+    else:
+        block = base[start : start + rows * n].view(rows, n)
+        x = running.unsqueeze(1) + torch.einsum("rs,sbtd->rbtd", block[:, :first], d_shared[:n])  # (m, rows, B, T, D)
+    if trials.shared and group in trials.shared:
         dest, src = trials.shared[group]
         x = x.flatten(0, 1).index_add(0, dest, d_shared[src]).view_as(x)
     if n > first:
@@ -376,15 +388,31 @@ def trials_final(model: SelfAblatingTransformer, mask: Tensor, edges: list[int],
     for each trial's mask, but dense, with trials as a batch dimension. Every edge into a layer
     before start_layer must be unpatched in every trial, so those sources are the clean run's."""
     graph = graph_of(model)
+    trials = cumulative_trials(graph, mask, edges, graph.sources_before_attn(start_layer))
+    return _trials_final(model, trials, mask, corrupt, clean, start_layer)
+
+
+@torch.no_grad()
+def fixed_trials_final(model: SelfAblatingTransformer, mask: Tensor, tried: Tensor, corrupt: RunCache,
+                       clean: RunCache, start_layer: int) -> Tensor:
+    """`trials_final` for the edges in the device tensor tried (m,), dense (`Trials.shared` None):
+    the same operators on the same shapes for any mask and edges, nothing read on the host, so a
+    CUDA graph can record it once per start layer."""
+    return _trials_final(model, Trials(trial_masks(mask, tried), None), mask, corrupt, clean, start_layer)
+
+
+def _trials_final(model: SelfAblatingTransformer, trials: Trials, mask: Tensor, corrupt: RunCache,
+                  clean: RunCache, start_layer: int) -> Tensor:
+    graph = graph_of(model)
     first = graph.sources_before_attn(start_layer)
-    trials = cumulative_trials(graph, mask, edges, first)
+    m = len(trials.masks)
     d_shared = corrupt.sources[:first] - clean.sources[:first]  # (first, B, T, D)
-    running = (clean.sum(first) + _bias_before(model, start_layer)).expand(len(edges), *d_shared.shape[1:])  # (m, B, T, D)
+    running = (clean.sum(first) + _bias_before(model, start_layer)).expand(m, *d_shared.shape[1:])  # (m, B, T, D)
     own: list[Tensor] = []  # the sources from `first` on, each (m, B, T, D)
     H = model.cfg.n_heads
     for l in range(start_layer, model.cfg.n_layers):
         x = _trial_inputs(graph, trials, 2 * l, mask, own, running, d_shared, corrupt)  # (m, 3H, B, T, D)
-        qkv = _project(model, l, x.flatten(0, 1), torch.arange(3 * H, device=x.device).repeat(len(edges)))
+        qkv = _project(model, l, x.flatten(0, 1), torch.arange(3 * H, device=x.device).repeat(m))
         heads = _heads(model, l, qkv.view(*x.shape[:2], *qkv.shape[1:]), torch.arange(H, device=x.device))  # (m, H, B, T, D)
         own += list(heads.unbind(1))
         running = running + heads.sum(1) + model.blocks[l].attn.out_proj.bias

@@ -50,6 +50,9 @@ class CircuitConfig:
     """Edges ACDC tries in one batched pass, speculating that each is pruned (the same edges as one
     at a time; see `discovery.acdc`). 0: one on the CPU, whose one-edge pass skips every node the
     patch cannot change, and 32 on a GPU, where a small pass costs its kernel launches."""
+    cuda_graph: bool = True
+    """On CUDA: record ACDC's batched pass once per start layer as a CUDA graph and replay it
+    (`discovery.GraphedTrials`), one launch a pass. Ignored elsewhere."""
     ig_steps: int = 5
     """Integration steps of EAP-IG."""
     top_edges: int = 50
@@ -131,9 +134,10 @@ def run_circuits(checkpoint: str, cfg: CircuitConfig, device: torch.device) -> d
     with torch.no_grad():
         kl_empty = kl_with_mask(task, torch.ones(g.n_edges, device=task.clean.device)).item()
     runs, trials = {}, cfg.acdc_batch_on(task.clean.device)
+    graphed = cfg.cuda_graph and device.type == "cuda"
     for tau in cfg.taus():
         t = time.perf_counter()
-        r = acdc(task, tau, cfg.progress, batch=trials)
+        r = acdc(task, tau, cfg.progress, batch=trials, cuda_graph=graphed)
         kept = (r.mask == 0).nonzero().flatten().tolist()
         runs[tau] = {"tau": tau, "edges": len(kept), "kl": r.kl, "seconds": time.perf_counter() - t,
                      "circuit": [{"source": g.edge_names[e][0], "dest": g.edge_names[e][1],
@@ -151,6 +155,7 @@ def run_circuits(checkpoint: str, cfg: CircuitConfig, device: torch.device) -> d
         "prompts": {"discovery": len(batch.texts), "held_out": len(test.texts) if test is not None else 0},
         "prompts_sample": batch.texts[:4], "kl_all_edges_patched": kl_empty,
         "acdc": {"tau": cfg.tau, "edges": main["edges"], "kl": main["kl"], "seconds": main["seconds"], "batch": trials,
+                 "cuda_graph": graphed,
                  "circuit": main["circuit"]},
         "sweep": list(runs.values()),
         "faithfulness_auc": faithfulness_auc([(r["edges"], r["kl"]) for r in runs.values()], g.n_edges, kl_empty),
