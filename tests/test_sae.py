@@ -231,3 +231,12 @@ def test_the_graphed_sae_step_trains_as_the_eager_one():
     for name, w in eager_sae.state_dict().items():
         torch.testing.assert_close(graphed_sae.state_dict()[name], w, rtol=1e-6, atol=1e-7)
     assert (graphed_sae.W_enc - start).abs().max() > 1e-3  # it did train
+
+
+def test_a_pool_smaller_than_a_batch_still_gives_whole_batches(trained):
+    """The buffer tops itself up to the batch asked for: the step's shape never changes."""
+    from selfablate.sae.buffer import ActivationBuffer
+
+    _, model, windows = trained
+    buffer = ActivationBuffer(model, windows, HOOK, 2, 40, torch.Generator().manual_seed(0))
+    assert [len(buffer.next(100)) for _ in range(4)] == [100] * 4

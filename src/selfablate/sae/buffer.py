@@ -51,10 +51,12 @@ class ActivationBuffer:
         self.pool = torch.empty(0, device=self.device)
         self._refill()
 
-    def _refill(self) -> None:
+    def _refill(self, at_least: int = 0) -> None:
+        """Top the pool up to pool_tokens activations, and to at_least: a batch is never short
+        (a CUDA graph of the step reads a fixed shape)."""
         parts = [self.pool]
         have = len(self.pool)
-        while have < self.pool_tokens:
+        while have < max(self.pool_tokens, at_least):
             x, _ = self.windows.random_batch(self.seqs, self.gen)
             acts = hook_activations(self.model, to_device(x, self.device), self.hook).float()
             parts.append(acts)
@@ -65,6 +67,6 @@ class ActivationBuffer:
 
     def next(self, n: int) -> Tensor:
         if len(self.pool) < max(n, self.pool_tokens // 2):
-            self._refill()
+            self._refill(n)
         batch, self.pool = self.pool[:n], self.pool[n:]
         return batch

@@ -111,9 +111,8 @@ def train_sae(model: SelfAblatingTransformer, windows: TokenWindows, cfg: SAETra
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     device = next(model.parameters()).device
-    # A pool larger than all the activations the run will draw only costs time; one smaller than a
-    # batch would give short batches.
-    pool = max(cfg.batch_tokens, min(cfg.pool_tokens, cfg.steps * cfg.batch_tokens))
+    # A pool larger than all the activations the run will draw only costs time.
+    pool = min(cfg.pool_tokens, cfg.steps * cfg.batch_tokens)
     buffer = ActivationBuffer(model, windows, cfg.hook, max(1, 4096 // windows.seq_len), pool, gen)
     d_in = buffer.pool.shape[-1]
     # Weights, gradients and Adam's moments of both matrices, and a batch's latents a few times over.
