@@ -141,7 +141,7 @@ class GraphedStep:
     def __init__(self, model: torch.nn.Module, opt: torch.optim.Optimizer, cfg: TrainConfig,
                  device: torch.device, autocast: Callable, warmup: int = 3, anchor: Anchor | None = None):
         self.model, self.opt, self.cfg, self.device, self.autocast = model, opt, cfg, device, autocast
-        self.warmup, self.anchor = warmup, anchor
+        self.anchor = anchor
         # One device tensor per rate scale, which the graph reads and each call refills.
         self.lrs = {s: torch.tensor(cfg.lr * s, dtype=torch.float32, device=device)
                     for s in {g.get("lr_scale", 1.0) for g in opt.param_groups}}
