@@ -8,7 +8,13 @@ the KL of the fully patched model: this measures the algorithm's speed, not a ci
 that every run keeps the first run's edges; each pass reads its KLs back to the host once, so the
 passes column is also the count of host reads. `--layers`/`--heads` shrink the graph.
 
+`--launches 32` counts instead, on PyTorch's path (`benchmarks/launches.py`'s counter), the aten
+operators of one batched pass of 32 edges into each layer: the eager pass (what CUDA launches one
+by one) and the dense pass that CUDA records once as a graph and replays in one launch
+(`patching.fixed_trials_final`). The counts do not depend on the prompts, so few will do.
+
     python benchmarks/acdc_paper_graph.py [--checkpoint DIR] [--tau T] [--batch 1,32] [--layers 8 --heads 16]
+    python benchmarks/acdc_paper_graph.py --launches 32 --prompts 4
 """
 
 import argparse
@@ -19,8 +25,13 @@ import torch
 
 from selfablate import ModelConfig, SelfAblatingTransformer, load_checkpoint
 from selfablate.circuits import discovery
-from selfablate.circuits.discovery import acdc, eap_scores, kl_with_mask, make_task
+from selfablate.circuits.discovery import _kl_of_final, acdc, eap_scores, kl_with_mask, make_task, trial_kls
 from selfablate.circuits.ioi import ioi_prompts
+from selfablate.circuits.patching import fixed_trials_final
+
+from launches import Counter, MethodCounter, torch_path
+
+from random_model import nudged
 
 
 def counted_acdc(task, tau: float, batch: int):
@@ -40,6 +51,27 @@ def counted_acdc(task, tau: float, batch: int):
         discovery._trial_kls = inner
 
 
+def pass_launches(task, batch: int) -> None:
+    """Print, per start layer, the operators and host reads of one pass of `batch` edges into it."""
+    print(f"one pass of {batch} edges into each layer: aten operators and host reads, PyTorch's path")
+    mask = torch.zeros(task.graph.n_edges, dtype=task.clean_logp.dtype)
+    layers = task.graph.edge_layers
+    for start in range(task.model.cfg.n_layers):
+        edges = [e for e in reversed(range(task.graph.n_edges)) if layers[e] == start][-batch:]
+        tried = torch.tensor(edges)
+        counts = {}
+        for name, fn in (("eager", lambda: trial_kls(task, mask, edges).tolist()),
+                         ("dense", lambda: _kl_of_final(task, fixed_trials_final(
+                             task.model, mask, tried, task.corrupt, task.clean_run, start)).tolist())):
+            c = Counter()
+            with torch_path(), c, MethodCounter(c.syncs):
+                fn()
+            counts[name] = (sum(c.launches.values()), sum(c.syncs.values()))
+        (e_ops, e_reads), (d_ops, d_reads) = counts["eager"], counts["dense"]
+        print(f"  start layer {start}: eager {e_ops} operators, {e_reads} host read(s); dense {d_ops} operators "
+              f"recorded once, replayed as 1 graph launch, {d_reads} host read(s)")
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--checkpoint", default="")
@@ -48,18 +80,17 @@ def main() -> None:
     p.add_argument("--batch", default="1", help="comma-separated ACDC batch sizes")
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--launches", type=int, default=0, help="count one pass of this many edges instead of timing")
     args = p.parse_args()
     if args.checkpoint:
         model = load_checkpoint(args.checkpoint).eval()
     else:
         torch.manual_seed(0)
         cfg = dataclasses.replace(ModelConfig(ablation="none"), n_layers=args.layers, n_heads=args.heads)
-        model = SelfAblatingTransformer(cfg).eval()
-        with torch.no_grad():
-            for name, w in model.named_parameters():
-                if "blocks" in name:
-                    w.add_(torch.randn_like(w) * 0.1)
+        model = nudged(SelfAblatingTransformer(cfg)).eval()
     task = make_task(model, ioi_prompts(args.prompts))
+    if args.launches:
+        return pass_launches(task, args.launches)
     kl_all = kl_with_mask(task, torch.ones(task.graph.n_edges)).item()
     tau = args.tau or kl_all / 100
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {model.cfg.n_layers} layers x "

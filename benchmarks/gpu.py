@@ -14,7 +14,8 @@ is skipped and says so; a section that fails says why and the rest go on):
 - CUDA float32 against CPU float64 (losses, logits, masks) at the paper's architecture, and the
   bf16 gradient against float32's (norm ratio, cosine);
 - the grid's evaluations (`gpu_evals.py`): ACDC on the paper's graph, `evaluate` over 131,072
-  tokens, SAE training steps/s (`--only circuits,evaluate,sae` runs these alone);
+  tokens, SAE training steps/s, then SAE and ACDC on their eager paths (no CUDA graphs) beside
+  them (`--only circuits,evaluate,sae,sae-eager,circuits-eager` runs these alone);
 - torch.compile(fullgraph=True), eager and captured (compilation takes most of a minute a model).
 Without CUDA (and without --smoke) it says so in one line and exits 0. Writes gpu.json to --out.
 """
@@ -42,6 +43,7 @@ from selfablate.step import GraphedStep, make_optimizer, train_step
 
 import gpu_evals
 from gpt_neo import gpt_neo_step
+from timing import sync
 
 SHAPES = ((24, 256), (192, 256))
 KINDS = {"baseline": "none", "local": "local", "global": "global"}
@@ -66,10 +68,6 @@ class Run:
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.t0
-
-    def sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
 
 
 def say(line: str) -> None:
@@ -106,7 +104,7 @@ def timed(run: Run, fn: Callable[[], object], warmup: int, repeats: int) -> floa
     """Median seconds of one call, after warm-up (CUDA events on a GPU)."""
     for _ in range(warmup):
         fn()
-    run.sync()
+    sync(run.device)
     if run.device.type != "cuda":
         t0 = time.perf_counter()
         for _ in range(repeats):
@@ -172,7 +170,7 @@ def throughput(run: Run, kind: str, batch: int, pos: int, precision: str, mode: 
         torch.cuda.reset_peak_memory_stats()
     t_first = time.perf_counter()
     step()
-    run.sync()
+    sync(run.device)
     first = time.perf_counter() - t_first
     seconds = timed(run, step, warmup=4, repeats=5 if run.smoke else 20)
     peak = torch.cuda.max_memory_allocated() / 2**30 if run.device.type == "cuda" else float("nan")
@@ -349,11 +347,11 @@ def variants(modes: tuple[str, ...]) -> Callable[[Run], None]:
     return fn
 
 
-def evaluation(name: str) -> Callable[[Run], None]:
-    """One of the grid's evaluations (`gpu_evals`): circuits, evaluate or sae."""
+def evaluation(name: str, graphs: bool = True) -> Callable[[Run], None]:
+    """One of the grid's evaluations (`gpu_evals`): circuits, evaluate or sae (graphs=False: eager)."""
     def fn(run: Run) -> None:
-        r = gpu_evals.run(name, run.device, run.smoke)
-        RESULTS.setdefault("evaluations", {})[name] = r
+        r = gpu_evals.run(name, run.device, run.smoke, graphs)
+        RESULTS.setdefault("evaluations", {})[name if graphs else f"{name} eager"] = r
         say(r["line"])
     return fn
 
@@ -375,6 +373,8 @@ PLAN = {
     "circuits": ("ACDC on the paper graph", 60, evaluation("circuits")),
     "evaluate": ("evaluate 131k tokens", 30, evaluation("evaluate")),
     "sae": ("SAE steps/s", 30, evaluation("sae")),
+    "sae-eager": ("SAE steps/s, eager", 30, evaluation("sae", graphs=False)),
+    "circuits-eager": ("ACDC on the paper graph, eager", 120, evaluation("circuits", graphs=False)),
     "compiled": ("compiled local, bf16", 80, speed_section(("local",), (0,), ("bfloat16",), ("compiled+graph",),
                                                              profile=True)),
     "compiled32": ("compiled local, float32", 70, speed_section(("local",), (0,), ("float32",), ("compiled+graph",))),

@@ -8,6 +8,14 @@ import statistics
 import time
 from typing import Callable
 
+import torch
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA runs asynchronously; the CPU is always done)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
 
 def interleaved_ms(contenders: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
     """Median milliseconds per call of each contender, after one warm-up call each."""
