@@ -30,6 +30,8 @@ from selfablate.circuits.ioi import IOIBatch, ioi_prompts
 from selfablate.interop.transformer_lens import to_hooked_transformer
 from selfablate.data.vocab import to_model_ids
 
+from random_model import nudged
+
 
 def their_name(name: str) -> str:
     """Our node names -> auto-circuit's."""
@@ -61,12 +63,7 @@ def build_model(checkpoint: str) -> SelfAblatingTransformer:
         return load_checkpoint(checkpoint).double().eval()
     torch.manual_seed(0)
     cfg = ModelConfig(n_ctx=64, d_model=64, n_layers=2, n_heads=4, d_mlp=256, ablation="local", k_attn=16, k_mlp=64)
-    model = SelfAblatingTransformer(cfg).double().eval()
-    with torch.no_grad():
-        for name, w in model.named_parameters():
-            if "blocks" in name:
-                w.add_(torch.randn_like(w) * 0.1)  # away from init, so that edges matter
-    return model
+    return nudged(SelfAblatingTransformer(cfg).double()).eval()
 
 
 def main() -> None:

@@ -28,6 +28,8 @@ from selfablate.sae.model import SAE, SAEConfig, load_sae
 from selfablate.sae.train import evaluate_sae
 from selfablate.data.vocab import to_model_ids
 
+from random_model import nudged
+
 
 class Windows:
     """The part of TokenWindows that evaluate_sae reads: fixed (x, y) batches."""
@@ -61,12 +63,8 @@ def main() -> None:
     if args.checkpoint:
         model = load_checkpoint(args.checkpoint).eval()
     else:
-        model = SelfAblatingTransformer(ModelConfig(n_ctx=64, d_model=64, n_layers=2, n_heads=4, d_mlp=256,
-                                                    ablation="local", k_attn=16, k_mlp=64)).eval()
-        with torch.no_grad():
-            for name, w in model.named_parameters():
-                if "blocks" in name:
-                    w.add_(torch.randn_like(w) * 0.1)
+        model = nudged(SelfAblatingTransformer(ModelConfig(n_ctx=64, d_model=64, n_layers=2, n_heads=4, d_mlp=256,
+                                                           ablation="local", k_attn=16, k_mlp=64))).eval()
     T = min(64, model.cfg.n_ctx) - 1  # SAELens reads T + 1 tokens
     n = args.windows * (T + 1)
     try:
