@@ -11,7 +11,7 @@ passes column is also the count of host reads. `--layers`/`--heads` shrink the g
 `--launches 32` counts instead, on PyTorch's path (`benchmarks/launches.py`'s counter), the aten
 operators of one batched pass of 32 edges into each layer: the eager pass (what CUDA launches one
 by one) and the dense pass that CUDA records once as a graph and replays in one launch
-(`patching.fixed_trials_final`). The counts do not depend on the prompts, so few will do.
+(`discovery.fixed_trial_kls`). The counts do not depend on the prompts, so few will do.
 
     python benchmarks/acdc_paper_graph.py [--checkpoint DIR] [--tau T] [--batch 1,32] [--layers 8 --heads 16]
     python benchmarks/acdc_paper_graph.py --launches 32 --prompts 4
@@ -25,12 +25,10 @@ import torch
 
 from selfablate import ModelConfig, SelfAblatingTransformer, load_checkpoint
 from selfablate.circuits import discovery
-from selfablate.circuits.discovery import _kl_of_final, acdc, eap_scores, kl_with_mask, make_task, trial_kls
+from selfablate.circuits.discovery import acdc, eap_scores, fixed_trial_kls, kl_with_mask, make_task, trial_kls
 from selfablate.circuits.ioi import ioi_prompts
-from selfablate.circuits.patching import fixed_trials_final
 
 from launches import Counter, MethodCounter, torch_path
-
 from random_model import nudged
 
 
@@ -61,8 +59,7 @@ def pass_launches(task, batch: int) -> None:
         tried = torch.tensor(edges)
         counts = {}
         for name, fn in (("eager", lambda: trial_kls(task, mask, edges).tolist()),
-                         ("dense", lambda: _kl_of_final(task, fixed_trials_final(
-                             task.model, mask, tried, task.corrupt, task.clean_run, start)).tolist())):
+                         ("dense", lambda: fixed_trial_kls(task, mask, tried, start).tolist())):
             c = Counter()
             with torch_path(), c, MethodCounter(c.syncs):
                 fn()

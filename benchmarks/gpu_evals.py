@@ -2,9 +2,10 @@
 
 Each function takes the device, whether this is a --smoke run (a tiny model on the CPU) and a
 scratch folder (`circuits` and `sae` also whether the command may replay CUDA graphs, its default;
-ignored off CUDA), and returns a dict of figures plus "line", one sentence for the table. The model is the paper's architecture
-(local ablation) with random weights nudged away from their initialisation so that edges matter,
-saved as a checkpoint so that the commands' own entry points run:
+ignored off CUDA), and returns a dict of figures plus "line", one sentence for the table. The
+model is the paper's architecture (local ablation) with random weights nudged away from their
+initialisation so that edges matter, saved as a checkpoint so that the commands' own entry points
+run:
 
 - `circuits`: `circuits.run.run_circuits` on the authors' prompts at tau 0.03 and no sweep (one
   threshold, as `selfablate circuits --prompts authors --sweep ""`), ACDC trying 32 edges a pass;

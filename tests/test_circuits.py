@@ -302,8 +302,7 @@ def _random_batches(task, seed=0):
 def test_fixed_shape_trials_equal_one_at_a_time(task):
     """The dense pass that a CUDA graph records: each trial's KL is the sparse one-edge path's,
     and padding with copies of the last edge repeats the last trial."""
-    from selfablate.circuits.discovery import _kl_of_final
-    from selfablate.circuits.patching import fixed_trials_final
+    from selfablate.circuits.discovery import fixed_trial_kls
 
     for mask, edges in _random_batches(task):
         expected, trial = [], mask.clone()
@@ -312,7 +311,7 @@ def test_fixed_shape_trials_equal_one_at_a_time(task):
             expected.append(kl_with_mask(task, trial).item())
         start = min(task.graph.edge_layers[e] for e in edges)
         tried = torch.tensor(edges + edges[-1:] * 3)
-        kls = _kl_of_final(task, fixed_trials_final(task.model, mask, tried, task.corrupt, task.clean_run, start))
+        kls = fixed_trial_kls(task, mask, tried, start)
         assert kls.tolist() == pytest.approx(expected + expected[-1:] * 3, rel=1e-12, abs=1e-15)
 
 
@@ -320,8 +319,7 @@ def test_the_fixed_shape_pass_can_be_captured_as_a_cuda_graph(task):
     """On CUDA's path, two passes from one start layer with other masks and edges run the same
     operators on the same shapes, read nothing back and make no tensor from host data."""
     from selfablate import ops
-    from selfablate.circuits.discovery import _kl_of_final
-    from selfablate.circuits.patching import fixed_trials_final
+    from selfablate.circuits.discovery import fixed_trial_kls
 
     from .helpers import FROM_HOST, SYNC_OPS, Recorder
 
@@ -331,7 +329,7 @@ def test_the_fixed_shape_pass_can_be_captured_as_a_cuda_graph(task):
             mask = (torch.rand(g.n_edges, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) < 0.5).double()
             tried = torch.randperm(g.n_edges, generator=torch.Generator().manual_seed(seed))[:8]
             with Recorder() as rec:
-                _kl_of_final(task, fixed_trials_final(task.model, mask, tried, task.corrupt, task.clean_run, 1))
+                fixed_trial_kls(task, mask, tried, 1)
             passes.append(rec.calls)
     names = {name for name, _ in passes[0]}
     assert not SYNC_OPS & names and not FROM_HOST & names, (SYNC_OPS | FROM_HOST) & names

@@ -96,8 +96,14 @@ def trial_kls(task: CircuitTask, mask: Tensor, edges: list[int]) -> Tensor:
     return _kl_of_final(task, trials_final(task.model, mask, edges, task.corrupt, task.clean_run, start))
 
 
+def fixed_trial_kls(task: CircuitTask, mask: Tensor, tried: Tensor, start: int) -> Tensor:
+    """`trial_kls` for the edges in the device tensor tried (m,), from layer `start`, through the
+    dense pass (`patching.fixed_trials_final`) that a CUDA graph can record."""
+    return _kl_of_final(task, fixed_trials_final(task.model, mask, tried, task.corrupt, task.clean_run, start))
+
+
 class GraphedTrials:
-    """ACDC's batched passes as CUDA graphs: `patching.fixed_trials_final` recorded once per start
+    """ACDC's batched passes as CUDA graphs: `fixed_trial_kls` recorded once per start
     layer (`runtime.Captured`, one shared memory pool) and replayed, so a pass is one launch and
     one host read. A batch of fewer than `size` edges is padded with copies of its last edge (its
     extra trials repeat the last one and are not read)."""
@@ -109,17 +115,14 @@ class GraphedTrials:
         self.graphs: dict[int, Captured] = {}
         self.pool = torch.cuda.graph_pool_handle()
 
-    def _kls(self, start: int) -> Tensor:
-        t = self.task
-        return _kl_of_final(t, fixed_trials_final(t.model, self.mask, self.tried, t.corrupt, t.clean_run, start))
-
     def __call__(self, mask: Tensor, edges: list[int]) -> list[float]:
         start = min(self.task.graph.edge_layers[e] for e in edges)
         self.mask.copy_(mask)
         padded = edges + edges[-1:] * (self.size - len(edges))
         self.tried.copy_(to_device(torch.tensor(padded), self.tried.device))
         if start not in self.graphs:
-            self.graphs[start] = Captured(functools.partial(self._kls, start), self.mask.device, pool=self.pool)
+            kls = functools.partial(fixed_trial_kls, self.task, self.mask, self.tried, start)
+            self.graphs[start] = Captured(kls, self.mask.device, pool=self.pool)
         return self.graphs[start]()[: len(edges)].tolist()
 
 

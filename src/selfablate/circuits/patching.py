@@ -364,19 +364,18 @@ def _trial_inputs(graph: EdgeGraph, trials: Trials, group: int, base: Tensor, ow
     mask. running (m, B, T, D) includes the biases."""
     _, start, rows, n = graph.groups[group]
     first, m = len(d_shared), len(running)
+    per_trial = trials.masks[:, start : start + rows * n].view(m, rows, n)  # each trial's mask of this group
     if trials.shared is None:  # dense: each trial's own mask over the shared sources too
-        block = trials.masks[:, start : start + rows * n].view(m, rows, n)
-        x = running.unsqueeze(1) + torch.einsum("mrs,sbtd->mrbtd", block[..., :first], d_shared)  # (m, rows, B, T, D)
+        x = running.unsqueeze(1) + torch.einsum("mrs,sbtd->mrbtd", per_trial[..., :first], d_shared)  # (m, rows, B, T, D)
     else:
         block = base[start : start + rows * n].view(rows, n)
         x = running.unsqueeze(1) + torch.einsum("rs,sbtd->rbtd", block[:, :first], d_shared[:n])  # (m, rows, B, T, D)
-    if trials.shared and group in trials.shared:
+    if trials.shared is not None and group in trials.shared:
         dest, src = trials.shared[group]
         x = x.flatten(0, 1).index_add(0, dest, d_shared[src]).view_as(x)
     if n > first:
-        block = trials.masks[:, start : start + rows * n].view(m, rows, n)[..., first:]  # (m, rows, n - first)
         delta = corrupt.sources[first:n].unsqueeze(1) - torch.stack(own[: n - first])  # (n - first, m, B, T, D)
-        x = x + torch.einsum("mrs,smbtd->mrbtd", block, delta)
+        x = x + torch.einsum("mrs,smbtd->mrbtd", per_trial[..., first:], delta)
     return x
 
 
