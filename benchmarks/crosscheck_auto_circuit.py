@@ -6,7 +6,8 @@ Compares, on one model and one batch of equal-length IOI prompts:
   1. the KL of the same patched circuits (random edge masks) computed by both;
   2. EAP scores (logit-difference gradient at mask 0) per edge;
   3. ACDC at one tau, with our ACDC visiting edges in auto-circuit's own order (its order within
-     a layer is a Python set's, so the same order is needed for the same greedy result).
+     a layer is a Python set's, so the same order is needed for the same greedy result): one edge
+     a pass, 16 speculative trials a pass, and 32 through the fixed-shape pass that CUDA replays.
 
     python benchmarks/crosscheck_auto_circuit.py [--checkpoint DIR] [--prompts 16] [--tau 0.03]
 """
@@ -142,13 +143,16 @@ def compare_acdc(task, pm, loader, edges, index, tau: float, where: str) -> None
     scores = acdc_prune_scores(pm, loader, None, tao_exps=[exp], tao_bases=[base])
     t_theirs = time.perf_counter() - t0
     theirs = {i for i, e in edges.items() if float(e.prune_score(scores)) == float("inf")}
-    for batch in (1, 16):  # one edge a pass (the CPU's default), and 16 speculative trials a pass
+    # One edge a pass (the CPU's default); 16 speculative trials a pass; and 32 through the dense
+    # fixed-shape pass that CUDA records as a graph (`circuits`' default there), run eagerly here.
+    for batch, fixed_shape in ((1, False), (16, False), (32, True)):
         t0 = time.perf_counter()
-        r = acdc(task, tau, order=order, batch=batch)
+        r = acdc(task, tau, order=order, batch=batch, fixed_shape=fixed_shape)
         t_ours = time.perf_counter() - t0
         ours = {i for i in range(task.graph.n_edges) if r.mask[i] == 0}
         verdict = "same edges" if ours == theirs else f"{len(ours ^ theirs)} edges differ"
-        print(f"ACDC tau={tau:.4g}{where}, batch {batch}: ours keeps {len(ours)} edges, auto-circuit {len(theirs)}, "
+        how = f"batch {batch}" + (", fixed-shape pass" if fixed_shape else "")
+        print(f"ACDC tau={tau:.4g}{where}, {how}: ours keeps {len(ours)} edges, auto-circuit {len(theirs)}, "
               f"in common {len(ours & theirs)}: {verdict}; time ours {t_ours:.2f} s, auto-circuit {t_theirs:.2f} s")
         for i in sorted(ours ^ theirs):
             print(f"  differs: {task.graph.edge_names[i]} (ours {'kept' if i in ours else 'pruned'}, "

@@ -348,13 +348,13 @@ class _Direct:
         return self.fn()
 
 
-def test_graphed_trials_pad_short_batches_and_keep_one_graph_per_start_layer(task, monkeypatch):
+def test_fixed_shape_trials_pad_short_batches_and_keep_one_graph_per_start_layer(task, monkeypatch):
     from selfablate.circuits import discovery
 
     monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
     monkeypatch.setattr(discovery, "Captured", _Direct)
     _Direct.made = 0
-    graphed, starts = discovery.GraphedTrials(task, 12), set()
+    graphed, starts = discovery.FixedShapeTrials(task, 12, graphed=True), set()
     for mask, edges in _random_batches(task, seed=1):
         for batch in (edges, edges[-2:]):  # a short batch, and one from a later start layer
             expected = discovery.trial_kls(task, mask, batch).tolist()
@@ -364,13 +364,10 @@ def test_graphed_trials_pad_short_batches_and_keep_one_graph_per_start_layer(tas
 
 
 @pytest.mark.parametrize("batch", [1, 5])
-def test_graphed_acdc_keeps_the_same_edges(task, monkeypatch, batch):
-    from selfablate.circuits import discovery
-
-    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
-    monkeypatch.setattr(discovery, "Captured", _Direct)
+def test_fixed_shape_acdc_keeps_the_same_edges(task, batch):
+    """The dense pass that CUDA replays, run eagerly on the CPU, against the one-edge path."""
     tau = kl_with_mask(task, torch.ones(task.graph.n_edges, dtype=torch.float64)).item() / 50
-    one, graphed = acdc(task, tau), acdc(task, tau, batch=batch, cuda_graph=True)
+    one, graphed = acdc(task, tau), acdc(task, tau, batch=batch, fixed_shape=True)
     assert 0 < int((one.mask == 0).sum()) < task.graph.n_edges
     assert torch.equal(one.mask, graphed.mask)
     assert torch.allclose(graphed.delta_kl, one.delta_kl, rtol=1e-8, atol=1e-11)

@@ -102,28 +102,31 @@ def fixed_trial_kls(task: CircuitTask, mask: Tensor, tried: Tensor, start: int) 
     return _kl_of_final(task, fixed_trials_final(task.model, mask, tried, task.corrupt, task.clean_run, start))
 
 
-class GraphedTrials:
-    """ACDC's batched passes as CUDA graphs: `fixed_trial_kls` recorded once per start
-    layer (`runtime.Captured`, one shared memory pool) and replayed, so a pass is one launch and
-    one host read. A batch of fewer than `size` edges is padded with copies of its last edge (its
-    extra trials repeat the last one and are not read)."""
+class FixedShapeTrials:
+    """ACDC's batched passes at one fixed shape: `fixed_trial_kls` over `size` tried edges, read
+    from fixed buffers that each call refills. `graphed` (CUDA): each start layer's pass is
+    recorded once as a CUDA graph (`runtime.Captured`, one shared memory pool) and replayed, so a
+    pass is one launch and one host read. Otherwise the same arithmetic runs eagerly: slower than
+    `_trial_kls` (it recomputes what the sparse path reuses), but what CUDA replays, so a CPU can
+    check it. A batch of fewer than `size` edges is padded with copies of its last edge (its extra
+    trials repeat the last one and are not read)."""
 
-    def __init__(self, task: CircuitTask, size: int):
-        self.task, self.size, device = task, size, task.clean.device
+    def __init__(self, task: CircuitTask, size: int, graphed: bool):
+        self.task, self.size, self.graphed, device = task, size, graphed, task.clean.device
         self.mask = torch.zeros(task.graph.n_edges, dtype=task.clean_logp.dtype, device=device)
         self.tried = torch.zeros(size, dtype=torch.long, device=device)
-        self.graphs: dict[int, Captured] = {}
-        self.pool = torch.cuda.graph_pool_handle()
+        self.passes: dict[int, Callable[[], Tensor]] = {}
+        self.pool = torch.cuda.graph_pool_handle() if graphed else None
 
     def __call__(self, mask: Tensor, edges: list[int]) -> list[float]:
         start = min(self.task.graph.edge_layers[e] for e in edges)
         self.mask.copy_(mask)
         padded = edges + edges[-1:] * (self.size - len(edges))
         self.tried.copy_(to_device(torch.tensor(padded), self.tried.device))
-        if start not in self.graphs:
+        if start not in self.passes:
             kls = functools.partial(fixed_trial_kls, self.task, self.mask, self.tried, start)
-            self.graphs[start] = Captured(kls, self.mask.device, pool=self.pool)
-        return self.graphs[start]()[: len(edges)].tolist()
+            self.passes[start] = Captured(kls, self.mask.device, pool=self.pool) if self.graphed else kls
+        return self.passes[start]()[: len(edges)].tolist()
 
 
 def logit_diff_with_mask(task: CircuitTask, mask: Tensor) -> Tensor:
@@ -165,7 +168,7 @@ class ACDCResult(NamedTuple):
 
 @torch.no_grad()
 def acdc(task: CircuitTask, tau: float, progress: bool = False, order: Sequence[int] | None = None,
-         batch: int = 1, cuda_graph: bool = False) -> ACDCResult:
+         batch: int = 1, fixed_shape: bool = False) -> ACDCResult:
     """ACDC (Conmy et al. 2023) with exact edge patching: visit edges in reverse topological
     order (or in `order`: every edge index once, destinations' layers never increasing, e.g.
     auto-circuit's) and patch each; keep it patched (prune it) if the KL rises by less than tau.
@@ -177,7 +180,8 @@ def acdc(task: CircuitTask, tau: float, progress: bool = False, order: Sequence[
     order up to the first kept edge; the trials after it assumed it pruned, so the next batch
     starts behind it. The same edges as batch 1 (up to rounding), in about n_edges / batch +
     kept passes instead of n_edges: what a GPU needs, where one small pass costs its launches.
-    cuda_graph (CUDA only): each pass replays a CUDA graph of it (`GraphedTrials`)."""
+    fixed_shape: every pass tries `batch` edges at one shape (`FixedShapeTrials`), which CUDA
+    records once as a graph and replays; elsewhere it runs eagerly, the same arithmetic."""
     g = task.graph
     mask = torch.zeros(g.n_edges, dtype=task.clean_logp.dtype, device=task.clean.device)
     delta = [0.0] * g.n_edges
@@ -187,7 +191,8 @@ def acdc(task: CircuitTask, tau: float, progress: bool = False, order: Sequence[
                               any(layers[a] < layers[b] for a, b in zip(order, order[1:]))):
         raise SelfAblateError("an ACDC order must list every edge once, destinations' layers never increasing")
     todo = list(reversed(range(g.n_edges))) if order is None else list(order)
-    trial_kls_of = GraphedTrials(task, batch) if cuda_graph else functools.partial(_trial_kls, task)
+    graphed = task.clean.device.type == "cuda"
+    trial_kls_of = FixedShapeTrials(task, batch, graphed) if fixed_shape else functools.partial(_trial_kls, task)
     with tqdm(total=g.n_edges, desc=f"ACDC tau={tau:.3g}", disable=not progress, leave=False) as bar:
         while todo:
             edges = todo[:batch]

@@ -52,7 +52,7 @@ class CircuitConfig:
     patch cannot change, and 32 on a GPU, where a small pass costs its kernel launches."""
     cuda_graph: bool = True
     """On CUDA: record ACDC's batched pass once per start layer as a CUDA graph and replay it
-    (`discovery.GraphedTrials`), one launch a pass. Ignored elsewhere."""
+    (`discovery.FixedShapeTrials`), one launch a pass. Ignored elsewhere."""
     ig_steps: int = 5
     """Integration steps of EAP-IG."""
     top_edges: int = 50
@@ -137,7 +137,7 @@ def run_circuits(checkpoint: str, cfg: CircuitConfig, device: torch.device) -> d
     graphed = cfg.cuda_graph and device.type == "cuda"
     for tau in cfg.taus():
         t = time.perf_counter()
-        r = acdc(task, tau, cfg.progress, batch=trials, cuda_graph=graphed)
+        r = acdc(task, tau, cfg.progress, batch=trials, fixed_shape=graphed)
         kept = (r.mask == 0).nonzero().flatten().tolist()
         runs[tau] = {"tau": tau, "edges": len(kept), "kl": r.kl, "seconds": time.perf_counter() - t,
                      "circuit": [{"source": g.edge_names[e][0], "dest": g.edge_names[e][1],
