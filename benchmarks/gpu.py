@@ -10,7 +10,8 @@ is skipped and says so; a section that fails says why and the rest go on):
 - tokens/s and peak memory of `selfablate.step.train_step` (eager) and `GraphedStep` (the whole
   step as one CUDA graph), local, global and baseline, at 24 x 256 (the paper's batch) and 192 x 256,
   bf16 autocast and float32 (TF32); transformers' GPTNeoForCausalLM of the same shape, eager;
-- CUDA kernels per step (the profiler), eager against graph-replayed;
+- CUDA kernels per step (the profiler), eager against graph-replayed; the masks' top-(k+1) cut
+  in order (a sort on CUDA) against unsorted with two minima (what the step uses);
 - CUDA float32 against CPU float64 (losses, logits, masks) at the paper's architecture, and the
   bf16 gradient against float32's (norm ratio, cosine);
 - the grid's evaluations (`gpu_evals.py`): ACDC on the paper's graph, `evaluate` over 131,072
@@ -37,6 +38,7 @@ import torch
 
 from selfablate import ModelConfig, SelfAblatingTransformer
 from selfablate.config import TrainConfig
+from selfablate.ops.masks import _cut
 from selfablate.perf import train_flops_per_token
 from selfablate.runtime import autocast_for, configure
 from selfablate.step import GraphedStep, make_optimizer, train_step
@@ -98,6 +100,21 @@ def matmul_peak(run: Run) -> None:
     seconds = timed(run, lambda: a @ b, warmup=3, repeats=10)
     RESULTS["bf16_matmul_tflops"] = 2 * n**3 / seconds / 1e12
     say(f"bf16 matmul {n}^3 (random data): {RESULTS['bf16_matmul_tflops']:.0f} TFLOP/s")
+
+
+def topk_cut(run: Run) -> None:
+    """The masks' cut, s_(k) and s_(k+1) of each row, at a local step's widths and rows (every
+    layer's units in one call; k 32): from topk(k + 1) in order, which sorts them, against
+    `ops.masks._cut`, which takes them unsorted and reads two minima."""
+    rows, k = (256, 8) if run.smoke else (24 * 256 * 8, 32)
+    out = RESULTS.setdefault("topk_cut_ms", {})
+    for width in (128, 512):
+        s = torch.randn(rows, width, device=run.device)
+        ordered = timed(run, lambda: s.topk(k + 1, dim=-1, sorted=True).values[:, k - 1 : k + 1], 3, 20)
+        unsorted = timed(run, lambda: _cut(s, k), 3, 20)
+        out[width] = {"sorted_topk": ordered * 1e3, "unsorted_and_minima": unsorted * 1e3}
+        say(f"cut of {rows} rows x {width}, k {k}: topk in order {ordered * 1e3:.3f} ms, "
+            f"unsorted + minima {unsorted * 1e3:.3f} ms ({ordered / unsorted:.2f}x)")
 
 
 def timed(run: Run, fn: Callable[[], object], warmup: int, repeats: int) -> float:
@@ -358,6 +375,7 @@ def evaluation(name: str, graphs: bool = True) -> Callable[[Run], None]:
 
 PLAN = {
     "peak": ("bf16 matmul peak", 5, matmul_peak),
+    "cut": ("the masks' cut, sorted or not", 5, topk_cut),
     "graph": ("graph vs eager", 25, graph_equals_eager),
     "local": ("local 24x256", 20, speed_section(("local",), (0,), PRECISIONS, ("eager", "graph"))),
     "gpt-neo": ("gpt-neo", 25, gpt_neo),

@@ -173,3 +173,20 @@ def test_compiled_model_trains_as_the_eager_one(tmp_path, stories_dir, set_backe
     # three updates the losses agree to 0.1 % (about 0.01 of CE 10.6), not to rounding.
     assert runs["on"].final_eval.clean == pytest.approx(runs["off"].final_eval.clean, rel=1e-3)
     assert runs["on"].final_eval.ablated == pytest.approx(runs["off"].final_eval.ablated, rel=1e-3)
+
+
+@pytest.mark.parametrize("width, k", [(128, 32), (512, 32), (20, 7), (16, 15), (8, 1)])
+@pytest.mark.parametrize("tied", [True, False])
+def test_the_cut_is_the_kth_and_next_largest_score(width, k, tied):
+    """PyTorch's path reads s_(k) and s_(k+1) from an unsorted top-(k+1): against a full sort,
+    with ties at the cut (s_(k) = s_(k+1)), above it and among all k + 1, and without."""
+    from selfablate.ops.masks import _cut
+
+    s = tied_scores(300, width) if tied else torch.randn(300, width, generator=torch.Generator().manual_seed(k))
+    if tied:
+        s[0] = 1.0  # every score equal
+        s[1, : k + 1] = 2.0  # exactly the k + 1 largest equal, the rest below
+    ordered = s.sort(dim=-1, descending=True).values
+    a, b = _cut(s, k)
+    assert torch.equal(a, ordered[:, k - 1 : k]) and torch.equal(b, ordered[:, k : k + 1])
+    assert tied == bool((a == b).any())

@@ -69,9 +69,16 @@ def _divisor(cut: Cut, temperature: float, eps: float) -> Tensor:
 
 
 def _cut(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """s_(k) and s_(k+1), the k-th and (k+1)-th largest scores of each row: (..., 1) each."""
-    top = scores.topk(k + 1, dim=-1, sorted=True).values  # (..., k+1), no full sort
-    return top[..., k - 1 : k], top[..., k : k + 1]
+    """s_(k) and s_(k+1), the k-th and (k+1)-th largest scores of each row: (..., 1) each.
+
+    From the k + 1 largest in no order: s_(k+1) is their least, and s_(k) the least of the
+    others, which is s_(k+1) again where that value occurs more than once. (Asking topk for them
+    in order sorts them: on CUDA a radix sort of its own, as costly as the selection.)"""
+    top = scores.topk(k + 1, dim=-1, sorted=False).values  # (..., k+1), in no order
+    b = top.amin(-1, keepdim=True)  # (..., 1)
+    at_b = top == b
+    above_b = top.masked_fill(at_b, torch.inf).amin(-1, keepdim=True)  # (..., 1); inf where all tie
+    return torch.where(at_b.sum(-1, keepdim=True) > 1, b, above_b), b
 
 
 def soft_topk(scores: Tensor, k: int, temperature: float, eps: float = 1e-12, floor: float = GAP_FLOOR) -> Tensor:
