@@ -35,6 +35,22 @@ def test_training_forward_has_no_graph_break(ablation):
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons[:3]
 
 
+def test_cudas_path_has_no_graph_break_with_either_lm_head(monkeypatch):
+    """On CUDA's path (PyTorch's operators, CUDA's policy), with the chunked LM head and with the
+    plain one that `DevicePolicy.plain_lm_head` gives torch.compile to fuse."""
+    from selfablate import ops
+
+    torch.manual_seed(0)
+    model = SelfAblatingTransformer(ModelConfig(**CFG, ablation="local"))
+    x, y = torch.randint(0, 97, (2, 2, 16))
+    for plain in (False, True):
+        monkeypatch.setitem(ops.POLICIES, "cuda", ops.POLICIES["cuda"]._replace(plain_lm_head=plain))
+        with ops.use_backend("torch"), ops.device_policy_as("cuda"):
+            torch._dynamo.reset()
+            explained = torch._dynamo.explain(lambda x, y: model(x, y, return_logits=False, return_masks=False).loss)(x, y)
+        assert (explained.graph_count, explained.graph_break_count) == (1, 0), (plain, explained.break_reasons[:3])
+
+
 def test_compiled_step_equals_eager():
     """Losses and every gradient of the compiled step are as close to a float64 reference as the
     eager float32 step's are (the mask heads' gradients, through the soft top-k's 1 / gap, are

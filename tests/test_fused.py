@@ -238,3 +238,27 @@ def test_fused_head_gradients_survive_a_retained_graph(weight):
     for a, b, r in zip(first, second, ref):
         assert torch.equal(a, b)
         torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-6)
+
+
+def test_the_plain_lm_head_policy_equals_the_chunked_head(monkeypatch):
+    """`DevicePolicy.plain_lm_head` (F.cross_entropy(h @ W.T), for torch.compile to fuse on CUDA)
+    takes the plain path and gives the chunked head's loss and gradients, ignored targets
+    included (float64); under bf16 autocast its loss is reduced in float32."""
+    torch.manual_seed(0)
+    h = torch.randn(3, 13, 8, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(50, 8, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 50, (3, 13))
+    y[0, :4] = -100
+    results = {}
+    for plain in (False, True):
+        monkeypatch.setitem(ops.POLICIES, "cuda", ops.POLICIES["cuda"]._replace(plain_lm_head=plain))
+        with ops.device_policy_as("cuda"):
+            loss = linear_cross_entropy(h, w, y)
+            results[plain] = (loss, *torch.autograd.grad(loss * 2.5, (h, w)))
+            if plain:
+                assert type(loss.grad_fn).__name__ == "NllLossBackward0"
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    low = linear_cross_entropy(h.float(), w.float(), y)
+                assert low.dtype == torch.float32 and abs(low.item() - loss.item()) < 0.05 * loss.item()
+    for chunked, plain in zip(results[False], results[True]):
+        torch.testing.assert_close(plain, chunked, rtol=1e-10, atol=1e-12)

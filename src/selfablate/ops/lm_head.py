@@ -14,6 +14,7 @@ import math
 from typing import Callable, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from . import kernels
@@ -229,6 +230,10 @@ def linear_cross_entropy(h: Tensor, weight: Tensor, targets: Tensor, chunk_rows:
     forward pass, chunk by chunk, and only scaled in the backward pass.
     """
     h2 = h.reshape(-1, h.shape[-1])
+    if policy(h.device).plain_lm_head:  # losses reduced in float32 (or float64), as model.losses does
+        logits = h2 @ weight.T  # (rows, vocab)
+        return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), targets.reshape(-1),
+                               ignore_index=IGNORE_INDEX)
     onednn = use_onednn(h2, weight)
     rows = chunk_rows or chunk_rows_for(weight.shape[0], h.device)
     return _LinearCrossEntropy.apply(h2, weight, targets.reshape(-1), rows, torch.is_grad_enabled(), onednn)

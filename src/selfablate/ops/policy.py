@@ -31,6 +31,10 @@ class DevicePolicy(NamedTuple):
     topk_by_sort: bool = False
     """PyTorch's path takes each row's k winners from one stable sort of the row instead of
     topk(k + 1) and a pass for ties at the cut (the same winners, the same positions)."""
+    plain_lm_head: bool = False
+    """The LM head's loss as two plain operators, F.cross_entropy(h @ W.T), holding the (tokens,
+    vocab) logits, for torch.compile to fuse (it writes its own softmax kernels), instead of the
+    chunked head with its gradients computed in the forward pass (the same loss and gradients)."""
 
 
 POLICIES = {
