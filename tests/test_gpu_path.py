@@ -190,3 +190,34 @@ def test_the_cut_is_the_kth_and_next_largest_score(width, k, tied):
     a, b = _cut(s, k)
     assert torch.equal(a, ordered[:, k - 1 : k]) and torch.equal(b, ordered[:, k : k + 1])
     assert tied == bool((a == b).any())
+
+
+@pytest.mark.parametrize("bias", [False, True, "mixed"])
+@pytest.mark.parametrize("name, dtype", [("torch", torch.float64), ("cpu", torch.float32)])
+def test_linears_of_one_input_equal_each_layer_and_take_one_gemm_on_pytorchs_path(bias, name, dtype, set_backend):
+    """`ops.linears` (the attention's q, k, v projections): each output and every gradient equal
+    the layers called one by one; on PyTorch's path (CUDA's) one GEMM runs forward and two
+    backward, where one a layer ran before. oneDNN's path (float32 on the `cpu` backend) and a
+    mixed set of biases go one by one."""
+    from selfablate import ops
+    from selfablate.ops.onednn import use_onednn
+
+    from .helpers import Recorder
+
+    set_backend(name)
+    torch.manual_seed(0)
+    layers = [ops.Linear(8, n, bias=bool(bias) and (bias is True or i != 1)).to(dtype) for i, n in enumerate((8, 8, 16))]
+    x = torch.randn(2, 5, 8, dtype=dtype, requires_grad=True)
+    weights = [torch.randn(2, 5, layer.out_features, dtype=dtype) for layer in layers]
+    params = [x, *(p for layer in layers for p in layer.parameters())]
+    expected = [layer(x) for layer in layers]
+    expected_grads = torch.autograd.grad(sum((y * w).sum() for y, w in zip(expected, weights)), params)
+    with Recorder() as rec:
+        outs = ops.linears(x, layers)
+        grads = torch.autograd.grad(sum((y * w).sum() for y, w in zip(outs, weights)), params)
+    tol = 1e-12 if dtype == torch.float64 else 1e-6
+    for got, want in zip([*outs, *grads], [*expected, *expected_grads]):
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    gemms = sum(op in ("mm", "addmm", "_linear_pointwise") for op, _ in rec.calls)
+    one_by_one = use_onednn(x, layers[0].weight) or bias == "mixed"
+    assert gemms == (9 if one_by_one else 3), [op for op, _ in rec.calls]

@@ -61,9 +61,10 @@ class Attention(nn.Module):
         clean_kv: the clean stream's keys/values of this layer; given, the two-stream rule applies.
         Returns the attention output (B, T, d_model) and this stream's own keys/values."""
         B, T, D = x.shape
-        q = hook(self, "hook_q", stream)(self._split_heads(self.q_proj(x)))
-        k = hook(self, "hook_k", stream)(self._split_heads(self.k_proj(x)))
-        v = hook(self, "hook_v", stream)(self._split_heads(self.v_proj(x)))
+        q, k, v = ops.linears(x, (self.q_proj, self.k_proj, self.v_proj))  # (B, T, D) each
+        q = hook(self, "hook_q", stream)(self._split_heads(q))
+        k = hook(self, "hook_k", stream)(self._split_heads(k))
+        v = hook(self, "hook_v", stream)(self._split_heads(v))
         pattern = hook(self, "hook_pattern", stream)
         band = ops.windowed_allowed(T, self.window, x.device)  # None: causal (no window, or one >= T)
         if clean_kv is None:
@@ -116,19 +117,20 @@ class MaskHead(nn.Module):
         B, T, _ = resid.shape
         x = resid.to(torch.promote_types(resid.dtype, torch.float32))
         with torch.autocast(x.device.type, enabled=False):
-            attn, mlp = _linear_in(self.attn, x), _linear_in(self.mlp, x)  # (B, T, L * width) each
+            attn, mlp = _linears_in(x, (self.attn, self.mlp))  # (B, T, L * width) each
         if self.n_layers == 1:  # (B, T, width) -> (1, B, T, width), no copy
             return attn.unsqueeze(0), mlp.unsqueeze(0)
         # (B, T, L, width) -> (L, B, T, width): layers first, each layer's slice contiguous.
         return tuple(s.view(B, T, self.n_layers, -1).permute(2, 0, 1, 3).contiguous() for s in (attn, mlp))
 
 
-def _linear_in(layer: nn.Linear, x: Tensor) -> Tensor:
-    """layer(x) computed in x's dtype (the layer's own path when its weights already have it)."""
-    if layer.weight.dtype == x.dtype:
-        return layer(x)
-    bias = None if layer.bias is None else layer.bias.to(x.dtype)
-    return F.linear(x, layer.weight.to(x.dtype), bias)
+def _linears_in(x: Tensor, layers: tuple[nn.Linear, ...]) -> tuple[Tensor, ...]:
+    """Each layer(x), computed in x's dtype: together (`ops.linears`) when the weights already
+    have it, else each with its weights cast."""
+    if all(layer.weight.dtype == x.dtype for layer in layers):
+        return ops.linears(x, layers)
+    return tuple(F.linear(x, layer.weight.to(x.dtype), None if layer.bias is None else layer.bias.to(x.dtype))
+                 for layer in layers)
 
 
 class BlockMasks(NamedTuple):

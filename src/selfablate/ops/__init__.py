@@ -14,12 +14,12 @@ from .attention import (causal_attention, masked_attention, self_ablated_allowed
 from .backends import BACKENDS, backend, select, use_backend
 from .lm_head import linear_cross_entropy, per_token_cross_entropy
 from .masks import MASK_FUNCTIONS, hard_topk, hard_topk_soft_grad, soft_topk, topk_winners
-from .onednn import Linear
+from .onednn import Linear, linears
 from .policy import POLICIES, DevicePolicy, device_policy_as, policy
 from .recon import reconstruction_loss
 
 __all__ = ["BACKENDS", "MASK_FUNCTIONS", "POLICIES", "DevicePolicy", "Linear", "backend", "causal_attention",
            "device_policy_as", "gelu_new", "hard_topk", "hard_topk_soft_grad", "linear_cross_entropy",
-           "masked_attention", "per_token_cross_entropy", "policy", "reconstruction_loss", "select",
+           "linears", "masked_attention", "per_token_cross_entropy", "policy", "reconstruction_loss", "select",
            "self_ablated_allowed", "soft_topk", "topk_winners", "two_stream_attention", "use_backend",
            "windowed_allowed"]

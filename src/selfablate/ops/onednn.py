@@ -11,6 +11,7 @@ PyTorch build has the op; everywhere else, torch.mm.
 from __future__ import annotations
 
 import functools
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -88,3 +89,18 @@ class Linear(nn.Linear):
         if use_onednn(x, self.weight):
             return _LinearFunction.apply(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
+
+
+def linears(x: Tensor, layers: Sequence[nn.Linear]) -> tuple[Tensor, ...]:
+    """layer(x) for each layer, all reading one input. Where oneDNN runs them (`use_onednn`),
+    each layer's own call; elsewhere (PyTorch's path, CUDA's) one GEMM over their stacked
+    weights: one kernel instead of one per layer, forward and backward, where a small model's
+    kernels are too small to fill a GPU. Each output is a view of the stacked one, (..., out_i)."""
+    if use_onednn(x, layers[0].weight):
+        return tuple(layer(x) for layer in layers)
+    biased = [layer.bias is not None for layer in layers]
+    if any(biased) and not all(biased):  # a mixed set would need zeros: take it one by one
+        return tuple(layer(x) for layer in layers)
+    weight = torch.cat([layer.weight for layer in layers])  # (sum of out, in)
+    bias = torch.cat([layer.bias for layer in layers]) if all(biased) else None
+    return F.linear(x, weight, bias).split([layer.out_features for layer in layers], dim=-1)
