@@ -11,7 +11,7 @@ counts, under a TorchDispatchMode, every aten operator that is not a view or an 
 Python number or bool, nonzero, masked_select, ...), plus reads of a tensor into Python
 (`tolist`, `numpy`, `cpu`), caught under a TorchFunctionMode.
 
-    python benchmarks/launches.py [--batch 24] [--ablation local] [--log-step]
+    python benchmarks/launches.py [--batch 24] [--ablation local] [--log-step] [--recon 0]
 
 A step that logs (`--log-step`) reads its losses and gradient norm, so it syncs; others must not.
 """
@@ -78,8 +78,8 @@ def torch_path():
         yield
 
 
-def count_step(ablation: str, batch: int, pos: int, log_step: bool) -> Counter:
-    cfg = ModelConfig(ablation=ablation)
+def count_step(ablation: str, batch: int, pos: int, log_step: bool, recon: float = 0.1) -> Counter:
+    cfg = ModelConfig(ablation=ablation, coef_recon=recon)
     torch.manual_seed(0)
     model = SelfAblatingTransformer(cfg).train()
     tcfg = TrainConfig(warmup_steps=1)
@@ -101,12 +101,14 @@ def main() -> None:
     p.add_argument("--pos", type=int, default=256)
     p.add_argument("--ablation", default="all", help="none, local, global, or all")
     p.add_argument("--log-step", action="store_true", help="count a step that logs (reads its losses)")
+    p.add_argument("--recon", type=float, default=0.1,
+                   help="the reconstruction loss's weight c (the paper's runs: 0; the default config's: 0.1)")
     p.add_argument("--top", type=int, default=8, help="show the most launched operators")
     args = p.parse_args()
     print(f"torch {torch.__version__}; one training step at batch {args.batch} x {args.pos}, the paper's "
           f"architecture, PyTorch path (as on CUDA); {'a logging' if args.log_step else 'a non-logging'} step")
     for ablation in (("none", "local", "global") if args.ablation == "all" else (args.ablation,)):
-        c = count_step(ablation, args.batch, args.pos, args.log_step)
+        c = count_step(ablation, args.batch, args.pos, args.log_step, args.recon)
         top = ", ".join(f"{n} {k}" for n, k in c.launches.most_common(args.top))
         syncs = ", ".join(f"{n} {k}" for n, k in c.syncs.most_common()) or "none"
         print(f"{ablation:>7}: {sum(c.launches.values()):5d} operator launches, {sum(c.syncs.values())} host syncs "

@@ -2,6 +2,7 @@
 computes what the eager one does: what a CUDA graph of the whole step needs, checked on a CPU."""
 
 import contextlib
+import dataclasses
 import copy
 from types import SimpleNamespace
 
@@ -37,11 +38,12 @@ def test_training_forward_has_no_graph_break(ablation):
 
 def test_cudas_path_has_no_graph_break_with_either_lm_head(monkeypatch):
     """On CUDA's path (PyTorch's operators, CUDA's policy), with the chunked LM head and with the
-    plain one that `DevicePolicy.plain_lm_head` gives torch.compile to fuse."""
+    plain one that `DevicePolicy.plain_lm_head` gives torch.compile to fuse; the paper's loss (c = 0,
+    its reconstruction term made without a graph)."""
     from selfablate import ops
 
     torch.manual_seed(0)
-    model = SelfAblatingTransformer(ModelConfig(**CFG, ablation="local"))
+    model = SelfAblatingTransformer(ModelConfig(**CFG, ablation="local", coef_ablated=0.5, coef_recon=0.0))
     x, y = torch.randint(0, 97, (2, 2, 16))
     for plain in (False, True):
         monkeypatch.setitem(ops.POLICIES, "cuda", ops.POLICIES["cuda"]._replace(plain_lm_head=plain))
@@ -146,3 +148,26 @@ def test_captured_warms_up_then_records_once_and_replays(monkeypatch):
     assert outs[:2] == [[1], [2]] and outs[2] == [3] and outs[3] is outs[2] and len(calls) == 3
     assert log == ["side waits for main", "fn", "main waits for side"] * 2 + \
         ["record into pool", "fn", "recorded", "replay", "replay"]
+
+
+def test_a_zero_weight_reconstruction_term_is_reported_without_a_graph():
+    """c = 0 (the paper's runs): the term is the same number, made without a graph, and every
+    gradient is the one with the term left out of the loss by hand (float64)."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(**CFG, ablation="local", coef_ablated=0.5, coef_recon=0.0)
+    model = SelfAblatingTransformer(cfg).double()
+    x, y = torch.randint(0, 97, (2, 2, 16))
+    out = model(x, y, return_logits=False, return_masks=False)
+    assert not out.loss_recon.requires_grad and out.loss.requires_grad
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    again = model(x, y, return_logits=False, return_masks=False)
+    (cfg.coef_clean * again.loss_clean + cfg.coef_ablated * again.loss_ablated).backward()
+    for n, p in model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(grads[n], p.grad, rtol=1e-12, atol=0)
+    weighted = SelfAblatingTransformer(dataclasses.replace(cfg, coef_recon=0.5)).double()
+    weighted.load_state_dict(model.state_dict())
+    recon = weighted(x, y, return_logits=False, return_masks=False).loss_recon
+    assert recon.requires_grad and torch.equal(recon.detach(), out.loss_recon)

@@ -36,7 +36,8 @@ class ForwardOutput(NamedTuple):
     loss_ablated: Tensor | None
     """Cross-entropy of the ablated stream (nats/token)."""
     loss_recon: Tensor | None
-    """Reconstruction loss between the normalised clean and ablated residuals."""
+    """Reconstruction loss between the normalised clean and ablated residuals (without a graph
+    when its weight c is 0: it is then only reported)."""
 
 
 class StreamRun(NamedTuple):
@@ -238,10 +239,17 @@ class SelfAblatingTransformer(HookedModule):
         if targets is None:
             return ForwardOutput(logits_clean, logits_ablated, attn_mask, mlp_mask, None, None, None, None)
         ce_ablated = self._lm_loss(ablated.final, logits_ablated, targets)
-        recon = ops.reconstruction_loss(clean.resid_post + [clean.final], ablated.resid_post + [ablated.final])
+        recon = self._reconstruction(clean, ablated)
         loss = combined_loss(ce_clean, ce_ablated, recon, self.cfg.coef_clean, self.cfg.coef_ablated,
                              self.cfg.coef_recon)
         return ForwardOutput(logits_clean, logits_ablated, attn_mask, mlp_mask, loss, ce_clean, ce_ablated, recon)
+
+    def _reconstruction(self, clean: StreamRun, ablated: StreamRun) -> Tensor:
+        """The reconstruction loss over every block's output and the final residual. With c = 0
+        (the paper's runs) it is only reported: made without a graph, so a step runs none of its
+        backward kernels and sends no zero gradients into every residual."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.cfg.coef_recon != 0):
+            return ops.reconstruction_loss(clean.resid_post + [clean.final], ablated.resid_post + [ablated.final])
 
     def _lm_loss(self, final: Tensor, logits: Tensor | None, targets: Tensor) -> Tensor:
         """CE from materialised logits, or from the fused chunked head when there are none."""
