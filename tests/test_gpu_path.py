@@ -221,3 +221,31 @@ def test_linears_of_one_input_equal_each_layer_and_take_one_gemm_on_pytorchs_pat
     gemms = sum(op in ("mm", "addmm", "_linear_pointwise") for op, _ in rec.calls)
     one_by_one = use_onednn(x, layers[0].weight) or bias == "mixed"
     assert gemms == (9 if one_by_one else 3), [op for op, _ in rec.calls]
+
+
+@pytest.mark.parametrize("name", ["cpu", "torch"])
+def test_the_soft_gradient_has_no_subnormals_on_a_cpu(name, set_backend, monkeypatch):
+    """Far below a narrow cut w (1 - w) is tiny, and times a small incoming gradient it falls into
+    float32's subnormals, which make every later product on a CPU slow. The CPU's policy sets
+    those entries to zero and leaves every other entry as it was."""
+    from selfablate import ops
+
+    set_backend(name)
+    # D = a - b = 0.01, so u = (s - 1.005) / D runs from -50 to -85 below the cut.
+    row = torch.cat([torch.full((4,), 1.01), torch.tensor([1.0]), 1.0 - torch.linspace(0.5, 0.85, 27)])  # width 32
+    s = row.repeat(6, 1) + torch.arange(6.0)[:, None]  # the same gaps in every row
+    g = torch.randn(s.shape, generator=torch.Generator().manual_seed(0)) * 1e-6
+    tiny = torch.finfo(torch.float32).tiny
+
+    def grad() -> torch.Tensor:
+        x = s.clone().requires_grad_()
+        (hard_topk_soft_grad(x, 4, 1.0) * g).sum().backward()
+        return x.grad
+
+    monkeypatch.setitem(ops.POLICIES, "cpu", ops.POLICIES["cpu"]._replace(flush_subnormal_grads=False))
+    raw = grad()
+    monkeypatch.undo()
+    flushed = grad()
+    subnormal = (raw != 0) & (raw.abs() < tiny)
+    assert subnormal.sum() >= 6 and (raw.abs() >= tiny).sum() >= 6 * 5
+    assert torch.equal(flushed, torch.where(subnormal, 0.0, raw))

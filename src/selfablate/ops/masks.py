@@ -231,9 +231,12 @@ class _HardTopkSoftGrad(torch.autograd.Function):
         k, T, eps, floor = ctx.args
         lib = _topk_kernel(s, g)
         if lib is None:
-            cut = widen_cut(s, hard, ab[..., :1], ab[..., 1:], floor)
-            return _soft_grad(cut, g, ab_idx, k, T, eps), None, None, None, None
-        return _kernel_soft_grad(lib, s, g, hard, ab, ab_idx, k, T, eps, floor), None, None, None, None
+            ds = _soft_grad(widen_cut(s, hard, ab[..., :1], ab[..., 1:], floor), g, ab_idx, k, T, eps)
+        else:
+            ds = _kernel_soft_grad(lib, s, g, hard, ab, ab_idx, k, T, eps, floor)
+        if policy(ds.device).flush_subnormal_grads:
+            ds = ds.masked_fill_(ds.abs() < torch.finfo(ds.dtype).tiny, 0.0)
+        return ds, None, None, None, None
 
 
 def _kernel_cut(s: Tensor, hard: Tensor, ab: Tensor, floor: float) -> tuple[Tensor, Tensor, Tensor]:

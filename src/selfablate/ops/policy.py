@@ -31,6 +31,11 @@ class DevicePolicy(NamedTuple):
     topk_by_sort: bool = False
     """PyTorch's path takes each row's k winners from one stable sort of the row instead of
     topk(k + 1) and a pass for ties at the cut (the same winners, the same positions)."""
+    flush_subnormal_grads: bool = False
+    """The soft top-k's gradient has its entries below the dtype's smallest normal set to zero.
+    They come from w (1 - w) far from a narrow cut; on a CPU every product that reads one is
+    slow (subnormal arithmetic: a paper-shape local step's backward pass took 9x as long on an
+    Intel Xeon), on a GPU no slower. Each is below 1.2e-38: nothing a weight can learn from."""
     plain_lm_head: bool = False
     """The LM head's loss as two plain operators, F.cross_entropy(h @ W.T), holding the (tokens,
     vocab) logits, for torch.compile to fuse (it writes its own softmax kernels), instead of the
@@ -38,7 +43,7 @@ class DevicePolicy(NamedTuple):
 
 
 POLICIES = {
-    "cpu": DevicePolicy(256, 1 << 24, 16, False, True),
+    "cpu": DevicePolicy(256, 1 << 24, 16, False, True, flush_subnormal_grads=True),
     "cuda": DevicePolicy(1 << 13, 1 << 28, 8, False, False),  # batch 24 x 256, GPT-2's vocabulary: 2 chunks, 1 GB
 }
 OTHER = DevicePolicy(1 << 11, 1 << 26, 8, True, False)
