@@ -1,5 +1,6 @@
 """The chunked LM head + cross-entropy equals the plain one, in value and gradient."""
 
+import pathlib
 import shutil
 
 import pytest
@@ -97,6 +98,7 @@ def test_onednn_path_matches_the_torch_mm_path_in_float32(scale, monkeypatch, se
     ignored targets and a partial last chunk (scale 300: every chunk takes the max shift)."""
     if not onednn.onednn_available():
         pytest.skip("this PyTorch build has no oneDNN linear")
+    monkeypatch.setattr(onednn, "onednn_preferred", lambda: True)  # as on a CPU that is not Intel's
     torch.manual_seed(6)
     h64, w64 = torch.randn(203, 32, dtype=torch.float64) * scale, torch.randn(700, 32, dtype=torch.float64) / 8
     y = torch.randint(0, 700, (203,))
@@ -115,13 +117,35 @@ def test_onednn_path_matches_the_torch_mm_path_in_float32(scale, monkeypatch, se
         assert (fast - r).abs().max() <= 2 * (mm - r).abs().max() + 1e-6
 
 
-def test_onednn_path_is_taken_only_for_float32_on_the_cpu_outside_autocast():
+def test_onednn_path_is_taken_only_for_float32_on_the_cpu_outside_autocast(monkeypatch):
     h, w = torch.randn(4, 8), torch.randn(10, 8)
-    available = onednn.onednn_available()
-    assert onednn.use_onednn(h, w) == available
+    assert onednn.use_onednn(h, w) == onednn.onednn_preferred()
+    monkeypatch.setattr(onednn, "onednn_preferred", lambda: True)
+    assert onednn.use_onednn(h, w)
     assert not onednn.use_onednn(h.double(), w.double())
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not onednn.use_onednn(h, w)
+
+
+@pytest.mark.parametrize("vendor, preferred", [("GenuineIntel", False), ("AuthenticAMD", True), ("", True)])
+def test_onednn_is_preferred_except_on_intels_cpus(vendor, preferred, monkeypatch):
+    """MKL, torch.mm's library, runs AVX-512 at full width on Intel's CPUs only: there torch.mm,
+    elsewhere oneDNN (where this build has it)."""
+    monkeypatch.setattr(onednn, "cpu_vendor", lambda: vendor)
+    monkeypatch.setattr(onednn, "onednn_available", lambda: True)
+    onednn.onednn_preferred.cache_clear()
+    try:
+        assert onednn.onednn_preferred() == preferred
+    finally:
+        onednn.onednn_preferred.cache_clear()
+
+
+def test_the_cpu_vendor_is_read_from_linuxs_cpuinfo():
+    vendor = onednn.cpu_vendor()
+    if not pathlib.Path("/proc/cpuinfo").exists():
+        assert vendor == ""
+    else:
+        assert vendor and vendor in pathlib.Path("/proc/cpuinfo").read_text()
 
 
 @pytest.mark.parametrize("bias, d_in, d_out", [(True, 24, 40), (False, 24, 40), (True, 40, 24)])
@@ -131,6 +155,7 @@ def test_onednn_linear_matches_f_linear_in_value_and_gradients(bias, d_in, d_out
     Wider and narrower outputs take the two orientations of the weight's gradient."""
     if not onednn.onednn_available():
         pytest.skip("this PyTorch build has no oneDNN linear")
+    monkeypatch.setattr(onednn, "onednn_preferred", lambda: True)  # as on a CPU that is not Intel's
     calls = []
     real = onednn.linear
     monkeypatch.setattr(onednn, "linear", lambda *a: calls.append(1) or real(*a))

@@ -2,10 +2,11 @@
 
 On AMD CPUs MKL does not run AVX-512 at full width, and oneDNN's linear (the GEMM PyTorch's
 compiled CPU code uses, `torch.ops.mkldnn._linear_pointwise`, a private op) does: about twice
-the GEMM throughput on this project's Zen 5 cores (`selfablate.perf.gemm_peaks` measures both;
-figures in docs/performance.md). The model's linear layers and its chunked LM head (`lm_head`)
-take this path for float32 CPU tensors outside autocast, with the `cpu` backend, where this
-PyTorch build has the op; everywhere else, torch.mm.
+the GEMM throughput on Zen 5 cores (`selfablate.perf.gemm_peaks` measures both; figures in
+docs/performance.md). On Intel's CPUs MKL runs at full width and was the faster of the two. The
+model's linear layers and its chunked LM head (`lm_head`) take this path for float32 CPU tensors
+outside autocast, with the `cpu` backend, where this PyTorch build has the op and the CPU is not
+Intel's (`onednn_preferred`); everywhere else, torch.mm.
 """
 
 from __future__ import annotations
@@ -45,10 +46,28 @@ def onednn_available() -> bool:
         return False
 
 
+def cpu_vendor() -> str:
+    """The CPU's vendor id as Linux reports it ("GenuineIntel", "AuthenticAMD"), or "" elsewhere."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("vendor_id")), "")
+    except OSError:
+        return ""
+
+
+@functools.cache
+def onednn_preferred() -> bool:
+    """Whether float32 CPU GEMMs take oneDNN: this build has it (`onednn_available`) and the CPU
+    is not Intel's, where MKL runs AVX-512 at full width. Measured side by side: on AMD's Zen 5,
+    oneDNN at twice torch.mm's GEMM rate; on an Intel Xeon (Emerald Rapids), torch.mm 1.4x
+    oneDNN on the LM head and a local training step 10-15% faster."""
+    return onednn_available() and cpu_vendor() != "GenuineIntel"
+
+
 def use_onednn(*tensors: Tensor) -> bool:
     """Whether GEMMs on these tensors go through oneDNN: the `cpu` backend, all float32 on the
-    CPU, no autocast."""
-    return backend() == "cpu" and kernels.float32_cpu(*tensors) and onednn_available()
+    CPU, no autocast, where oneDNN is preferred (`onednn_preferred`)."""
+    return backend() == "cpu" and kernels.float32_cpu(*tensors) and onednn_preferred()
 
 
 class _LinearFunction(torch.autograd.Function):
@@ -92,11 +111,12 @@ class Linear(nn.Linear):
 
 
 def linears(x: Tensor, layers: Sequence[nn.Linear]) -> tuple[Tensor, ...]:
-    """layer(x) for each layer, all reading one input. Where oneDNN runs them (`use_onednn`),
-    each layer's own call; elsewhere (PyTorch's path, CUDA's) one GEMM over their stacked
-    weights: one kernel instead of one per layer, forward and backward, where a small model's
-    kernels are too small to fill a GPU. Each output is a view of the stacked one, (..., out_i)."""
-    if use_onednn(x, layers[0].weight):
+    """layer(x) for each layer, all reading one input. On PyTorch's path (CUDA's) one GEMM over
+    their stacked weights: one kernel instead of one per layer, forward and backward, where a
+    small model's kernels are too small to fill a GPU; each output is a view of the stacked one,
+    (..., out_i). Where the `cpu` backend's kernels run (float32 on the CPU), each layer's own
+    call, whose contiguous output the attention kernel reads as it is."""
+    if backend() == "cpu" and kernels.float32_cpu(x, layers[0].weight):
         return tuple(layer(x) for layer in layers)
     biased = [layer.bias is not None for layer in layers]
     if any(biased) and not all(biased):  # a mixed set would need zeros: take it one by one
