@@ -3,7 +3,7 @@
 On AMD CPUs MKL does not run AVX-512 at full width, and oneDNN's linear (the GEMM PyTorch's
 compiled CPU code uses, `torch.ops.mkldnn._linear_pointwise`, a private op) does: about twice
 the GEMM throughput on Zen 5 cores (`selfablate.perf.gemm_peaks` measures both; figures in
-docs/performance.md). On Intel's CPUs MKL runs at full width and was the faster of the two. The
+docs/performance.md). On Intel's CPUs MKL runs at full width and is the faster of the two. The
 model's linear layers and its chunked LM head (`lm_head`) take this path for float32 CPU tensors
 outside autocast, with the `cpu` backend, where this PyTorch build has the op and the CPU is not
 Intel's (`onednn_preferred`); everywhere else, torch.mm.
@@ -58,9 +58,8 @@ def cpu_vendor() -> str:
 @functools.cache
 def onednn_preferred() -> bool:
     """Whether float32 CPU GEMMs take oneDNN: this build has it (`onednn_available`) and the CPU
-    is not Intel's, where MKL runs AVX-512 at full width. Measured side by side: on AMD's Zen 5,
-    oneDNN at twice torch.mm's GEMM rate; on an Intel Xeon (Emerald Rapids), torch.mm 1.4x
-    oneDNN on the LM head and a local training step 10-15% faster."""
+    is not Intel's, where MKL runs AVX-512 at full width and was the faster of the two in the
+    model's step, as oneDNN was on AMD's cores (side by side, docs/performance.md)."""
     return onednn_available() and cpu_vendor() != "GenuineIntel"
 
 

@@ -33,9 +33,10 @@ class DevicePolicy(NamedTuple):
     topk(k + 1) and a pass for ties at the cut (the same winners, the same positions)."""
     flush_subnormal_grads: bool = False
     """The soft top-k's gradient has its entries below the dtype's smallest normal set to zero.
-    They come from w (1 - w) far from a narrow cut; on a CPU every product that reads one is
-    slow (subnormal arithmetic: a paper-shape local step's backward pass took 9x as long on an
-    Intel Xeon), on a GPU no slower. Each is below 1.2e-38: nothing a weight can learn from."""
+    They come from w (1 - w) far from a narrow cut times a small incoming gradient; on a CPU
+    every product that reads one runs many times slower (subnormal arithmetic, worst on Intel's
+    cores: docs/performance.md), on a GPU no slower. Each is below 1.2e-38 in float32: nothing a
+    weight can learn from."""
     plain_lm_head: bool = False
     """The LM head's loss as two plain operators, F.cross_entropy(h @ W.T), holding the (tokens,
     vocab) logits, for torch.compile to fuse (it writes its own softmax kernels), instead of the
