@@ -171,3 +171,15 @@ def test_a_zero_weight_reconstruction_term_is_reported_without_a_graph():
     weighted.load_state_dict(model.state_dict())
     recon = weighted(x, y, return_logits=False, return_masks=False).loss_recon
     assert recon.requires_grad and torch.equal(recon.detach(), out.loss_recon)
+
+
+def test_the_zero_weight_branch_compiles_when_c_is_traced_as_a_symbol():
+    """After a recompilation for a changed loss weight the compiler traces c as a symbol (automatic
+    dynamic): the c = 0 branch must still compile, and still leave the term without a graph."""
+    torch._dynamo.reset()
+    x, y = torch.randint(0, 97, (2, 2, 16))
+    for c in (0.0, 0.1, 0.0):
+        torch.manual_seed(0)
+        model = SelfAblatingTransformer(ModelConfig(**CFG, ablation="local", coef_ablated=0.5, coef_recon=c))
+        out = torch.compile(model, backend="eager", fullgraph=True)(x, y, return_logits=False, return_masks=False)
+        assert out.loss_recon.requires_grad == (c != 0) and out.loss.requires_grad

@@ -248,8 +248,11 @@ class SelfAblatingTransformer(HookedModule):
         """The reconstruction loss over every block's output and the final residual. With c = 0
         (the paper's runs) it is only reported: made without a graph, so a step runs none of its
         backward kernels and sends no zero gradients into every residual."""
-        with torch.set_grad_enabled(torch.is_grad_enabled() and self.cfg.coef_recon != 0):
-            return ops.reconstruction_loss(clean.resid_post + [clean.final], ablated.resid_post + [ablated.final])
+        terms = clean.resid_post + [clean.final], ablated.resid_post + [ablated.final]
+        if self.cfg.coef_recon == 0:  # a branch, not set_grad_enabled(flag): the compiler may trace c as a symbol
+            with torch.no_grad():
+                return ops.reconstruction_loss(*terms)
+        return ops.reconstruction_loss(*terms)
 
     def _lm_loss(self, final: Tensor, logits: Tensor | None, targets: Tensor) -> Tensor:
         """CE from materialised logits, or from the fused chunked head when there are none."""
