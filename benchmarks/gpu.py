@@ -181,9 +181,10 @@ def throughput(run: Run, kind: str, batch: int, pos: int, precision: str, mode: 
     with `profile`, also its kernels per step and the costliest of them."""
     configure(run.device)
     model = new_model(run, kind)
+    module = None
     if mode.startswith("compiled"):
         torch._dynamo.reset()  # each configuration compiles afresh (a policy variant changes the graph)
-    module = torch.compile(model, fullgraph=True) if mode.startswith("compiled") else None
+        module = torch.compile(model, fullgraph=True)
     step = stepper(run, model, precision, graphed=mode.endswith("graph"), batch=batch, pos=pos, module=module)
     if run.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()

@@ -78,7 +78,7 @@ def torch_path():
         yield
 
 
-def count_step(ablation: str, batch: int, pos: int, log_step: bool, recon: float = 0.1) -> Counter:
+def count_step(ablation: str, batch: int, pos: int, log_step: bool, recon: float) -> Counter:
     cfg = ModelConfig(ablation=ablation, coef_recon=recon)
     torch.manual_seed(0)
     model = SelfAblatingTransformer(cfg).train()
@@ -101,8 +101,8 @@ def main() -> None:
     p.add_argument("--pos", type=int, default=256)
     p.add_argument("--ablation", default="all", help="none, local, global, or all")
     p.add_argument("--log-step", action="store_true", help="count a step that logs (reads its losses)")
-    p.add_argument("--recon", type=float, default=0.1,
-                   help="the reconstruction loss's weight c (the paper's runs: 0; the default config's: 0.1)")
+    p.add_argument("--recon", type=float, default=ModelConfig.coef_recon,
+                   help="the reconstruction loss's weight c (the paper's runs: 0; default: the config's)")
     p.add_argument("--top", type=int, default=8, help="show the most launched operators")
     args = p.parse_args()
     print(f"torch {torch.__version__}; one training step at batch {args.batch} x {args.pos}, the paper's "

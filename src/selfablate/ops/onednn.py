@@ -115,10 +115,9 @@ def linears(x: Tensor, layers: Sequence[nn.Linear]) -> tuple[Tensor, ...]:
     small model's kernels are too small to fill a GPU; each output is a view of the stacked one,
     (..., out_i). Where the `cpu` backend's kernels run (float32 on the CPU), each layer's own
     call, whose contiguous output the attention kernel reads as it is."""
-    if backend() == "cpu" and kernels.float32_cpu(x, layers[0].weight):
-        return tuple(layer(x) for layer in layers)
     biased = [layer.bias is not None for layer in layers]
-    if any(biased) and not all(biased):  # a mixed set would need zeros: take it one by one
+    mixed = any(biased) and not all(biased)  # stacking would need zero biases: one by one
+    if mixed or (backend() == "cpu" and kernels.float32_cpu(x, layers[0].weight)):
         return tuple(layer(x) for layer in layers)
     weight = torch.cat([layer.weight for layer in layers])  # (sum of out, in)
     bias = torch.cat([layer.bias for layer in layers]) if all(biased) else None
