@@ -3,9 +3,10 @@ loss, is an operation with a fast path: `ops.reconstruction_loss`."""
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from .. import ops
 
 
 def cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
@@ -13,14 +14,9 @@ def cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
 
     logits (B, T, V), targets (B, T); targets equal to -100 are ignored.
     """
-    return F.cross_entropy(_at_least_fp32(logits).flatten(0, 1), targets.flatten(), ignore_index=-100)
+    return F.cross_entropy(ops.at_least_fp32(logits).flatten(0, 1), targets.flatten(), ignore_index=-100)
 
 
 def combined_loss(ce_clean: Tensor, ce_ablated: Tensor, recon: Tensor, a: float, b: float, c: float) -> Tensor:
     """The training objective: a * CE(clean) + b * CE(ablated) + c * reconstruction."""
     return a * ce_clean + b * ce_ablated + c * recon
-
-
-def _at_least_fp32(x: Tensor) -> Tensor:
-    """Losses are reduced in float32 (or float64) even under bf16 autocast."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))

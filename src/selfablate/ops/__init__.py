@@ -16,9 +16,9 @@ from .lm_head import linear_cross_entropy, per_token_cross_entropy
 from .masks import MASK_FUNCTIONS, hard_topk, hard_topk_soft_grad, soft_topk, topk_winners
 from .onednn import Linear, linears
 from .policy import POLICIES, DevicePolicy, device_policy_as, policy
-from .recon import reconstruction_loss
+from .recon import at_least_fp32, reconstruction_loss
 
-__all__ = ["BACKENDS", "MASK_FUNCTIONS", "POLICIES", "DevicePolicy", "Linear", "backend", "causal_attention",
+__all__ = ["BACKENDS", "MASK_FUNCTIONS", "POLICIES", "DevicePolicy", "Linear", "at_least_fp32", "backend", "causal_attention",
            "device_policy_as", "gelu_new", "hard_topk", "hard_topk_soft_grad", "linear_cross_entropy",
            "linears", "masked_attention", "per_token_cross_entropy", "policy", "reconstruction_loss", "select",
            "self_ablated_allowed", "soft_topk", "topk_winners", "two_stream_attention", "use_backend",

@@ -20,6 +20,7 @@ from torch import Tensor
 from . import kernels
 from .onednn import linear, pack, use_onednn
 from .policy import policy
+from .recon import at_least_fp32
 
 IGNORE_INDEX = -100
 
@@ -230,10 +231,8 @@ def linear_cross_entropy(h: Tensor, weight: Tensor, targets: Tensor, chunk_rows:
     forward pass, chunk by chunk, and only scaled in the backward pass.
     """
     h2 = h.reshape(-1, h.shape[-1])
-    if policy(h.device).plain_lm_head:  # losses reduced in float32 (or float64), as model.losses does
-        logits = h2 @ weight.T  # (rows, vocab)
-        return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), targets.reshape(-1),
-                               ignore_index=IGNORE_INDEX)
+    if policy(h.device).plain_lm_head:
+        return F.cross_entropy(at_least_fp32(h2 @ weight.T), targets.reshape(-1), ignore_index=IGNORE_INDEX)
     onednn = use_onednn(h2, weight)
     rows = chunk_rows or chunk_rows_for(weight.shape[0], h.device)
     return _LinearCrossEntropy.apply(h2, weight, targets.reshape(-1), rows, torch.is_grad_enabled(), onednn)

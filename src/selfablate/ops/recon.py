@@ -42,7 +42,7 @@ def _recon_kernel_applies(c: Tensor, a: Tensor) -> bool:
 
 def _normalized_mse(c: Tensor, a: Tensor) -> Tensor:
     """F.mse_loss(F.normalize(c, dim=-1), F.normalize(a, dim=-1)) in at least float32."""
-    return F.mse_loss(F.normalize(_at_least_fp32(c), dim=-1), F.normalize(_at_least_fp32(a), dim=-1))
+    return F.mse_loss(F.normalize(at_least_fp32(c), dim=-1), F.normalize(at_least_fp32(a), dim=-1))
 
 
 @functools.cache
@@ -78,6 +78,6 @@ class _NormalizedMSE(torch.autograd.Function):
         return grad_c, grad_a
 
 
-def _at_least_fp32(x: Tensor) -> Tensor:
-    """Reduced in float32 (or float64) even under bf16 autocast."""
+def at_least_fp32(x: Tensor) -> Tensor:
+    """x in float32, or kept in float64: losses are reduced so even under bf16 autocast."""
     return x.to(torch.promote_types(x.dtype, torch.float32))
