@@ -3,7 +3,9 @@
 At the paper's widths (attention units 128, neurons 512; k 32; batch 8 x 256 positions):
 `masks.hard_topk_soft_grad_reference` (autograd through hard + soft - soft.detach()) against
 `masks.hard_topk_soft_grad` (hand-written backward) with its winners from torch.topk (an unsorted
-top-(k+1)) and from the C kernel (`csrc/topk.c`), which the model uses on a float32 CPU.
+top-(k+1)) and from the C kernel (`csrc/topk.c`), which the model uses on a float32 CPU; and that
+kernel without the CPU policy's `flush_subnormal_grads`, which makes it compute the subnormal w of
+the entries far below the cut (slow on x86 cores: each is a microcode assist).
 
     python benchmarks/masks.py [--repeats 20]
 """
@@ -32,10 +34,26 @@ def main() -> None:
 
         ms = interleaved_ms({"ref": on_backend("torch", timed(hard_topk_soft_grad_reference)),
                              "topk": on_backend("torch", timed(hard_topk_soft_grad)),
-                             "kernel": timed(hard_topk_soft_grad)}, repeats)
+                             "kernel": timed(hard_topk_soft_grad),
+                             "unflushed": unflushed(timed(hard_topk_soft_grad))}, repeats)
         print(f"width {width:>4}: autograd reference {ms['ref']:6.2f}   hand-written backward: torch.topk "
               f"{ms['topk']:6.2f} ({ms['ref'] / ms['topk']:.2f}x), C top-k {ms['kernel']:6.2f} "
-              f"({ms['ref'] / ms['kernel']:.2f}x)")
+              f"({ms['ref'] / ms['kernel']:.2f}x; without the flush {ms['unflushed']:6.2f})")
+
+
+def unflushed(fn):
+    """fn with the CPU policy's flush_subnormal_grads off."""
+    from selfablate import ops
+
+    def run():
+        kept = ops.POLICIES["cpu"]
+        ops.POLICIES["cpu"] = kept._replace(flush_subnormal_grads=False)
+        try:
+            return fn()
+        finally:
+            ops.POLICIES["cpu"] = kept
+
+    return run
 
 
 if __name__ == "__main__":

@@ -123,7 +123,7 @@ class Winners(NamedTuple):
 def _topk_library() -> ctypes.CDLL | None:
     P, L, I, F = kernels.P, kernels.L, kernels.I, kernels.F
     return kernels.library("topk", {"topk_mask": [P, P, P, P, L, I, I, I],
-                                    "topk_soft_grad": [P, P, P, P, P, L, I, I, F, F, I]})
+                                    "topk_soft_grad": [P, P, P, P, P, L, I, I, F, F, I, I]})
 
 
 def _topk_kernel(*tensors: Tensor) -> ctypes.CDLL | None:
@@ -229,12 +229,11 @@ class _HardTopkSoftGrad(torch.autograd.Function):
     def backward(ctx, g: Tensor):  # type: ignore[override]
         s, hard, ab, ab_idx = ctx.saved_tensors
         k, T, eps, floor = ctx.args
-        lib = _topk_kernel(s, g)
-        if lib is None:
-            ds = _soft_grad(widen_cut(s, hard, ab[..., :1], ab[..., 1:], floor), g, ab_idx, k, T, eps)
-        else:
-            ds = _kernel_soft_grad(lib, s, g, hard, ab, ab_idx, k, T, eps, floor)
-        if policy(ds.device).flush_subnormal_grads:
+        lib, flush = _topk_kernel(s, g), policy(s.device).flush_subnormal_grads
+        if lib is not None:  # the kernel flushes as it goes, making no subnormal on the way
+            return _kernel_soft_grad(lib, s, g, hard, ab, ab_idx, k, T, eps, floor, flush), None, None, None, None
+        ds = _soft_grad(widen_cut(s, hard, ab[..., :1], ab[..., 1:], floor), g, ab_idx, k, T, eps)
+        if flush:
             ds = ds.masked_fill_(ds.abs() < torch.finfo(ds.dtype).tiny, 0.0)
         return ds, None, None, None, None
 
@@ -257,14 +256,18 @@ def _kernel_cut(s: Tensor, hard: Tensor, ab: Tensor, floor: float) -> tuple[Tens
 
 
 def _kernel_soft_grad(lib: ctypes.CDLL, s: Tensor, g: Tensor, hard: Tensor, ab: Tensor, ab_idx: Tensor, k: int,
-                      temperature: float, eps: float, floor: float) -> Tensor:
-    """The backward above in csrc/topk.c: two passes over each row instead of a dozen."""
+                      temperature: float, eps: float, floor: float, flush: bool) -> Tensor:
+    """The backward above in csrc/topk.c: two passes over each row instead of a dozen. With flush,
+    w below 2^-64 counts as 0 and results below float32's smallest normal become 0, so that no
+    subnormal is made: on x86 cores each costs about 100 cycles, and far below a narrow cut nearly
+    every w would be one."""
     s, g = s.contiguous(), g.contiguous()
     s, ab, flat = _kernel_cut(s, hard.contiguous(), ab, floor)
     ds = torch.empty_like(s)
     width = s.shape[-1]
     lib.topk_soft_grad(*kernels.pointers(s, g, ab), *kernels.pointers(ab_idx, dtype=torch.long),
-                       *kernels.pointers(ds), s.numel() // width, width, k, temperature, eps, kernels.threads())
+                       *kernels.pointers(ds), s.numel() // width, width, k, temperature, eps, int(flush),
+                       kernels.threads())
     if len(flat):
         ds.view(-1, width)[flat] = 0.0  # rows of equal scores: no order, no gradient (`_divisor`)
     return ds

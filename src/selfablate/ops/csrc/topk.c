@@ -11,6 +11,8 @@
  * Backward: the soft top-k's vector-Jacobian product (see `masks._HardTopkSoftGrad`) in two
  * passes over each row. Rows are shared by OpenMP threads; widths are multiples of VL.
  */
+#include <float.h>
+#include <math.h>
 #include <stdlib.h>
 
 #include "vec.h"
@@ -123,13 +125,20 @@ int topk_mask(const float *scores, float *mask, float *ab, int64_t *ab_idx, long
 
 /* One row of the soft top-k's backward: with D = T (a - b) + eps, u = (s - (a + b) / 2) / D,
  * w = sigmoid(u): ds = k / sum(w) * (g - <g, w> / sum(w)) * w (1 - w) / D, then through a and b:
- * dm = -sum(ds), dD = -sum(ds u), ds[a] += dm / 2 + T dD, ds[b] += dm / 2 - T dD. */
+ * dm = -sum(ds), dD = -sum(ds u), ds[a] += dm / 2 + T dD, ds[b] += dm / 2 - T dD.
+ * With flush, no subnormal float is made (on x86 cores each costs a microcode assist, about 100
+ * cycles, and far below a narrow cut nearly every w would be one): w below 2^-64 is taken as 0,
+ * below float32's resolution of sum(w) >= k / 2 however wide the row, and so is a result below
+ * FLT_MIN (the caller's policy, `flush_subnormal_grads`). */
+#define W_FLOOR_LN 44.3614195558365f /* 64 ln 2: e^-u below it means w < 2^-64 */
 static void row_soft_grad(const float *s, const float *g, const float *ab, const int64_t *ab_idx, int width,
-                          int k, float temperature, float eps, float *ds) {
+                          int k, float temperature, float eps, int flush, float *ds) {
     float D = temperature * (ab[0] - ab[1]) + eps, m = (ab[0] + ab[1]) / 2;
-    vf w_sum = bc(0.f), gw = bc(0.f);
+    vf w_sum = bc(0.f), gw = bc(0.f), zmax = bc(flush ? W_FLOOR_LN : INFINITY);
     for (int i = 0; i < width; i += VL) { /* ds holds w for now */
-        vf w = bc(1.f) / (bc(1.f) + vexp((bc(m) - ld(s + i)) / D));
+        vf z = (bc(m) - ld(s + i)) / D;
+        vi gone = z > zmax;
+        vf w = sel(gone, bc(0.f), bc(1.f) / (bc(1.f) + vexp(sel(gone, zmax, z))));
         st(ds + i, w);
         w_sum += w;
         gw += ld(g + i) * w;
@@ -138,6 +147,7 @@ static void row_soft_grad(const float *s, const float *g, const float *ab, const
     vf dm = bc(0.f), du = bc(0.f);
     for (int i = 0; i < width; i += VL) {
         vf w = ld(ds + i), d = (ld(g + i) - mean_g) * w * (bc(1.f) - w) * scale;
+        if (flush) d = sel((d < bc(FLT_MIN)) & (d > bc(-FLT_MIN)), bc(0.f), d);
         st(ds + i, d);
         dm -= d;
         du -= d * ((ld(s + i) - m) / D);
@@ -145,14 +155,16 @@ static void row_soft_grad(const float *s, const float *g, const float *ab, const
     float dmv = hsum(dm), dDv = hsum(du);
     ds[ab_idx[0]] += dmv / 2 + temperature * dDv;
     ds[ab_idx[1]] += dmv / 2 - temperature * dDv;
+    for (int j = 0; j < 2 && flush; j++)
+        if (ds[ab_idx[j]] < FLT_MIN && ds[ab_idx[j]] > -FLT_MIN) ds[ab_idx[j]] = 0.f;
 }
 
 int topk_soft_grad(const float *scores, const float *grad, const float *ab, const int64_t *ab_idx, float *ds,
-                   long rows, int width, int k, float temperature, float eps, int threads) {
+                   long rows, int width, int k, float temperature, float eps, int flush, int threads) {
     if (width % VL) return 2;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (long r = 0; r < rows; r++)
         row_soft_grad(scores + r * width, grad + r * width, ab + 2 * r, ab_idx + 2 * r, width, k, temperature, eps,
-                      ds + r * width);
+                      flush, ds + r * width);
     return 0;
 }
