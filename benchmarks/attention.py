@@ -4,7 +4,10 @@
 the compiled CPU kernel (`selfablate.ops.cpu_attention`, what the model uses on a float32 CPU) and
 through PyTorch's fused kernel as the model called it before: head dims zero-padded to a multiple of
 16 (the CPU's `ops.DevicePolicy.head_align`), and for (b) one extra "self" key
-(`ops.attention._attend_with_self_key`).
+(`ops.attention._attend_with_self_key`). Then the kernel on peaked attention (queries and keys 4x
+larger, as unscaled scores grow in training, and a gradient of 1e-6): its backward with and without
+the CPU policy's `flush_subnormal_grads`, which takes p below 2^-64 as 0 so that no subnormal float
+is made.
 
     python benchmarks/attention.py [--repeats 10] [--d-head 8]
 """
@@ -15,7 +18,7 @@ import torch
 
 from selfablate import ops
 from selfablate.ops import cpu_attention
-from timing import interleaved_ms, on_backend, parser_with_repeats
+from timing import interleaved_ms, on_backend, parser_with_repeats, unflushed
 
 B, H, POS = 8, 16, 256
 
@@ -43,6 +46,11 @@ def main() -> None:
                             args.repeats)
         print(f"{name:<22} kernel {ms['kernel']:6.2f}   pytorch fused {ms['pytorch']:6.2f}   "
               f"({ms['pytorch'] / ms['kernel']:.2f}x)")
+    peaked = [(x.detach() * 4).requires_grad_() for x in (q, k)]
+    timed = lambda: torch.autograd.grad(ops.causal_attention(*peaked, v), [*peaked, v], grad * 1e-6)  # noqa: E731
+    ms = interleaved_ms({"flush": timed, "none": unflushed(timed)}, args.repeats)
+    print(f"{'peaked, clean':<22} kernel {ms['flush']:6.2f}   without the flush {ms['none']:6.2f}   "
+          f"({ms['none'] / ms['flush']:.2f}x)")
 
 
 if __name__ == "__main__":

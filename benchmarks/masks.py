@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from selfablate.ops.masks import hard_topk_soft_grad, hard_topk_soft_grad_reference
-from timing import interleaved_ms, on_backend, repeats_from_argv
+from timing import interleaved_ms, on_backend, repeats_from_argv, unflushed
 
 B, POS, K = 8, 256, 32
 
@@ -40,20 +40,6 @@ def main() -> None:
               f"{ms['topk']:6.2f} ({ms['ref'] / ms['topk']:.2f}x), C top-k {ms['kernel']:6.2f} "
               f"({ms['ref'] / ms['kernel']:.2f}x; without the flush {ms['unflushed']:6.2f})")
 
-
-def unflushed(fn):
-    """fn with the CPU policy's flush_subnormal_grads off."""
-    from selfablate import ops
-
-    def run():
-        kept = ops.POLICIES["cpu"]
-        ops.POLICIES["cpu"] = kept._replace(flush_subnormal_grads=False)
-        try:
-            return fn()
-        finally:
-            ops.POLICIES["cpu"] = kept
-
-    return run
 
 
 if __name__ == "__main__":

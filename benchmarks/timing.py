@@ -58,6 +58,22 @@ def on_backend(name: str, fn: Callable[[], object]) -> Callable[[], object]:
     return run
 
 
+def unflushed(fn: Callable[[], object]) -> Callable[[], object]:
+    """fn with the CPU policy's `flush_subnormal_grads` off: the C kernels then compute the
+    subnormal floats that the policy keeps out (each a microcode assist on x86 cores)."""
+    from selfablate import ops
+
+    def run() -> object:
+        kept = ops.POLICIES["cpu"]
+        ops.POLICIES["cpu"] = kept._replace(flush_subnormal_grads=False)
+        try:
+            return fn()
+        finally:
+            ops.POLICIES["cpu"] = kept
+
+    return run
+
+
 def parser_with_repeats(doc: str | None, default: int) -> argparse.ArgumentParser:
     """The micro-benchmarks' parser: --repeats (timed calls per contender), and room for more."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)

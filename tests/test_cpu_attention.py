@@ -61,6 +61,32 @@ def test_kernel_keeps_its_accuracy_for_large_scores():
 
 
 @needs_kernel
+def test_a_peaked_attention_makes_no_subnormal_gradient():
+    """Unscaled scores put many p far below 2^-64, and each one's product with a small gradient is
+    a float32 subnormal, slow on x86 cores. Under the CPU's flush policy the backward takes p below
+    2^-64 as 0: no gradient entry is subnormal, the clean key that every query weighs at about
+    2^-87 gets exactly zero dK and dV, and every gradient still equals float64's."""
+    T, Dh = 32, 8
+    allowed = self_ablated_allowed(T, torch.device("cpu"))
+    q, kc, vc, ka, va = views(1, 1, T, Dh, 5, seed=3)
+    q[..., 0] = 4.0
+    kc[:, :, 0, 0] = -15.0  # clean key 0: q_t . k_0 about -60 nats (-87 in base 2) for every query t > 0
+    x32 = [x.float().requires_grad_() for x in (q, kc, vc, ka, va)]
+    x64 = [x.clone().requires_grad_() for x in (q, kc, vc, ka, va)]
+    w = torch.randn(1, 1, T, Dh, generator=torch.Generator().manual_seed(9), dtype=torch.float64) * 1e-15
+    fast = torch.autograd.grad((cpu_attention.two_stream(*x32) * w.float()).sum(), x32)
+    slow64 = naive(x64[0], torch.cat(x64[1:5:2], 2), torch.cat(x64[2:5:2], 2), allowed)
+    slow = torch.autograd.grad((slow64 * w).sum(), x64)
+    tiny = torch.finfo(torch.float32).tiny
+    for a, b in zip(fast, slow):
+        assert not ((a != 0) & (a.abs() < tiny)).any()
+        assert (a.double() - b).abs().max() <= 1e-5 * b.abs().max()
+    d_kc, d_vc = fast[1], fast[2]
+    assert (d_kc[:, :, 0] == 0).all() and (d_vc[:, :, 0] == 0).all()
+    assert slow[2][:, :, 0].abs().max() > 0
+
+
+@needs_kernel
 def test_model_attention_takes_the_kernel_in_float32_only(monkeypatch, set_backend):
     from selfablate.model.hooks import HookPoint
 

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from . import kernels
+from .policy import policy
 
 MAX_HEAD_DIM = 32
 """Wider heads take PyTorch's kernel: its per-block overhead, which this kernel avoids, matters
@@ -31,7 +32,7 @@ figures in docs/performance.md)."""
 def _library(d_head: int, **defines: int) -> ctypes.CDLL | None:
     """csrc/attention.c built for d_head (with any other -D defines), its functions typed."""
     P, I = kernels.P, kernels.I
-    return kernels.library("attention", {"attn_fwd": [P] * 7 + [I] * 4, "attn_bwd": [P] * 13 + [I] * 4,
+    return kernels.library("attention", {"attn_fwd": [P] * 7 + [I] * 4, "attn_bwd": [P] * 13 + [I] * 5,
                                          "exp_array": [P, P, I]}, HEAD_DIM=d_head, **defines)
 
 
@@ -45,9 +46,9 @@ def applies(*tensors: Tensor) -> bool:
     return kernels.on_cpu_float32(*tensors) and available(tensors[0].shape[-1])
 
 
-def _run(fn, tensors: list[Tensor], B: int, T: int, H: int) -> None:
+def _run(fn, tensors: list[Tensor], B: int, T: int, H: int, *flags: int) -> None:
     """fn over the B * H (batch, head) tasks, on torch's thread count."""
-    if fn(*kernels.pointers(*tensors), B, T, H, kernels.threads()):
+    if fn(*kernels.pointers(*tensors), B, T, H, *flags, kernels.threads()):
         raise MemoryError("the CPU attention kernel could not allocate its buffers")
 
 
@@ -72,7 +73,9 @@ class _KernelAttention(torch.autograd.Function):
         B, T, H, Dh = q.shape
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         dkd, dvd = (dk, dv) if ctx.diagonal_is_k else (torch.empty_like(kd), torch.empty_like(vd))
-        _run(_library(Dh).attn_bwd, [q, k, v, kd, vd, out, lse, grad.contiguous(), dq, dk, dv, dkd, dvd], B, T, H)
+        # With the CPU's flush policy, p below 2^-64 counts as 0, so that no subnormal is made.
+        flush = int(policy(q.device).flush_subnormal_grads)
+        _run(_library(Dh).attn_bwd, [q, k, v, kd, vd, out, lse, grad.contiguous(), dq, dk, dv, dkd, dvd], B, T, H, flush)
         if ctx.diagonal_is_k:
             return dq, dk, dv, None, None, None
         return dq, dk, dv, dkd, dvd, None
