@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .. import ops
 from ..errors import SelfAblateError
 from ..model import SelfAblatingTransformer
 from ..runtime import Captured, to_device
@@ -85,7 +86,7 @@ def _kl_of_final(task: CircuitTask, final: Tensor) -> Tensor:
     """final (..., n, T, D) residuals -> (...) KL at the last positions, mean over the n prompts."""
     x = task.model.ln_final(final[..., torch.arange(len(task.last), device=final.device), task.last, :])  # (..., n, D)
     logits = task.model.unembed(x)
-    lse = logits.to(torch.promote_types(logits.dtype, torch.float32)).logsumexp(-1)
+    lse = ops.at_least_fp32(logits).logsumexp(-1)
     return (task.clean_term - (task.clean_readout * x).sum(-1) + lse).mean(-1)
 
 

@@ -308,7 +308,7 @@ def last_logprobs(model: SelfAblatingTransformer, final: Tensor, last: Tensor) -
     """log softmax of the logits at each prompt's last position: (n, vocab)."""
     x = model.ln_final(final[torch.arange(len(last), device=final.device), last])
     logits = model.unembed(x)
-    return logits.to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(-1)
+    return ops.at_least_fp32(logits).log_softmax(-1)
 
 
 def kl_last(clean_logp: Tensor, logp: Tensor) -> Tensor:

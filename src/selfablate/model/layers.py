@@ -115,7 +115,7 @@ class MaskHead(nn.Module):
         whatever the autocast state or the model's dtype: in bf16, with 8 bits of mantissa, the
         k-th and (k+1)-th scores tie in many rows, and the top-k's cut with them."""
         B, T, _ = resid.shape
-        x = resid.to(torch.promote_types(resid.dtype, torch.float32))
+        x = ops.at_least_fp32(resid)
         with torch.autocast(x.device.type, enabled=False):
             attn, mlp = _linears_in(x, (self.attn, self.mlp))  # (B, T, L * width) each
         if self.n_layers == 1:  # (B, T, width) -> (1, B, T, width), no copy

@@ -79,5 +79,6 @@ class _NormalizedMSE(torch.autograd.Function):
 
 
 def at_least_fp32(x: Tensor) -> Tensor:
-    """x in float32, or kept in float64: losses are reduced so even under bf16 autocast."""
+    """x in float32, or kept in float64: losses are reduced so even under bf16 autocast, and the
+    mask heads score so."""
     return x.to(torch.promote_types(x.dtype, torch.float32))
