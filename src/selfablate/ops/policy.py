@@ -36,7 +36,9 @@ class DevicePolicy(NamedTuple):
     They come from w (1 - w) far from a narrow cut times a small incoming gradient; on a CPU
     every product that reads one runs many times slower (subnormal arithmetic, worst on Intel's
     cores: docs/performance.md), on a GPU no slower. Each is below 1.2e-38 in float32: nothing a
-    weight can learn from."""
+    weight can learn from. The C kernels make no subnormal on the way either: the soft top-k's
+    takes w below 2^-64 as 0, and the attention backward p below 2^-64 (peaked, unscaled
+    attention), each below float32's resolution of the sum it belongs to."""
     plain_lm_head: bool = False
     """The LM head's loss as two plain operators, F.cross_entropy(h @ W.T), holding the (tokens,
     vocab) logits, for torch.compile to fuse (it writes its own softmax kernels), instead of the
