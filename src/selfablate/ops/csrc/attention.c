@@ -36,11 +36,11 @@ static inline const float *col(const float *xt, Dims z, int d, int t0) { return 
 
 #define LOG2E 1.44269504f /* queries are scaled by it: scores in base 2, for vexp2 */
 
-/* 2^x, or 0 below floor. The backward takes floor -64 when asked to flush (the CPU policy's
+/* p = 2^x, or 0 where x < p_floor. The backward takes p_floor -64 when asked to flush (the CPU policy's
  * flush_subnormal_grads): an unscaled, peaked attention puts many p far below 2^-64, and each
  * product of one with a small gradient is a subnormal, which costs x86 cores a microcode assist;
  * p below 2^-64 is below float32's resolution of the row's sum (>= 1) at any context length. */
-static inline vf p_of(vf x, float floor) { return sel(x < bc(floor), bc(0.f), vexp2(x)); }
+static inline vf p_of(vf x, float p_floor) { return sel(x < bc(p_floor), bc(0.f), vexp2(x)); }
 
 /* scale * x[b, :, h, :] -> xt (D, Tp), zero padded */
 static void to_cols(const float *x, float *xt, Dims z, int b, int h, float scale) {
@@ -138,7 +138,7 @@ static inline void transpose_tile(vf *r) {
  * lanes, adds dQ += ds k_j into dqt (D, Tp). Each p is computed once; two passes, keys in lanes
  * for dK and dV and queries in lanes for dQ, computed it twice and took 1.13x as long. */
 static void bwd_tiles(const float *q, const float *k, const float *kt, const float *vt, const float *lse_p,
-                      const float *delta, const float *dout, float *dqt, float *dk, float *dv, float floor, Dims z,
+                      const float *delta, const float *dout, float *dqt, float *dk, float *dv, float p_floor, Dims z,
                       int b, int h) {
     memset(dqt, 0, sizeof(float) * D * z.Tp);
     for (int j0 = 0; j0 < z.T; j0 += VL) {
@@ -154,7 +154,7 @@ static void bwd_tiles(const float *q, const float *k, const float *kt, const flo
                 vf s = bc(0.f), dp = bc(0.f);
                 for (int d = 0; d < D; d++) { s += ld(col(kt, z, d, j0)) * qv[d]; dp += ld(col(vt, z, d, j0)) * g[d]; }
                 if (t0 == j0) s = sel(kpos < bc((float)t), s, bc(NEG));
-                vf p = p_of(s - lse_p[t], floor), ds = p * (dp - delta[t]);
+                vf p = p_of(s - lse_p[t], p_floor), ds = p * (dp - delta[t]);
                 for (int d = 0; d < D; d++) { dK[d] += ds * qv[d]; dV[d] += p * g[d]; }
                 tile[i] = ds;
             }
@@ -174,14 +174,14 @@ static void bwd_tiles(const float *q, const float *k, const float *kt, const flo
  * diagonal's dK and dV go to dkd, dvd (added in when they are dk, dv). qt is scaled by LOG2E. */
 static void bwd_diagonal(const float *qt, const float *gt, const float *kdt, const float *vdt, const float *lse_p,
                          const float *delta, const float *dqt, float *dq, float *dkd, float *dvd, int self,
-                         float floor, Dims z, int b, int h) {
+                         float p_floor, Dims z, int b, int h) {
     for (int t0 = 0; t0 < z.T; t0 += VL) {
         vf Q[D], G[D], KD[D], dQ[D], L = ld(lse_p + t0), Dt = ld(delta + t0), sd = bc(0.f), dpd = bc(0.f);
         for (int d = 0; d < D; d++) {
             Q[d] = ld(col(qt, z, d, t0)); G[d] = ld(col(gt, z, d, t0)); KD[d] = ld(col(kdt, z, d, t0));
             sd += Q[d] * KD[d]; dpd += G[d] * ld(col(vdt, z, d, t0));
         }
-        vf pd = p_of(sd - L, floor), dsd = pd * (dpd - Dt);
+        vf pd = p_of(sd - L, p_floor), dsd = pd * (dpd - Dt);
         for (int d = 0; d < D; d++) { /* KD and G become the diagonal's dK and dV */
             dQ[d] = ld(col(dqt, z, d, t0)) + dsd * KD[d];
             KD[d] = dsd * Q[d] * bc(1.f / LOG2E); G[d] = pd * G[d];
@@ -198,7 +198,7 @@ int attn_bwd(const float *q, const float *k, const float *v, const float *kd, co
              const float *o, const float *lse, const float *dout,
              float *dq, float *dk, float *dv, float *dkd, float *dvd, int B, int T, int H, int flush, int threads) {
     Dims z = {T, H, (T + VL - 1) / VL * VL};
-    float floor = flush ? -64.f : -INFINITY;
+    float p_floor = flush ? -64.f : -INFINITY;
     size_t n = (size_t)D * z.Tp;
     int failed = 0;
 #pragma omp parallel num_threads(threads) reduction(| : failed)
@@ -217,8 +217,8 @@ int attn_bwd(const float *q, const float *k, const float *v, const float *kd, co
             memset(delta, 0, sizeof(float) * z.Tp);
             for (int t = 0; t < T; t++) /* delta_t = dO_t . O_t = sum_j p_tj dp_tj */
                 for (int d = 0; d < D; d++) delta[t] += dout[at(z, b, t, h) + d] * o[at(z, b, t, h) + d];
-            bwd_tiles(q, k, kt, vt, lse_p, delta, dout, dqt, dk, dv, floor, z, b, h);
-            bwd_diagonal(qt, gt, kdt, vdt, lse_p, delta, dqt, dq, dkd, dvd, dkd == dk, floor, z, b, h);
+            bwd_tiles(q, k, kt, vt, lse_p, delta, dout, dqt, dk, dv, p_floor, z, b, h);
+            bwd_diagonal(qt, gt, kdt, vdt, lse_p, delta, dqt, dq, dkd, dvd, dkd == dk, p_floor, z, b, h);
         }
         free(qt); free(kt); free(vt); free(gt); free(kdt); free(vdt); free(dqt); free(lse_p); free(delta);
     }
