@@ -41,6 +41,5 @@ def main() -> None:
               f"({ms['ref'] / ms['kernel']:.2f}x; without the flush {ms['unflushed']:6.2f})")
 
 
-
 if __name__ == "__main__":
     main()

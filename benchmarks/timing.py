@@ -63,15 +63,7 @@ def unflushed(fn: Callable[[], object]) -> Callable[[], object]:
     subnormal floats that the policy keeps out (each a microcode assist on x86 cores)."""
     from selfablate import ops
 
-    def run() -> object:
-        kept = ops.POLICIES["cpu"]
-        ops.POLICIES["cpu"] = kept._replace(flush_subnormal_grads=False)
-        try:
-            return fn()
-        finally:
-            ops.POLICIES["cpu"] = kept
-
-    return run
+    return patched(ops.POLICIES, "cpu", ops.POLICIES["cpu"]._replace(flush_subnormal_grads=False), fn)
 
 
 def parser_with_repeats(doc: str | None, default: int) -> argparse.ArgumentParser:
