@@ -11,7 +11,8 @@ is skipped and says so; a section that fails says why and the rest go on):
   step as one CUDA graph), local, global and baseline, at 24 x 256 (the paper's batch) and 192 x 256,
   bf16 autocast and float32 (TF32); transformers' GPTNeoForCausalLM of the same shape, eager;
 - CUDA kernels per step (the profiler), eager against graph-replayed; the masks' top-(k+1) cut
-  in order (a sort on CUDA) against unsorted with two minima (what the step uses);
+  in order (a sort on CUDA) against unsorted with two minima (what the step uses); the LM head
+  alone, chunked against the Triton kernels and plain F.cross_entropy;
 - CUDA float32 against CPU float64 (losses, logits, masks) at the paper's architecture, and the
   bf16 gradient against float32's (norm ratio, cosine);
 - the grid's evaluations (`gpu_evals.py`): ACDC on the paper's graph, `evaluate` over 131,072
@@ -38,6 +39,8 @@ import torch
 
 from selfablate import ModelConfig, SelfAblatingTransformer
 from selfablate.config import TrainConfig
+from selfablate.ops import device_policy_as
+from selfablate.ops.lm_head import linear_cross_entropy
 from selfablate.ops.masks import _cut
 from selfablate.perf import train_flops_per_token
 from selfablate.runtime import autocast_for, configure
@@ -115,6 +118,34 @@ def topk_cut(run: Run) -> None:
         out[width] = {"sorted_topk": ordered * 1e3, "unsorted_and_minima": unsorted * 1e3}
         say(f"cut of {rows} rows x {width}, k {k}: topk in order {ordered * 1e3:.3f} ms, "
             f"unsorted + minima {unsorted * 1e3:.3f} ms ({ordered / unsorted:.2f}x)")
+
+
+def lm_head(run: Run) -> None:
+    """The LM head alone (loss and both gradients, GPT-2's vocabulary, d_model 128) for one stream
+    at 24 x 256 and 192 x 256 rows, bf16 autocast and float32 (TF32): the chunked head (CUDA's
+    policy), the Triton kernels (`DevicePolicy.triton_lm_head`) and plain F.cross_entropy(h @ W.T);
+    each one's gradients against the chunked head's. (With --smoke, on CUDA's policy: the Triton
+    kernels in Triton's interpreter where TRITON_INTERPRET=1 is set.)"""
+    configure(run.device)
+    vocab, d = (300, 32) if run.smoke else (50257, 128)
+    out = RESULTS.setdefault("lm_head_ms", {})
+    for rows in ((96,) if run.smoke else (24 * 256, 192 * 256)):
+        h = torch.randn(rows, d, device=run.device, requires_grad=True)
+        w = (torch.randn(vocab, d, device=run.device) / 8).requires_grad_()
+        y = torch.randint(0, vocab, (rows,), device=run.device)
+        for precision in PRECISIONS:
+            times, grads = {}, {}
+            for name, changes in (("chunked", {}), ("triton", {"triton_lm_head": True}),
+                                  ("plain", {"plain_lm_head": True})):
+                with policy_variant(**changes), device_policy_as("cuda"), autocast_for(run.device, precision)():
+                    fn = lambda: torch.autograd.grad(linear_cross_entropy(h, w, y), (h, w))  # noqa: E731
+                    grads[name] = fn()
+                    times[name] = timed(run, fn, 2, 10) * 1e3
+            off = {n: max(((a - b).norm() / b.norm()).item() for a, b in zip(g, grads["chunked"]))
+                   for n, g in grads.items()}
+            out[f"{rows} {precision}"] = {"ms": times, "grad_rel_diff": off}
+            say(f"LM head, {rows} rows, {precision}: " + ", ".join(
+                f"{n} {times[n]:.2f} ms (grads {off[n]:.1e} off)" for n in times))
 
 
 def timed(run: Run, fn: Callable[[], object], warmup: int, repeats: int) -> float:
@@ -356,9 +387,9 @@ def speed_section(kinds: tuple[str, ...], shapes: tuple[int, ...], precisions: t
     return fn
 
 
-VARIANTS = ({"two_stream_masked": True}, {"topk_by_sort": True}, {"plain_lm_head": True})
+VARIANTS = ({"two_stream_masked": True}, {"topk_by_sort": True}, {"plain_lm_head": True}, {"triton_lm_head": True})
 """CUDA policy choices measured against the policy in force (`ops.DevicePolicy`: the self-key
-attention, topk's winners, the chunked LM head)."""
+attention, topk's winners, the chunked LM head against the plain one and the Triton kernels)."""
 
 
 def variants(modes: tuple[str, ...]) -> Callable[[Run], None]:
@@ -380,6 +411,7 @@ def evaluation(name: str, graphs: bool = True) -> Callable[[Run], None]:
 PLAN = {
     "peak": ("bf16 matmul peak", 5, matmul_peak),
     "cut": ("the masks' cut, sorted or not", 5, topk_cut),
+    "lm-head": ("the LM head alone: chunked, Triton, plain", 20, lm_head),
     "graph": ("graph vs eager", 25, graph_equals_eager),
     "local": ("local 24x256", 20, speed_section(("local",), (0,), PRECISIONS, ("eager", "graph"))),
     "gpt-neo": ("gpt-neo", 25, gpt_neo),

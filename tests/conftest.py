@@ -1,9 +1,14 @@
 """Shared fixtures: a small real TinyStories folder cut from the bundled sample, two tiny trained
 models, the perturbed float64 model (`helpers`), backends."""
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
+
+if not torch.cuda.is_available():  # Triton's kernels (ops.triton_lm_head) run in its interpreter here
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from selfablate.data.sources import EOT_LINE, SAMPLE, read_stories
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import kernels
+from . import kernels, triton_lm_head
 from .onednn import linear, pack, use_onednn
 from .policy import policy
 from .recon import at_least_fp32
@@ -166,61 +166,80 @@ def _finish_grad_w(acc: Tensor | None, products: _Products, weight: Tensor, h: T
     return gw.to(weight.dtype)
 
 
-class _LinearCrossEntropy(torch.autograd.Function):
-    """Chunks of rows, whose logits, loss and gradients are computed while the chunk is hot, in one
-    of two layouts (`_Products`). On a float32 CPU with oneDNN: (rows, vocab) logits from oneDNN's
-    GEMMs. Elsewhere: (vocab, rows) logits through torch.mm, so that the logits GEMM (W @ h^T) and
-    grad_W (G @ h) both have the vocabulary as their long dimension, into one reused buffer (a
-    fresh tensor per chunk would fault its pages in again). Rows per chunk: `chunk_rows_for`.
-    `benchmarks/lm_head.py` measures each of these choices against the plain path.
+def _chunked(h: Tensor, weight: Tensor, targets: Tensor, need_h: bool, need_w: bool, chunk_rows: int,
+             onednn: bool) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """The mean CE and its gradients, chunk by chunk of rows, while each chunk's logits are hot, in
+    one of two layouts (`_Products`). On a float32 CPU with oneDNN: (rows, vocab) logits from
+    oneDNN's GEMMs. Elsewhere: (vocab, rows) logits through torch.mm, so that the logits GEMM
+    (W @ h^T) and grad_W (G @ h) both have the vocabulary as their long dimension, into one reused
+    buffer (a fresh tensor per chunk would fault its pages in again). Rows per chunk:
+    `chunk_rows_for`. `benchmarks/lm_head.py` measures each of these choices against the plain path.
 
     In both, the logits are in base-2 units, h scaled by log2(e), because exp2 is cheaper than
     exp on CPUs (softmax is unchanged: 2^(l log2 e) = e^l); after their GEMM the chunk's logits
     are touched by exp2 in place and their sums only (one C pass on a float32 CPU, `_exp2_sums`);
     where host reads are free the max shift is skipped while the sums stay in Z_RANGE
-    (`_chunk_softmax`); the softmax's normalisation goes into the
-    (rows, d_model) operands of the gradient GEMMs instead of a pass over the logits, and the
-    target's -1 into grad_h's small product and one index_add_ over all rows (`_finish_grad_w`).
+    (`_chunk_softmax`); the softmax's normalisation goes into the (rows, d_model) operands of the
+    gradient GEMMs instead of a pass over the logits, and the target's -1 into grad_h's small
+    product and one index_add_ over all rows (`_finish_grad_w`).
     """
+    acc = torch.promote_types(weight.dtype, torch.float32)  # float32, or float64 in tests
+    n_valid = (targets != IGNORE_INDEX).sum().clamp(min=1)
+    grad_h = torch.empty_like(h) if need_h else None
+    grad_w = None  # the products' accumulator, laid out as they like it
+    total = torch.zeros((), dtype=acc, device=h.device)
+    h2 = h * LOG2E  # base-2 logits: log2-sum-exp2 = logsumexp / ln 2
+    products = _onednn_products(weight) if onednn else _mkl_products(h, weight, chunk_rows, acc)
+    unshifted = policy(h.device).host_reads_free
+    for start in range(0, h.shape[0], chunk_rows):
+        rows = slice(start, start + chunk_rows)
+        valid = (targets[rows] != IGNORE_INDEX).to(acc)
+        tgt = targets[rows].clamp(min=0)
+        sm = _chunk_softmax(products, h2[rows], tgt, unshifted)
+        unshifted = isinstance(sm.shift, float)  # once a chunk needed the shift, the rest likely do
+        total += ((sm.shift + sm.z.log2() - sm.picked) * valid).sum() * LN2  # back to nats
+        if not (need_h or need_w):
+            continue
+        # d(mean CE)/d(logits) = (probs / z - onehot(target)) * valid / n_valid. The row
+        # scales go into the GEMMs' small operands, not over the (vocab, n) probs.
+        scale, hit = (valid / sm.z / n_valid)[:, None], (valid / n_valid)[:, None]  # (n, 1)
+        if need_h:
+            grad_h[rows] = (products.grad_h(sm.probs) * scale - hit * weight[tgt]).to(h.dtype)
+        if need_w:
+            grad_w = products.grad_w(grad_w, sm.probs, h[rows].to(acc) * scale)
+    grad_w = _finish_grad_w(grad_w, products, weight, h, targets, n_valid) if need_w else None
+    return total / n_valid, grad_h, grad_w
+
+
+def _fused(h: Tensor, weight: Tensor, targets: Tensor, need_h: bool, need_w: bool) -> tuple[Tensor, Tensor | None,
+                                                                                               Tensor | None]:
+    """The mean CE and its gradients from `ops.triton_lm_head`'s two kernels, which keep the
+    logits in registers (CUDA; the interpreter elsewhere)."""
+    valid = targets != IGNORE_INDEX
+    scale = valid.float() / valid.sum().clamp(min=1)  # (rows,): d(mean CE) / d(CE_i)
+    ce, grad_h, grad_w = triton_lm_head.cross_entropy_and_grads(h, weight, targets.clamp(min=0), scale, need_h,
+                                                                need_w)
+    return ((ce * scale).sum(), None if grad_h is None else grad_h.to(h.dtype),
+            None if grad_w is None else grad_w.to(weight.dtype))
+
+
+class _GradientsInForward(torch.autograd.Function):
+    """A loss whose gradients `compute` works out in the forward pass, while its operands are at
+    hand (the LM head's logits are never kept for a backward pass); backward only scales them."""
 
     @staticmethod
-    def forward(ctx, h: Tensor, weight: Tensor, targets: Tensor, chunk_rows: int, grads: bool,  # type: ignore[override]
-                onednn: bool) -> Tensor:
+    def forward(ctx, h: Tensor, weight: Tensor, targets: Tensor, grads: bool, compute: Callable) -> Tensor:  # type: ignore[override]
         # needs_input_grad follows requires_grad, not grad mode: under no_grad skip the gradients.
         need_h, need_w = grads and ctx.needs_input_grad[0], grads and ctx.needs_input_grad[1]
-        acc = torch.promote_types(weight.dtype, torch.float32)  # float32, or float64 in tests
-        n_valid = (targets != IGNORE_INDEX).sum().clamp(min=1)
-        grad_h = torch.empty_like(h) if need_h else None
-        grad_w = None  # the products' accumulator, laid out as they like it
-        total = torch.zeros((), dtype=acc, device=h.device)
-        h2 = h * LOG2E  # base-2 logits: log2-sum-exp2 = logsumexp / ln 2
-        products = _onednn_products(weight) if onednn else _mkl_products(h, weight, chunk_rows, acc)
-        unshifted = policy(h.device).host_reads_free
-        for start in range(0, h.shape[0], chunk_rows):
-            rows = slice(start, start + chunk_rows)
-            valid = (targets[rows] != IGNORE_INDEX).to(acc)
-            tgt = targets[rows].clamp(min=0)
-            sm = _chunk_softmax(products, h2[rows], tgt, unshifted)
-            unshifted = isinstance(sm.shift, float)  # once a chunk needed the shift, the rest likely do
-            total += ((sm.shift + sm.z.log2() - sm.picked) * valid).sum() * LN2  # back to nats
-            if not (need_h or need_w):
-                continue
-            # d(mean CE)/d(logits) = (probs / z - onehot(target)) * valid / n_valid. The row
-            # scales go into the GEMMs' small operands, not over the (vocab, n) probs.
-            scale, hit = (valid / sm.z / n_valid)[:, None], (valid / n_valid)[:, None]  # (n, 1)
-            if need_h:
-                grad_h[rows] = (products.grad_h(sm.probs) * scale - hit * weight[tgt]).to(h.dtype)
-            if need_w:
-                grad_w = products.grad_w(grad_w, sm.probs, h[rows].to(acc) * scale)
-        grad_w = _finish_grad_w(grad_w, products, weight, h, targets, n_valid) if need_w else None
+        loss, grad_h, grad_w = compute(h, weight, targets, need_h, need_w)
         ctx.save_for_backward(grad_h, grad_w)
-        return total / n_valid
+        return loss
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
         grad_h, grad_w = ctx.saved_tensors
         return (None if grad_h is None else grad_h * grad_out,
-                None if grad_w is None else grad_w * grad_out, None, None, None, None)
+                None if grad_w is None else grad_w * grad_out, None, None, None)
 
 
 def linear_cross_entropy(h: Tensor, weight: Tensor, targets: Tensor, chunk_rows: int | None = None) -> Tensor:
@@ -228,14 +247,19 @@ def linear_cross_entropy(h: Tensor, weight: Tensor, targets: Tensor, chunk_rows:
     over rows whose target is not -100; equal to F.cross_entropy(h @ weight.T, targets).
 
     h (..., d_model), weight (vocab, d_model), targets (...). Gradients are computed during the
-    forward pass, chunk by chunk, and only scaled in the backward pass.
+    forward pass and only scaled in the backward pass: chunk by chunk of rows (`_chunked`), or,
+    where the device's policy asks for `triton_lm_head` and no chunk size is given, by the Triton
+    kernels that never write the logits (`_fused`).
     """
     h2 = h.reshape(-1, h.shape[-1])
     if policy(h.device).plain_lm_head:
         return F.cross_entropy(at_least_fp32(h2 @ weight.T), targets.reshape(-1), ignore_index=IGNORE_INDEX)
-    onednn = use_onednn(h2, weight)
-    rows = chunk_rows or chunk_rows_for(weight.shape[0], h.device)
-    return _LinearCrossEntropy.apply(h2, weight, targets.reshape(-1), rows, torch.is_grad_enabled(), onednn)
+    if policy(h.device).triton_lm_head and chunk_rows is None and triton_lm_head.available(h2, weight):
+        compute = _fused
+    else:
+        rows = chunk_rows or chunk_rows_for(weight.shape[0], h.device)
+        compute = functools.partial(_chunked, chunk_rows=rows, onednn=use_onednn(h2, weight))
+    return _GradientsInForward.apply(h2, weight, targets.reshape(-1), torch.is_grad_enabled(), compute)
 
 
 @torch.no_grad()

@@ -43,6 +43,11 @@ class DevicePolicy(NamedTuple):
     """The LM head's loss as two plain operators, F.cross_entropy(h @ W.T), holding the (tokens,
     vocab) logits, for torch.compile to fuse (it writes its own softmax kernels), instead of the
     chunked head with its gradients computed in the forward pass (the same loss and gradients)."""
+    triton_lm_head: bool = False
+    """The LM head's loss and gradients from two Triton kernels that keep the logits in registers
+    (`ops.triton_lm_head`: no (tokens, vocab) tensor is written, for one more GEMM's arithmetic),
+    where Triton runs (CUDA) and the GEMMs are float32, bfloat16 or float16; the chunked head
+    elsewhere. The same loss and gradients, to float32 rounding."""
 
 
 POLICIES = {

@@ -1,0 +1,249 @@
+"""The LM head's loss and gradients in two Triton kernels that never write the logits (CUDA).
+
+The chunked head (`ops.lm_head`) writes each chunk's (vocab, rows) logits to memory and reads them
+back three times (exp2 and its sums, then two gradient GEMMs): in float32, 1.2 GB a stream at 24 x
+256 tokens and GPT-2's vocabulary, 10 GB at 192 x 256. With a 128-wide inner dimension the GEMMs
+cannot hide that traffic, and torch.compile does not fuse a softmax over the vocabulary into the
+GEMM that makes it. Here the logits live only in registers, as flash attention keeps its scores
+(the rows are its queries, the vocabulary its keys and values at once):
+
+- `_rows_kernel`, a program per block of rows and split of the vocabulary: an online base-2
+  softmax over its split, the target's logit, and sum_v 2^(l_v - m) w_v. The splits are merged in
+  PyTorch (flash-decoding's trick: a few thousand rows still fill the GPU). grad_h = s (sum_v p_v
+  w_v - w_t).
+- `_vocab_kernel`, a program per block of the vocabulary: the logits again, p = 2^(l - lse), and
+  grad_W_v = sum_i s_i p_iv h_i; the targets' -s_i h_i is one index_add_.
+
+Four GEMMs' arithmetic instead of three, and no (rows, vocab) tensor. Without a GPU the kernels
+run under Triton's interpreter (`TRITON_INTERPRET=1`, set before this module is imported), which
+is how the tests check them against float64.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the CPU build of PyTorch does not bring Triton; the chunked head serves
+    triton = None
+
+LOG2E = 1.4426950408889634
+
+
+def available(h: Tensor, weight: Tensor) -> bool:
+    """Triton is here, h is on a GPU (or any device under the interpreter), and the GEMMs' dtype is
+    one the kernels take (float32 or bfloat16/float16: float64 stays with the chunked head)."""
+    if triton is None or _gemm_dtype(h, weight) not in (torch.float32, torch.bfloat16, torch.float16):
+        return False
+    return h.is_cuda or _interpreted()
+
+
+def _interpreted() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _gemm_dtype(h: Tensor, weight: Tensor) -> torch.dtype:
+    """Autocast's dtype where it is on (as the chunked head's torch.mm would take), else the inputs'."""
+    if torch.is_autocast_enabled(h.device.type):
+        return torch.get_autocast_dtype(h.device.type)
+    return torch.promote_types(h.dtype, weight.dtype)
+
+
+def _precision(dtype: torch.dtype) -> str:
+    """float32 GEMMs in TF32 where PyTorch's own would be (`runtime` allows it on CUDA), else exact."""
+    return "tf32" if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
+class Tiles(NamedTuple):
+    """Block sizes and launch shape of both kernels (rows x vocabulary x d_model tiles)."""
+
+    rows: int
+    """BM: rows per block."""
+    vocab: int
+    """BV: vocabulary entries per block."""
+    warps: int
+    stages: int
+
+
+def tiles(dtype: torch.dtype) -> Tiles:
+    """64 x 64 tiles of a 128-wide d_model, 8 warps: the largest that ptxas builds for sm_90 without
+    spilling registers in both kernels and both dtypes (`python benchmarks/triton_lm_head.py`
+    prints each kernel's registers, spills and shared memory); float32 (TF32) operands take
+    twice the shared memory a stage, so one stage fewer. Not yet timed on a GPU."""
+    return Tiles(64, 64, 8, 3) if dtype != torch.float32 else Tiles(64, 64, 8, 2)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+        """a @ b with float32 accumulation. UPCAST (the interpreter, whose dot multiplies bfloat16's
+        raw bits) multiplies float32 copies: bfloat16 products are exact in float32 either way."""
+        if UPCAST:
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        return tl.dot(a, b, input_precision=PRECISION)
+
+    @triton.jit
+    def _rows_kernel(h_ptr, w_ptr, m_ptr, z_ptr, acc_ptr, n_rows, vocab, d_model, blocks_per_split,
+                     D: tl.constexpr, BM: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
+                     UPCAST: tl.constexpr):
+        """One block of rows over one split of the vocabulary: running max m, sum z of 2^(l - m),
+        and acc = sum_v 2^(l_v - m) w_v, written at [split, row]."""
+        split = tl.program_id(1)
+        rows = tl.program_id(0) * BM + tl.arange(0, BM)
+        dims = tl.arange(0, D)  # d_model padded to a power of two
+        row_ok, dim_ok = rows < n_rows, dims < d_model
+        h = tl.load(h_ptr + rows[:, None] * d_model + dims[None, :], mask=row_ok[:, None] & dim_ok[None, :],
+                    other=0.0)  # (BM, D)
+        m = tl.full((BM,), float("-inf"), tl.float32)
+        z = tl.zeros((BM,), tl.float32)
+        acc = tl.zeros((BM, D), tl.float32)
+        first = split * blocks_per_split
+        for block in range(first, tl.minimum(first + blocks_per_split, tl.cdiv(vocab, BV))):
+            cols = block * BV + tl.arange(0, BV)
+            col_ok = cols < vocab
+            w = tl.load(w_ptr + cols[:, None] * d_model + dims[None, :], mask=col_ok[:, None] & dim_ok[None, :],
+                        other=0.0)  # (BV, D)
+            logits = _dot(h, tl.trans(w), PRECISION, UPCAST) * 1.4426950408889634  # (BM, BV), base 2
+            logits = tl.where(col_ok[None, :], logits, float("-inf"))
+            m_new = tl.maximum(m, tl.max(logits, axis=1))
+            alpha = tl.exp2(m - m_new)  # rescales what came before (0 on the first block)
+            p = tl.exp2(logits - m_new[:, None])
+            z = z * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + _dot(p.to(w.dtype), w, PRECISION, UPCAST)
+            m = m_new
+        out = split * n_rows + rows
+        tl.store(m_ptr + out, m, mask=row_ok)
+        tl.store(z_ptr + out, z, mask=row_ok)
+        tl.store(acc_ptr + out[:, None] * D + dims[None, :], acc, mask=row_ok[:, None])
+
+    @triton.jit
+    def _vocab_kernel(h_ptr, w_ptr, lse_ptr, s_ptr, gw_ptr, n_rows, vocab, d_model, D: tl.constexpr,
+                      BM: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+        """One block of the vocabulary over every row: grad_W_v = sum_i s_i 2^(l_iv - lse_i) h_i."""
+        cols = tl.program_id(0) * BV + tl.arange(0, BV)
+        dims = tl.arange(0, D)
+        col_ok, dim_ok = cols < vocab, dims < d_model
+        w = tl.load(w_ptr + cols[:, None] * d_model + dims[None, :], mask=col_ok[:, None] & dim_ok[None, :],
+                    other=0.0)  # (BV, D)
+        acc = tl.zeros((BV, D), tl.float32)
+        for start in range(0, n_rows, BM):
+            rows = start + tl.arange(0, BM)
+            row_ok = rows < n_rows
+            h = tl.load(h_ptr + rows[:, None] * d_model + dims[None, :], mask=row_ok[:, None] & dim_ok[None, :],
+                        other=0.0)  # (BM, D)
+            lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+            s = tl.load(s_ptr + rows, mask=row_ok, other=0.0)  # 0 past the last row: no contribution
+            logits = _dot(w, tl.trans(h), PRECISION, UPCAST) * 1.4426950408889634  # (BV, BM)
+            g = tl.exp2(logits - lse[None, :]) * s[None, :]
+            acc += _dot(g.to(h.dtype), h, PRECISION, UPCAST)
+        tl.store(gw_ptr + cols[:, None] * d_model + dims[None, :], acc, mask=col_ok[:, None] & dim_ok[None, :])
+
+
+def _padded(d_model: int) -> int:
+    """tl.arange and tl.dot want a power of two, at least 16."""
+    return max(16, 1 << (d_model - 1).bit_length())
+
+
+def _splits(n_rows: int, vocab_blocks: int, t: Tiles, device: torch.device) -> int:
+    """Vocabulary splits for `_rows_kernel`: enough programs for two waves of the GPU's
+    multiprocessors (at 24 x 256 tokens a stream has 96 row blocks, for 132 SMs on an H100), and
+    two under the interpreter, so that the tests merge splits."""
+    if device.type != "cuda":
+        return min(2, vocab_blocks)
+    units = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(vocab_blocks, -(-2 * units // -(-n_rows // t.rows))))
+
+
+class RowSums(NamedTuple):
+    """`_rows_kernel`'s results for each split of the vocabulary, (splits, rows[, D]) float32."""
+
+    m: Tensor
+    """The largest base-2 logit the split saw in each row."""
+    z: Tensor
+    """sum_v 2^(l_v - m) over the split."""
+    acc: Tensor
+    """sum_v 2^(l_v - m) w_v over the split, d_model padded to D."""
+
+
+@torch.library.custom_op("selfablate::lm_head_rows", mutates_args=())
+def lm_head_rows(h: Tensor, weight: Tensor, splits: int, precision: str) -> tuple[Tensor, Tensor, Tensor]:
+    """`_rows_kernel` over (rows / BM, splits) programs: h (rows, d_model), weight (vocab, d_model)
+    contiguous, in the GEMMs' dtype. An opaque operator to torch.compile, which calls it as it is."""
+    n, d = h.shape
+    t = tiles(h.dtype)
+    blocks = -(-weight.shape[0] // t.vocab)
+    out = _rows_outputs(h, splits)
+    _rows_kernel[(-(-n // t.rows), splits)](h, weight, *out, n, weight.shape[0], d, -(-blocks // splits),
+                                             D=_padded(d), BM=t.rows, BV=t.vocab, PRECISION=precision,
+                                             UPCAST=_interpreted(), num_warps=t.warps, num_stages=t.stages,
+                                             enable_fp_fusion=True)
+    return tuple(out)
+
+
+@lm_head_rows.register_fake
+def _(h, weight, splits, precision):
+    return tuple(_rows_outputs(h, splits))
+
+
+def _rows_outputs(h: Tensor, splits: int) -> RowSums:
+    n = h.shape[0]
+    new = functools.partial(h.new_empty, dtype=torch.float32)
+    return RowSums(new(splits, n), new(splits, n), new(splits, n, _padded(h.shape[1])))
+
+
+@torch.library.custom_op("selfablate::lm_head_vocab", mutates_args=())
+def lm_head_vocab(h: Tensor, weight: Tensor, lse: Tensor, scale: Tensor, precision: str) -> Tensor:
+    n, d = h.shape
+    t = tiles(h.dtype)
+    gw = weight.new_empty(weight.shape, dtype=torch.float32)
+    _vocab_kernel[(-(-weight.shape[0] // t.vocab),)](h, weight, lse, scale, gw, n, weight.shape[0], d,
+                                                      D=_padded(d), BM=t.rows, BV=t.vocab, PRECISION=precision,
+                                                      UPCAST=_interpreted(), num_warps=t.warps,
+                                                      num_stages=t.stages, enable_fp_fusion=True)
+    return gw
+
+
+@lm_head_vocab.register_fake
+def _(h, weight, lse, scale, precision):
+    return weight.new_empty(weight.shape, dtype=torch.float32)
+
+
+def merge(sums: RowSums, d_model: int) -> tuple[Tensor, Tensor]:
+    """The splits' online softmaxes as one: each row's base-2 log-sum-exp (rows,) and sum_v p_v w_v
+    (rows, d_model), in float32."""
+    top = sums.m.amax(0)  # (rows,)
+    weight = torch.exp2(sums.m - top)  # (splits, rows); 0 for a split that saw no block
+    z = (sums.z * weight).sum(0)
+    mean_w = (sums.acc[..., :d_model] * weight[..., None]).sum(0) / z[:, None]  # (rows, d_model)
+    return top + z.log2(), mean_w
+
+
+def cross_entropy_and_grads(h: Tensor, weight: Tensor, targets: Tensor, scale: Tensor, need_h: bool,
+                            need_w: bool) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """Per-row CE in nats (rows,), and the gradients of sum_i scale_i CE_i with respect to h
+    (rows, d_model) and weight (vocab, d_model), in float32. h (rows, d_model), targets (rows,),
+    every one a valid id, and scale (rows,) float32. The target's logit is a row's dot product
+    here, of the operands the kernels multiply (bfloat16 under autocast); the targets' terms of
+    the gradients take them unrounded, as the chunked head does."""
+    dtype = _gemm_dtype(h, weight)
+    precision = _precision(dtype)
+    hq, wq = h.to(dtype).contiguous(), weight.to(dtype).contiguous()
+    t = tiles(dtype)
+    splits = _splits(h.shape[0], -(-weight.shape[0] // t.vocab), t, h.device)
+    lse, mean_w = merge(RowSums(*lm_head_rows(hq, wq, splits, precision)), h.shape[1])
+    ce = lse * (1 / LOG2E) - (hq.float() * wq[targets].float()).sum(1)
+    grad_h = (mean_w - weight[targets].float()) * scale[:, None] if need_h else None
+    grad_w = None
+    if need_w:
+        grad_w = lm_head_vocab(hq, wq, lse, scale, precision)
+        grad_w.index_add_(0, targets, h.float() * -scale[:, None])
+    return ce, grad_h, grad_w
