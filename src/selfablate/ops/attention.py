@@ -2,7 +2,8 @@
 
 Both have one signature on every backend: (batch, n_heads, pos, d_head) tensors in and out, scores
 not divided by sqrt(d_head) (GPT-Neo's). On a float32 CPU with the `cpu` backend the C kernel
-(`cpu_attention`) computes them; elsewhere PyTorch's fused attention does, in the form the device
+(`cpu_attention`) computes them; where the device's policy asks for them, Triton's kernels for
+narrow heads (`triton_attention`); elsewhere PyTorch's fused attention, in the form the device
 favours (`DevicePolicy.head_align`, `DevicePolicy.two_stream_masked`).
 """
 
@@ -12,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import cpu_attention
+from . import cpu_attention, triton_attention
 from .policy import policy
 
 
@@ -36,10 +37,17 @@ def _fused(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None) -> Tensor:
     return z if width == Dh else z[..., :Dh]  # (B, H, Tq, Dh)
 
 
+def _triton(q: Tensor) -> bool:
+    """The device's policy asks for the Triton kernels (`DevicePolicy.triton_attention`) and they run here."""
+    return policy(q.device).triton_attention and triton_attention.available(q)
+
+
 def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """Causal softmax attention with unscaled scores. q, k, v: (B, H, T, Dh) -> (B, H, T, Dh)."""
     if cpu_attention.applies(q, k, v):
         return cpu_attention.causal(q, k, v)
+    if _triton(q):
+        return triton_attention.causal(q, k, v)
     return _fused(q, k, v, None)
 
 
@@ -52,10 +60,13 @@ def masked_attention(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor) -> Tensor
 def two_stream_attention(q: Tensor, clean_k: Tensor, clean_v: Tensor, own_k: Tensor, own_v: Tensor) -> Tensor:
     """The two-stream rule: query t sees the clean keys j < t and its own ablated key t.
     All (B, H, pos, Dh) -> (B, H, pos, Dh). On a float32 CPU `cpu_attention` computes
-    the rule directly; elsewhere one fused call over [clean | own] keys with the rule as its mask,
-    or (`ops.DevicePolicy.two_stream_masked` off) `_attend_with_self_key`."""
+    the rule directly, and so do `triton_attention`'s kernels where the policy asks for them;
+    elsewhere one fused call over [clean | own] keys with the rule as its mask, or
+    (`ops.DevicePolicy.two_stream_masked` off) `_attend_with_self_key`."""
     if cpu_attention.applies(q, clean_k, own_k):
         return cpu_attention.two_stream(q, clean_k, clean_v, own_k, own_v)
+    if _triton(q):
+        return triton_attention.two_stream(q, clean_k, clean_v, own_k, own_v)
     if policy(q.device).two_stream_masked:
         keys = torch.cat([clean_k, own_k], dim=2)  # (B, H, 2 * pos, Dh)
         values = torch.cat([clean_v, own_v], dim=2)  # (B, H, 2 * pos, Dh)

@@ -48,6 +48,11 @@ class DevicePolicy(NamedTuple):
     (`ops.triton_lm_head`: no (tokens, vocab) tensor is written, for one more GEMM's arithmetic),
     where Triton runs (CUDA) and the GEMMs are float32, bfloat16 or float16; the chunked head
     elsewhere. The same loss and gradients, to float32 rounding."""
+    triton_attention: bool = False
+    """Causal and two-stream attention from Triton kernels that pad a head only to 16 wide
+    (`ops.triton_attention`), where Triton runs (CUDA), instead of PyTorch's fused attention, whose
+    GPU kernels work in 64-wide tiles of the head. The same results, to float32 rounding (float32
+    dots in TF32 where PyTorch's matmuls are: `runtime` turns that on for CUDA)."""
 
 
 POLICIES = {

@@ -15,8 +15,7 @@ GEMM that makes it. Here the logits live only in registers, as flash attention k
   grad_W_v = sum_i s_i p_iv h_i; the targets' -s_i h_i is one index_add_.
 
 Four GEMMs' arithmetic instead of three, and no (rows, vocab) tensor. Without a GPU the kernels
-run under Triton's interpreter (`TRITON_INTERPRET=1`, set before this module is imported), which
-is how the tests check them against float64.
+run in Triton's interpreter (`triton_base`), which is how the tests check them against float64.
 """
 
 from __future__ import annotations
@@ -27,27 +26,12 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # the CPU build of PyTorch does not bring Triton; the chunked head serves
-    triton = None
-
-LOG2E = 1.4426950408889634
+from .triton_base import KERNEL_DTYPES, LOG2E, dot, dot_precision, launch_options, runs_on, tl, triton
 
 
 def available(h: Tensor, weight: Tensor) -> bool:
-    """Triton is here, h is on a GPU (or any device under the interpreter), and the GEMMs' dtype is
-    one the kernels take (float32 or bfloat16/float16: float64 stays with the chunked head)."""
-    if triton is None or _gemm_dtype(h, weight) not in (torch.float32, torch.bfloat16, torch.float16):
-        return False
-    return h.is_cuda or _interpreted()
-
-
-def _interpreted() -> bool:
-    import os
-
-    return os.environ.get("TRITON_INTERPRET") == "1"
+    """Triton runs here (`triton_base.runs_on`) and the GEMMs' dtype is one the kernels take."""
+    return runs_on(h) and _gemm_dtype(h, weight) in KERNEL_DTYPES
 
 
 def _gemm_dtype(h: Tensor, weight: Tensor) -> torch.dtype:
@@ -55,11 +39,6 @@ def _gemm_dtype(h: Tensor, weight: Tensor) -> torch.dtype:
     if torch.is_autocast_enabled(h.device.type):
         return torch.get_autocast_dtype(h.device.type)
     return torch.promote_types(h.dtype, weight.dtype)
-
-
-def _precision(dtype: torch.dtype) -> str:
-    """float32 GEMMs in TF32 where PyTorch's own would be (`runtime` allows it on CUDA), else exact."""
-    return "tf32" if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
 class Tiles(NamedTuple):
@@ -84,14 +63,6 @@ def tiles(dtype: torch.dtype) -> Tiles:
 if triton is not None:
 
     @triton.jit
-    def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-        """a @ b with float32 accumulation. UPCAST (the interpreter, whose dot multiplies bfloat16's
-        raw bits) multiplies float32 copies: bfloat16 products are exact in float32 either way."""
-        if UPCAST:
-            return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-        return tl.dot(a, b, input_precision=PRECISION)
-
-    @triton.jit
     def _rows_kernel(h_ptr, w_ptr, m_ptr, z_ptr, acc_ptr, n_rows, vocab, d_model, blocks_per_split,
                      D: tl.constexpr, BM: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
                      UPCAST: tl.constexpr):
@@ -112,13 +83,13 @@ if triton is not None:
             col_ok = cols < vocab
             w = tl.load(w_ptr + cols[:, None] * d_model + dims[None, :], mask=col_ok[:, None] & dim_ok[None, :],
                         other=0.0)  # (BV, D)
-            logits = _dot(h, tl.trans(w), PRECISION, UPCAST) * 1.4426950408889634  # (BM, BV), base 2
+            logits = dot(h, tl.trans(w), PRECISION, UPCAST) * 1.4426950408889634  # (BM, BV), base 2
             logits = tl.where(col_ok[None, :], logits, float("-inf"))
             m_new = tl.maximum(m, tl.max(logits, axis=1))
             alpha = tl.exp2(m - m_new)  # rescales what came before (0 on the first block)
             p = tl.exp2(logits - m_new[:, None])
             z = z * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + _dot(p.to(w.dtype), w, PRECISION, UPCAST)
+            acc = acc * alpha[:, None] + dot(p.to(w.dtype), w, PRECISION, UPCAST)
             m = m_new
         out = split * n_rows + rows
         tl.store(m_ptr + out, m, mask=row_ok)
@@ -142,9 +113,9 @@ if triton is not None:
                         other=0.0)  # (BM, D)
             lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
             s = tl.load(s_ptr + rows, mask=row_ok, other=0.0)  # 0 past the last row: no contribution
-            logits = _dot(w, tl.trans(h), PRECISION, UPCAST) * 1.4426950408889634  # (BV, BM)
+            logits = dot(w, tl.trans(h), PRECISION, UPCAST) * 1.4426950408889634  # (BV, BM)
             g = tl.exp2(logits - lse[None, :]) * s[None, :]
-            acc += _dot(g.to(h.dtype), h, PRECISION, UPCAST)
+            acc += dot(g.to(h.dtype), h, PRECISION, UPCAST)
         tl.store(gw_ptr + cols[:, None] * d_model + dims[None, :], acc, mask=col_ok[:, None] & dim_ok[None, :])
 
 
@@ -184,8 +155,7 @@ def lm_head_rows(h: Tensor, weight: Tensor, splits: int, precision: str) -> tupl
     out = _rows_outputs(h, splits)
     _rows_kernel[(-(-n // t.rows), splits)](h, weight, *out, n, weight.shape[0], d, -(-blocks // splits),
                                              D=_padded(d), BM=t.rows, BV=t.vocab, PRECISION=precision,
-                                             UPCAST=_interpreted(), num_warps=t.warps, num_stages=t.stages,
-                                             enable_fp_fusion=True)
+                                             num_warps=t.warps, num_stages=t.stages, **launch_options())
     return tuple(out)
 
 
@@ -207,8 +177,7 @@ def lm_head_vocab(h: Tensor, weight: Tensor, lse: Tensor, scale: Tensor, precisi
     gw = weight.new_empty(weight.shape, dtype=torch.float32)
     _vocab_kernel[(-(-weight.shape[0] // t.vocab),)](h, weight, lse, scale, gw, n, weight.shape[0], d,
                                                       D=_padded(d), BM=t.rows, BV=t.vocab, PRECISION=precision,
-                                                      UPCAST=_interpreted(), num_warps=t.warps,
-                                                      num_stages=t.stages, enable_fp_fusion=True)
+                                                      num_warps=t.warps, num_stages=t.stages, **launch_options())
     return gw
 
 
@@ -235,15 +204,15 @@ def cross_entropy_and_grads(h: Tensor, weight: Tensor, targets: Tensor, scale: T
     here, of the operands the kernels multiply (bfloat16 under autocast); the targets' terms of
     the gradients take them unrounded, as the chunked head does."""
     dtype = _gemm_dtype(h, weight)
-    precision = _precision(dtype)
+    prec = dot_precision(dtype)
     hq, wq = h.to(dtype).contiguous(), weight.to(dtype).contiguous()
     t = tiles(dtype)
     splits = _splits(h.shape[0], -(-weight.shape[0] // t.vocab), t, h.device)
-    lse, mean_w = merge(RowSums(*lm_head_rows(hq, wq, splits, precision)), h.shape[1])
+    lse, mean_w = merge(RowSums(*lm_head_rows(hq, wq, splits, prec)), h.shape[1])
     ce = lse * (1 / LOG2E) - (hq.float() * wq[targets].float()).sum(1)
     grad_h = (mean_w - weight[targets].float()) * scale[:, None] if need_h else None
     grad_w = None
     if need_w:
-        grad_w = lm_head_vocab(hq, wq, lse, scale, precision)
+        grad_w = lm_head_vocab(hq, wq, lse, scale, prec)
         grad_w.index_add_(0, targets, h.float() * -scale[:, None])
     return ce, grad_h, grad_w
