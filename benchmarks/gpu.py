@@ -12,7 +12,8 @@ is skipped and says so; a section that fails says why and the rest go on):
   bf16 autocast and float32 (TF32); transformers' GPTNeoForCausalLM of the same shape, eager;
 - CUDA kernels per step (the profiler), eager against graph-replayed; the masks' top-(k+1) cut
   in order (a sort on CUDA) against unsorted with two minima (what the step uses); the LM head
-  alone, chunked against the Triton kernels and plain F.cross_entropy;
+  alone, chunked against the Triton kernels and plain F.cross_entropy; one layer's attention alone,
+  PyTorch's fused kernels against the Triton kernels for narrow heads;
 - CUDA float32 against CPU float64 (losses, logits, masks) at the paper's architecture, and the
   bf16 gradient against float32's (norm ratio, cosine);
 - the grid's evaluations (`gpu_evals.py`): ACDC on the paper's graph, `evaluate` over 131,072
@@ -39,6 +40,7 @@ import torch
 
 from selfablate import ModelConfig, SelfAblatingTransformer
 from selfablate.config import TrainConfig
+from selfablate import ops
 from selfablate.ops import device_policy_as
 from selfablate.ops.lm_head import linear_cross_entropy
 from selfablate.ops.masks import _cut
@@ -140,12 +142,41 @@ def lm_head(run: Run) -> None:
                 with policy_variant(**changes), device_policy_as("cuda"), autocast_for(run.device, precision)():
                     fn = lambda: torch.autograd.grad(linear_cross_entropy(h, w, y), (h, w))  # noqa: E731
                     grads[name] = fn()
-                    times[name] = timed(run, fn, 2, 10) * 1e3
+                    times[name] = timed(run, fn, *short(run)) * 1e3
             off = {n: max(((a - b).norm() / b.norm()).item() for a, b in zip(g, grads["chunked"]))
                    for n, g in grads.items()}
             out[f"{rows} {precision}"] = {"ms": times, "grad_rel_diff": off}
             say(f"LM head, {rows} rows, {precision}: " + ", ".join(
                 f"{n} {times[n]:.2f} ms (grads {off[n]:.1e} off)" for n in times))
+
+
+def attention(run: Run) -> None:
+    """One layer's attention alone (forward and backward, the paper's 16 heads of 8) at 24 x 256 and
+    192 x 256, causal and two-stream, bf16 and float32 (TF32): PyTorch's fused attention in the
+    form CUDA's policy picks, against the Triton kernels (`DevicePolicy.triton_attention`)."""
+    configure(run.device)
+    out = RESULTS.setdefault("attention_ms", {})
+    for batch in ((2,) if run.smoke else (24, 192)):
+        pos = 40 if run.smoke else 256
+        for precision in PRECISIONS:
+            dtype = torch.bfloat16 if precision == "bfloat16" else torch.float32
+            xs = [torch.randn(batch, 16, pos, 8, device=run.device, dtype=dtype, requires_grad=True) for _ in range(5)]
+            for rule, fn, n in (("causal", ops.causal_attention, 3), ("two-stream", ops.two_stream_attention, 5)):
+                times, outs = {}, {}
+                for name, changes in (("pytorch", {}), ("triton", {"triton_attention": True})):
+                    with policy_variant(**changes), device_policy_as("cuda"), ops.use_backend("torch"):
+                        step = lambda: torch.autograd.grad(fn(*xs[:n]).float().square().sum(), xs[:n])  # noqa: E731
+                        outs[name] = step()
+                        times[name] = timed(run, step, *short(run)) * 1e3
+                off = max(((a - b).float().norm() / b.float().norm()).item() for a, b in zip(outs["triton"], outs["pytorch"]))
+                out[f"{batch}x{pos} {precision} {rule}"] = {"ms": times, "grad_rel_diff": off}
+                say(f"attention {batch}x{pos} {precision} {rule}: PyTorch {times['pytorch']:.3f} ms, "
+                    f"Triton {times['triton']:.3f} ms ({times['pytorch'] / times['triton']:.2f}x), grads {off:.1e} apart")
+
+
+def short(run: Run) -> tuple[int, int]:
+    """Warm-up calls and timed calls of one operation: few in a smoke run (Triton's interpreter)."""
+    return (1, 1) if run.smoke else (2, 10)
 
 
 def timed(run: Run, fn: Callable[[], object], warmup: int, repeats: int) -> float:
@@ -387,9 +418,11 @@ def speed_section(kinds: tuple[str, ...], shapes: tuple[int, ...], precisions: t
     return fn
 
 
-VARIANTS = ({"two_stream_masked": True}, {"topk_by_sort": True}, {"plain_lm_head": True}, {"triton_lm_head": True})
+TRITON = {"triton_lm_head": True, "triton_attention": True}
+VARIANTS = ({"two_stream_masked": True}, {"topk_by_sort": True}, {"plain_lm_head": True}, {"triton_lm_head": True},
+            {"triton_attention": True}, TRITON)
 """CUDA policy choices measured against the policy in force (`ops.DevicePolicy`: the self-key
-attention, topk's winners, the chunked LM head against the plain one and the Triton kernels)."""
+attention, topk's winners, the chunked LM head against the plain one, the Triton kernels)."""
 
 
 def variants(modes: tuple[str, ...]) -> Callable[[Run], None]:
@@ -412,6 +445,7 @@ PLAN = {
     "peak": ("bf16 matmul peak", 5, matmul_peak),
     "cut": ("the masks' cut, sorted or not", 5, topk_cut),
     "lm-head": ("the LM head alone: chunked, Triton, plain", 20, lm_head),
+    "attention": ("attention alone: PyTorch's, Triton's", 15, attention),
     "graph": ("graph vs eager", 25, graph_equals_eager),
     "local": ("local 24x256", 20, speed_section(("local",), (0,), PRECISIONS, ("eager", "graph"))),
     "gpt-neo": ("gpt-neo", 25, gpt_neo),
@@ -435,7 +469,13 @@ PLAN = {
     "compiled-global": ("compiled global", 70, speed_section(("global",), (0,), ("bfloat16",), ("compiled+graph",))),
     "compiled-large": ("compiled local 192x256", 70, speed_section(("local",), (1,), ("bfloat16",),
                                                                      ("compiled+graph",), profile=True)),
-    "compiled-variants": ("policy variants, compiled", 170, variants(("compiled+graph",))),
+    "compiled-triton": ("compiled local, the Triton kernels", 70,
+                        speed_section(("local",), (0,), ("bfloat16",), ("compiled+graph",), profile=True, **TRITON)),
+    "compiled-large-triton": ("compiled local 192x256, the Triton kernels", 70,
+                              speed_section(("local",), (1,), ("bfloat16",), ("compiled+graph",), **TRITON)),
+    "compiled-triton32": ("compiled local, float32, the Triton kernels", 70,
+                          speed_section(("local",), (0,), ("float32",), ("compiled+graph",), **TRITON)),
+    "compiled-variants": ("policy variants, compiled", 360, variants(("compiled+graph",))),
     "compiled-baseline": ("compiled baseline", 50, speed_section(("baseline",), (0,), ("bfloat16",),
                                                                  ("compiled+graph",))),
 }
