@@ -158,3 +158,14 @@ def test_a_model_step_with_the_triton_head_is_as_close_to_float64_as_the_chunked
         if r is not None:
             err, err_chunked = (g - r).norm() / r.norm(), (c - r).norm() / r.norm()
             assert err <= 1.5 * err_chunked + 1e-6, (name, err.item(), err_chunked.item())
+
+
+
+def test_a_gpu_gets_enough_programs_and_the_interpreter_two_splits():
+    """At least `PROGRAMS` (264) programs of `_rows_kernel` on a GPU, by splitting the vocabulary
+    (GPT-2's: 786 blocks of 64): 96 row blocks (one stream at 24 x 256) -> 3 splits, 768 -> 1;
+    2 splits elsewhere."""
+    t = triton_lm_head.tiles(torch.bfloat16)
+    gpu = torch.device("cuda", 0)
+    assert [triton_lm_head._splits(n, 786, t, gpu) for n in (6144, 49152, 64, 1)] == [3, 1, 264, 264]
+    assert triton_lm_head._splits(64, 3, t, gpu) == 3 and triton_lm_head._splits(6144, 786, t, torch.device("cpu")) == 2

@@ -20,7 +20,7 @@ so that the caller's transpose back to (batch, pos, d_model) is free.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -199,7 +199,8 @@ def _constants(q: Tensor, two_stream: bool) -> dict[str, object]:
 
 
 @torch.library.custom_op("selfablate::flash_attention", mutates_args=())
-def flash_attention(q: Tensor, k: Tensor, v: Tensor, own_k: Tensor | None, own_v: Tensor | None) -> tuple[Tensor, Tensor]:
+def flash_attention(q: Tensor, k: Tensor, v: Tensor, own_k: Optional[Tensor],
+                    own_v: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     """Unscaled softmax attention, causal, or the two-stream rule where own_k and own_v are given.
     All (B, H, T, Dh) -> the output (B, H, T, Dh) and each row's base-2 log-sum-exp (B * H, T)."""
     two_stream = own_k is not None
@@ -219,7 +220,7 @@ def _(q, k, v, own_k, own_v):
 
 @torch.library.custom_op("selfablate::flash_attention_backward", mutates_args=())
 def flash_attention_backward(grad_o: Tensor, o: Tensor, lse: Tensor, q: Tensor, k: Tensor, v: Tensor,
-                             own_k: Tensor | None, own_v: Tensor | None) -> list[Tensor]:
+                             own_k: Optional[Tensor], own_v: Optional[Tensor]) -> list[Tensor]:
     """dQ, dK, dV (and dK_own, dV_own for the two-stream rule), laid out as the output is."""
     two_stream = own_k is not None
     ins, s = _shared_layout(q, k, v, *((own_k, own_v) if two_stream else ()))
