@@ -124,10 +124,16 @@ def test_a_model_step_with_the_triton_kernels_is_as_close_to_float64_as_pytorchs
             assert err <= 1.5 * err_plain + 1e-6, (name, err, err_plain)
 
 
-def test_cudas_path_with_both_triton_kernels_is_one_graph_that_can_be_captured(monkeypatch):
-    """The training forward compiles with no graph break (each kernel an opaque operator with its
-    own backward operator), and a step reads nothing back and makes no tensor from host data."""
-    monkeypatch.setitem(ops.POLICIES, "cuda", ops.POLICIES["cuda"]._replace(**BOTH))
+@pytest.mark.parametrize("changes, operators", [
+    ({"triton_lm_head": True}, {"lm_head_rows", "lm_head_vocab"}),
+    ({"triton_attention": True}, {"flash_attention", "flash_attention_backward"}),
+    (BOTH, {"flash_attention", "flash_attention_backward", "lm_head_rows", "lm_head_vocab"}),
+], ids=["lm-head", "attention", "both"])
+def test_cudas_path_with_triton_kernels_is_one_graph_that_can_be_captured(monkeypatch, changes, operators):
+    """With either Triton switch or both on CUDA's path: the training forward compiles with no graph
+    break (each kernel an opaque operator; the attention's has its own backward operator), and a
+    step reads nothing back and makes no tensor from host data, as a CUDA graph needs."""
+    monkeypatch.setitem(ops.POLICIES, "cuda", ops.POLICIES["cuda"]._replace(**changes))
     torch.manual_seed(0)
     model = SelfAblatingTransformer(ModelConfig(**CFG)).to(DEVICE)
     x, y = torch.randint(0, 97, (2, 2, 16), device=DEVICE)
@@ -138,5 +144,5 @@ def test_cudas_path_with_both_triton_kernels_is_one_graph_that_can_be_captured(m
         with Recorder() as rec:
             model(x, y, return_logits=False, return_masks=False).loss.backward()
     names = {name for name, _ in rec.calls}
-    assert {"flash_attention", "flash_attention_backward", "lm_head_rows"} <= names
+    assert operators <= names
     assert not SYNC_OPS & names and not FROM_HOST & names, (SYNC_OPS | FROM_HOST) & names

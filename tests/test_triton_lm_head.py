@@ -11,8 +11,6 @@ from selfablate import ModelConfig, SelfAblatingTransformer, ops
 from selfablate.ops import triton_lm_head
 from selfablate.ops.lm_head import linear_cross_entropy
 
-from .helpers import FROM_HOST, SYNC_OPS, Recorder
-
 pytest.importorskip("triton")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -112,25 +110,6 @@ def test_float64_stays_with_the_chunked_head(fused):
 
 CFG = dict(vocab_size=97, n_ctx=16, d_model=32, n_layers=2, n_heads=4, d_mlp=64, k_attn=8, k_mlp=16, ablation="local",
            coef_ablated=0.5, coef_recon=0.0)
-
-
-def test_cudas_path_with_the_triton_head_compiles_as_one_graph_and_can_be_captured(monkeypatch):
-    """On CUDA's path with `triton_lm_head`: the training forward has no graph break (the kernels
-    are two opaque operators to the compiler), and a step's loss and gradients read nothing back
-    and make no tensor from host data, as a CUDA graph needs."""
-    monkeypatch.setitem(ops.POLICIES, "cuda", ops.POLICIES["cuda"]._replace(triton_lm_head=True))
-    torch.manual_seed(0)
-    model = SelfAblatingTransformer(ModelConfig(**CFG)).to(DEVICE)
-    x, y = torch.randint(0, 97, (2, 2, 16), device=DEVICE)
-    with ops.use_backend("torch"), ops.device_policy_as("cuda"):
-        torch._dynamo.reset()
-        explained = torch._dynamo.explain(lambda x, y: model(x, y, return_logits=False, return_masks=False).loss)(x, y)
-        assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons[:3]
-        with Recorder() as rec:
-            model(x, y, return_logits=False, return_masks=False).loss.backward()
-    names = {name for name, _ in rec.calls}
-    assert {"lm_head_rows", "lm_head_vocab"} <= names
-    assert not SYNC_OPS & names and not FROM_HOST & names, (SYNC_OPS | FROM_HOST) & names
 
 
 def test_a_model_step_with_the_triton_head_is_as_close_to_float64_as_the_chunked_heads(monkeypatch):
