@@ -164,19 +164,28 @@ class Layout(NamedTuple):
     t: int
 
 
-def _shared_layout(*xs: Tensor) -> tuple[tuple[Tensor, ...], Layout]:
-    """The inputs as they are when they share one layout with unit stride along d_head (views of
-    one projection's output do), else contiguous copies."""
-    if any(x.stride() != xs[0].stride() for x in xs) or xs[0].stride(-1) != 1:
+def _operands(q: Tensor, k: Tensor, v: Tensor, own_k: Tensor | None,
+              own_v: Tensor | None) -> tuple[tuple[Tensor, ...], Layout, bool]:
+    """The five inputs the kernels take (without own keys, q stands in for them, unread), their
+    layout, and whether the two-stream rule applies. Inputs that share one layout with unit stride
+    along d_head (views of one projection's output do) are read as they are, others copied."""
+    two_stream = own_k is not None
+    xs = (q, k, v, own_k, own_v) if two_stream else (q, k, v)
+    if any(x.stride() != q.stride() for x in xs) or q.stride(-1) != 1:
         xs = tuple(x.contiguous() for x in xs)
     s = xs[0].stride()
-    return xs, Layout(s[0], s[1], s[2])
+    return (xs if two_stream else (*xs, xs[0], xs[0])), Layout(s[0], s[1], s[2]), two_stream
 
 
-def _bthd(like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+def _bthd(like: Tensor) -> Tensor:
     """An empty (B, H, T, Dh) tensor laid out (B, T, H, Dh): its transpose(1, 2) is contiguous."""
     B, H, T, Dh = like.shape
-    return like.new_empty(B, T, H, Dh, dtype=dtype).transpose(1, 2)
+    return like.new_empty(B, T, H, Dh).transpose(1, 2)
+
+
+def _lse_like(q: Tensor) -> Tensor:
+    """An empty (B * H, T) float32 tensor for each row's log-sum-exp."""
+    return q.new_empty(q.shape[0] * q.shape[1], q.shape[2], dtype=torch.float32)
 
 
 def _out_layout(x: Tensor) -> Layout:
@@ -203,11 +212,8 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, own_k: Optional[Tensor],
                     own_v: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     """Unscaled softmax attention, causal, or the two-stream rule where own_k and own_v are given.
     All (B, H, T, Dh) -> the output (B, H, T, Dh) and each row's base-2 log-sum-exp (B * H, T)."""
-    two_stream = own_k is not None
-    ins, s = _shared_layout(q, k, v, *((own_k, own_v) if two_stream else ()))
-    q, k, v = ins[:3]
-    own_k, own_v = ins[3:] if two_stream else (q, q)  # unread without SELF
-    o, lse = _bthd(q), q.new_empty(q.shape[0] * q.shape[1], q.shape[2], dtype=torch.float32)
+    (q, k, v, own_k, own_v), s, two_stream = _operands(q, k, v, own_k, own_v)
+    o, lse = _bthd(q), _lse_like(q)
     _forward[_grid(q)](q, k, v, own_k, own_v, o, lse, q.shape[1], q.shape[2], q.shape[3], *s, *_out_layout(o),
                        **_constants(q, two_stream))
     return o, lse
@@ -215,17 +221,14 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, own_k: Optional[Tensor],
 
 @flash_attention.register_fake
 def _(q, k, v, own_k, own_v):
-    return _bthd(q), q.new_empty(q.shape[0] * q.shape[1], q.shape[2], dtype=torch.float32)
+    return _bthd(q), _lse_like(q)
 
 
 @torch.library.custom_op("selfablate::flash_attention_backward", mutates_args=())
 def flash_attention_backward(grad_o: Tensor, o: Tensor, lse: Tensor, q: Tensor, k: Tensor, v: Tensor,
                              own_k: Optional[Tensor], own_v: Optional[Tensor]) -> list[Tensor]:
     """dQ, dK, dV (and dK_own, dV_own for the two-stream rule), laid out as the output is."""
-    two_stream = own_k is not None
-    ins, s = _shared_layout(q, k, v, *((own_k, own_v) if two_stream else ()))
-    q, k, v = ins[:3]
-    own_k, own_v = ins[3:] if two_stream else (q, q)
+    (q, k, v, own_k, own_v), s, two_stream = _operands(q, k, v, own_k, own_v)
     grad_o = grad_o if grad_o.stride() == o.stride() else _bthd(q).copy_(grad_o)  # in the outputs' layout
     delta = (grad_o.float() * o.float()).sum(-1).reshape(lse.shape)  # (B * H, T): sum_j p_tj dP_tj
     grads = [_bthd(q) for _ in range(5 if two_stream else 3)]
