@@ -146,3 +146,4 @@ def test_cudas_path_with_triton_kernels_is_one_graph_that_can_be_captured(monkey
     names = {name for name, _ in rec.calls}
     assert operators <= names
     assert not SYNC_OPS & names and not FROM_HOST & names, (SYNC_OPS | FROM_HOST) & names
+

@@ -16,7 +16,7 @@ try:
     import triton
     import triton.language as tl
 except ImportError:  # the CPU build of PyTorch does not bring Triton; PyTorch's paths serve
-    triton = tl = None
+    triton = tl = dot = None
 
 LOG2E = 1.4426950408889634
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
