@@ -3,7 +3,8 @@
 With a 50257-wide vocabulary the logits of one 2048-token batch take 411 MB in float32, and a
 plain `F.cross_entropy(h @ W.T, y)` walks them several times (log-softmax, its backward, the zero-
 filled gradient). Here each chunk of rows computes its logits, its share of the loss and, at once,
-its gradients with respect to h and W, while the chunk is still in cache.
+its gradients with respect to h and W, while the chunk is still in cache. Where the device's
+policy asks for it, `triton_lm_head`'s kernels do the same with no chunk of logits in memory at all.
 """
 
 from __future__ import annotations
