@@ -38,9 +38,8 @@ from typing import Callable
 
 import torch
 
-from selfablate import ModelConfig, SelfAblatingTransformer
+from selfablate import ModelConfig, SelfAblatingTransformer, ops
 from selfablate.config import TrainConfig
-from selfablate import ops
 from selfablate.ops import device_policy_as
 from selfablate.ops.lm_head import linear_cross_entropy
 from selfablate.ops.masks import _cut
