@@ -8,9 +8,9 @@ GEMM that makes it. Here the logits live only in registers, as flash attention k
 (the rows are its queries, the vocabulary its keys and values at once):
 
 - `_rows_kernel`, a program per block of rows and split of the vocabulary: an online base-2
-  softmax over its split, the target's logit, and sum_v 2^(l_v - m) w_v. The splits are merged in
-  PyTorch (flash-decoding's trick: a few thousand rows still fill the GPU). grad_h = s (sum_v p_v
-  w_v - w_t).
+  softmax over its split and sum_v 2^(l_v - m) w_v. The splits are merged in PyTorch
+  (flash-decoding's trick: a few thousand rows still fill the GPU). grad_h = s (sum_v p_v w_v -
+  w_t); the target's logit is a row's dot product, outside the kernels.
 - `_vocab_kernel`, a program per block of the vocabulary: the logits again, p = 2^(l - lse), and
   grad_W_v = sum_i s_i p_iv h_i; the targets' -s_i h_i is one index_add_.
 
@@ -54,7 +54,7 @@ class Tiles(NamedTuple):
 
 def tiles(dtype: torch.dtype) -> Tiles:
     """64 x 64 tiles of a 128-wide d_model, 8 warps: the largest that ptxas builds for sm_90 without
-    spilling registers in both kernels and both dtypes (`python benchmarks/triton_lm_head.py`
+    spilling registers in both kernels and both dtypes (`python benchmarks/triton_kernels.py`
     prints each kernel's registers, spills and shared memory); float32 (TF32) operands take
     twice the shared memory a stage, so one stage fewer. Not yet timed on a GPU."""
     return Tiles(64, 64, 8, 3) if dtype != torch.float32 else Tiles(64, 64, 8, 2)
@@ -175,6 +175,8 @@ def _rows_outputs(h: Tensor, splits: int) -> RowSums:
 
 @torch.library.custom_op("selfablate::lm_head_vocab", mutates_args=())
 def lm_head_vocab(h: Tensor, weight: Tensor, lse: Tensor, scale: Tensor, precision: str) -> Tensor:
+    """`_vocab_kernel` over vocab / BV programs: sum_i scale_i 2^(l_iv - lse_i) h_i, (vocab, d_model)
+    float32, from each row's base-2 log-sum-exp and scale (rows,) float32."""
     n, d = h.shape
     t = tiles(h.dtype)
     gw = weight.new_empty(weight.shape, dtype=torch.float32)
