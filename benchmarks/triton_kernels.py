@@ -24,7 +24,7 @@ import torch
 
 from selfablate.ops import triton_attention as TA
 from selfablate.ops import triton_lm_head as TL
-from selfablate.ops.triton_base import triton
+from selfablate.ops.triton_base import padded, triton
 
 TYPES = {torch.bfloat16: "*bf16", torch.float32: "*fp32"}
 FLOAT32_POINTERS = {"m_ptr", "z_ptr", "acc_ptr", "lse_ptr", "s_ptr", "gw_ptr", "delta_ptr"}
@@ -44,7 +44,7 @@ def builds(dtype: torch.dtype) -> list[tuple[str, Build]]:
     head = {"D": 128, "BM": t.rows, "BV": t.vocab, "PRECISION": "tf32", "UPCAST": False}
     out = [(k.fn.__name__, Build(k, head, t.warps, t.stages)) for k in (TL._rows_kernel, TL._vocab_kernel)]
     for rule in (False, True):
-        attn = {"D": TA._padded(8), "BLOCK": TA.BLOCK, "SELF": rule, "PRECISION": "tf32", "UPCAST": False}
+        attn = {"D": padded(8), "BLOCK": TA.BLOCK, "SELF": rule, "PRECISION": "tf32", "UPCAST": False}
         for k in (TA._forward, TA._backward_kv, TA._backward_q):
             out.append((f"{k.fn.__name__}{' (two-stream)' if rule else ''}", Build(k, attn, TA.WARPS, 3)))
     return out

@@ -25,7 +25,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from .triton_base import KERNEL_DTYPES, dot, dot_precision, launch_options, runs_on, tl, triton
+from .triton_base import BASE2, KERNEL_DTYPES, dot, dot_precision, launch_options, padded, runs_on, tl, triton
 
 BLOCK = 64
 """Queries and keys per block (both kernels' tiles are BLOCK x BLOCK x the padded head)."""
@@ -63,7 +63,7 @@ if triton is not None:
         q = _tile(q_ptr + inputs, rows, dims, n_rows, d_head, s_t)  # (BLOCK, D)
         if SELF:  # the own key first: m = its base-2 score, l = 1, acc = its value
             own_k = _tile(ok_ptr + inputs, rows, dims, n_rows, d_head, s_t).to(tl.float32)
-            m = tl.sum(q.to(tl.float32) * own_k, axis=1) * 1.4426950408889634
+            m = tl.sum(q.to(tl.float32) * own_k, axis=1) * BASE2
             l = tl.full((BLOCK,), 1.0, tl.float32)
             acc = _tile(ov_ptr + inputs, rows, dims, n_rows, d_head, s_t).to(tl.float32)
         else:
@@ -74,7 +74,7 @@ if triton is not None:
             cols = start + tl.arange(0, BLOCK)
             k = _tile(k_ptr + inputs, cols, dims, n_rows, d_head, s_t)  # (BLOCK, D)
             v = _tile(v_ptr + inputs, cols, dims, n_rows, d_head, s_t)
-            s = dot(q, tl.trans(k), PRECISION, UPCAST) * 1.4426950408889634  # (queries, keys), base 2
+            s = dot(q, tl.trans(k), PRECISION, UPCAST) * BASE2  # (queries, keys), base 2
             s = tl.where(_sees(rows, cols, n_rows, SELF), s, float("-inf"))
             m_new = tl.maximum(m, tl.max(s, axis=1))
             alpha = tl.exp2(m - m_new)
@@ -90,7 +90,7 @@ if triton is not None:
     @triton.jit
     def _probs(q, k, lse, rows, cols, n_rows, SELF: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
         """p (queries, keys) of the forward pass, from its base-2 log-sum-exp."""
-        s = dot(q, tl.trans(k), PRECISION, UPCAST) * 1.4426950408889634
+        s = dot(q, tl.trans(k), PRECISION, UPCAST) * BASE2
         return tl.where(_sees(rows, cols, n_rows, SELF), tl.exp2(s - lse[:, None]), 0.0)
 
     @triton.jit
@@ -148,7 +148,7 @@ if triton is not None:
             own_k = _tile(ok_ptr + inputs, rows, dims, n_rows, d_head, s_t).to(tl.float32)
             own_v = _tile(ov_ptr + inputs, rows, dims, n_rows, d_head, s_t).to(tl.float32)
             qf, dof = q.to(tl.float32), do.to(tl.float32)
-            p_own = tl.exp2(tl.sum(qf * own_k, axis=1) * 1.4426950408889634 - lse)
+            p_own = tl.exp2(tl.sum(qf * own_k, axis=1) * BASE2 - lse)
             ds_own = p_own * (tl.sum(dof * own_v, axis=1) - delta)
             dq += ds_own[:, None] * own_k
             tl.store(dok_ptr + at, ds_own[:, None] * qf, mask=keep)
@@ -197,13 +197,10 @@ def _grid(q: Tensor) -> tuple[int, int]:
     return -(-T // BLOCK), B * H
 
 
-def _padded(d_head: int) -> int:
-    return max(16, 1 << (d_head - 1).bit_length())
-
 
 def _constants(q: Tensor, two_stream: bool) -> dict[str, object]:
     """Every launch's compile-time constants and options."""
-    return dict(D=_padded(q.shape[3]), BLOCK=BLOCK, SELF=two_stream, PRECISION=dot_precision(q.dtype), num_warps=WARPS,
+    return dict(D=padded(q.shape[3]), BLOCK=BLOCK, SELF=two_stream, PRECISION=dot_precision(q.dtype), num_warps=WARPS,
                 **launch_options())
 
 

@@ -16,11 +16,16 @@ try:
     import triton
     import triton.language as tl
 except ImportError:  # the CPU build of PyTorch does not bring Triton; PyTorch's paths serve
-    triton = tl = dot = None
+    triton = tl = dot = BASE2 = None
 
 LOG2E = 1.4426950408889634
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 """What the kernels multiply: float64 stays with PyTorch's paths."""
+
+
+def padded(width: int) -> int:
+    """A tile's width for `width` columns: `tl.arange` and `tl.dot` want a power of two, at least 16."""
+    return max(16, 1 << (width - 1).bit_length())
 
 
 def interpreted() -> bool:
@@ -45,6 +50,8 @@ def launch_options() -> dict[str, object]:
 
 
 if triton is not None:
+    BASE2: tl.constexpr = tl.constexpr(LOG2E)
+    """log2(e) inside the kernels, which take their scores in base 2 (exp2 is the GPU's native exp)."""
 
     @triton.jit
     def dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):

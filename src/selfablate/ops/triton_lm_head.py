@@ -26,7 +26,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .triton_base import KERNEL_DTYPES, LOG2E, dot, dot_precision, launch_options, runs_on, tl, triton
+from .triton_base import BASE2, KERNEL_DTYPES, LOG2E, dot, dot_precision, launch_options, padded, runs_on, tl, triton
 
 
 def available(h: Tensor, weight: Tensor) -> bool:
@@ -83,7 +83,7 @@ if triton is not None:
             col_ok = cols < vocab
             w = tl.load(w_ptr + cols[:, None] * d_model + dims[None, :], mask=col_ok[:, None] & dim_ok[None, :],
                         other=0.0)  # (BV, D)
-            logits = dot(h, tl.trans(w), PRECISION, UPCAST) * 1.4426950408889634  # (BM, BV), base 2
+            logits = dot(h, tl.trans(w), PRECISION, UPCAST) * BASE2  # (BM, BV), base 2
             logits = tl.where(col_ok[None, :], logits, float("-inf"))
             m_new = tl.maximum(m, tl.max(logits, axis=1))
             alpha = tl.exp2(m - m_new)  # rescales what came before (0 on the first block)
@@ -113,15 +113,11 @@ if triton is not None:
                         other=0.0)  # (BM, D)
             lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
             s = tl.load(s_ptr + rows, mask=row_ok, other=0.0)  # 0 past the last row: no contribution
-            logits = dot(w, tl.trans(h), PRECISION, UPCAST) * 1.4426950408889634  # (BV, BM)
+            logits = dot(w, tl.trans(h), PRECISION, UPCAST) * BASE2  # (BV, BM)
             g = tl.exp2(logits - lse[None, :]) * s[None, :]
             acc += dot(g.to(h.dtype), h, PRECISION, UPCAST)
         tl.store(gw_ptr + cols[:, None] * d_model + dims[None, :], acc, mask=col_ok[:, None] & dim_ok[None, :])
 
-
-def _padded(d_model: int) -> int:
-    """tl.arange and tl.dot want a power of two, at least 16."""
-    return max(16, 1 << (d_model - 1).bit_length())
 
 
 PROGRAMS = 264
@@ -157,7 +153,7 @@ def lm_head_rows(h: Tensor, weight: Tensor, splits: int, precision: str) -> tupl
     blocks = -(-weight.shape[0] // t.vocab)
     out = _rows_outputs(h, splits)
     _rows_kernel[(-(-n // t.rows), splits)](h, weight, *out, n, weight.shape[0], d, -(-blocks // splits),
-                                             D=_padded(d), BM=t.rows, BV=t.vocab, PRECISION=precision,
+                                             D=padded(d), BM=t.rows, BV=t.vocab, PRECISION=precision,
                                              num_warps=t.warps, num_stages=t.stages, **launch_options())
     return tuple(out)
 
@@ -170,7 +166,7 @@ def _(h, weight, splits, precision):
 def _rows_outputs(h: Tensor, splits: int) -> RowSums:
     n = h.shape[0]
     new = functools.partial(h.new_empty, dtype=torch.float32)
-    return RowSums(new(splits, n), new(splits, n), new(splits, n, _padded(h.shape[1])))
+    return RowSums(new(splits, n), new(splits, n), new(splits, n, padded(h.shape[1])))
 
 
 @torch.library.custom_op("selfablate::lm_head_vocab", mutates_args=())
@@ -181,7 +177,7 @@ def lm_head_vocab(h: Tensor, weight: Tensor, lse: Tensor, scale: Tensor, precisi
     t = tiles(h.dtype)
     gw = weight.new_empty(weight.shape, dtype=torch.float32)
     _vocab_kernel[(-(-weight.shape[0] // t.vocab),)](h, weight, lse, scale, gw, n, weight.shape[0], d,
-                                                      D=_padded(d), BM=t.rows, BV=t.vocab, PRECISION=precision,
+                                                      D=padded(d), BM=t.rows, BV=t.vocab, PRECISION=precision,
                                                       num_warps=t.warps, num_stages=t.stages, **launch_options())
     return gw
 
