@@ -142,8 +142,7 @@ def lm_head(run: Run) -> None:
                     fn = lambda: torch.autograd.grad(linear_cross_entropy(h, w, y), (h, w))  # noqa: E731
                     grads[name] = fn()
                     times[name] = timed(run, fn, *short(run)) * 1e3
-            off = {n: max(((a - b).norm() / b.norm()).item() for a, b in zip(g, grads["chunked"]))
-                   for n, g in grads.items()}
+            off = {n: farthest(g, grads["chunked"]) for n, g in grads.items()}
             out[f"{rows} {precision}"] = {"ms": times, "grad_rel_diff": off}
             say(f"LM head, {rows} rows, {precision}: " + ", ".join(
                 f"{n} {times[n]:.2f} ms (grads {off[n]:.1e} off)" for n in times))
@@ -167,10 +166,15 @@ def attention(run: Run) -> None:
                         step = lambda: torch.autograd.grad(fn(*xs[:n]).float().square().sum(), xs[:n])  # noqa: E731
                         outs[name] = step()
                         times[name] = timed(run, step, *short(run)) * 1e3
-                off = max(((a - b).float().norm() / b.float().norm()).item() for a, b in zip(outs["triton"], outs["pytorch"]))
+                off = farthest(outs["triton"], outs["pytorch"])
                 out[f"{batch}x{pos} {precision} {rule}"] = {"ms": times, "grad_rel_diff": off}
                 say(f"attention {batch}x{pos} {precision} {rule}: PyTorch {times['pytorch']:.3f} ms, "
                     f"Triton {times['triton']:.3f} ms ({times['pytorch'] / times['triton']:.2f}x), grads {off:.1e} apart")
+
+
+def farthest(tensors, references) -> float:
+    """The largest relative distance |a - b| / |b| between paired tensors (say, two ways' gradients)."""
+    return max(((a.float() - b.float()).norm() / b.float().norm()).item() for a, b in zip(tensors, references))
 
 
 def short(run: Run) -> tuple[int, int]:
