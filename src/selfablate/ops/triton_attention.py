@@ -173,8 +173,7 @@ def _operands(q: Tensor, k: Tensor, v: Tensor, own_k: Tensor | None,
     xs = (q, k, v, own_k, own_v) if two_stream else (q, k, v)
     if any(x.stride() != q.stride() for x in xs) or q.stride(-1) != 1:
         xs = tuple(x.contiguous() for x in xs)
-    s = xs[0].stride()
-    return (xs if two_stream else (*xs, xs[0], xs[0])), Layout(s[0], s[1], s[2]), two_stream
+    return (xs if two_stream else (*xs, xs[0], xs[0])), _layout(xs[0]), two_stream
 
 
 def _bthd(like: Tensor) -> Tensor:
@@ -188,8 +187,8 @@ def _lse_like(q: Tensor) -> Tensor:
     return q.new_empty(q.shape[0] * q.shape[1], q.shape[2], dtype=torch.float32)
 
 
-def _out_layout(x: Tensor) -> Layout:
-    return Layout(x.stride(0), x.stride(1), x.stride(2))
+def _layout(x: Tensor) -> Layout:
+    return Layout(*x.stride()[:3])
 
 
 def _grid(q: Tensor) -> tuple[int, int]:
@@ -211,7 +210,7 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, own_k: Optional[Tensor],
     All (B, H, T, Dh) -> the output (B, H, T, Dh) and each row's base-2 log-sum-exp (B * H, T)."""
     (q, k, v, own_k, own_v), s, two_stream = _operands(q, k, v, own_k, own_v)
     o, lse = _bthd(q), _lse_like(q)
-    _forward[_grid(q)](q, k, v, own_k, own_v, o, lse, q.shape[1], q.shape[2], q.shape[3], *s, *_out_layout(o),
+    _forward[_grid(q)](q, k, v, own_k, own_v, o, lse, q.shape[1], q.shape[2], q.shape[3], *s, *_layout(o),
                        **_constants(q, two_stream))
     return o, lse
 
@@ -232,7 +231,7 @@ def flash_attention_backward(grad_o: Tensor, o: Tensor, lse: Tensor, q: Tensor, 
     dq, dk, dv = grads[:3]
     dok, dov = grads[3:] if two_stream else (dq, dq)
     common = _constants(q, two_stream)
-    sizes = (q.shape[1], q.shape[2], q.shape[3], *s, *_out_layout(dq))
+    sizes = (q.shape[1], q.shape[2], q.shape[3], *s, *_layout(dq))
     _backward_kv[_grid(q)](q, k, v, grad_o, lse, delta, dk, dv, *sizes, **common)
     _backward_q[_grid(q)](q, k, v, own_k, own_v, grad_o, lse, delta, dq, dok, dov, *sizes, **common)
     return grads
