@@ -2,8 +2,8 @@
 
     python benchmarks/triton_kernels.py [--arch 90,80]
 
-Compiles the kernels of `selfablate.ops.triton_lm_head` (d_model 128) and
-`selfablate.ops.triton_attention` (the paper's 8-wide heads, padded to 16) ahead of time, with
+Compiles the kernels of `selfablate.ops.triton_jit` (the LM head's at d_model 128, the attention's
+for the paper's 8-wide heads, padded to 16) ahead of time, with
 Triton's compiler and the ptxas it ships, for each architecture (90: H100/H200, 80: A100), in
 bfloat16 and float32 (TF32, as `runtime` sets CUDA's matmuls; exact float32 dots spill registers
 in the attention's backward), with the tiles the modules pick, and prints each one's registers a thread,
@@ -24,7 +24,13 @@ import torch
 
 from selfablate.ops import triton_attention as TA
 from selfablate.ops import triton_lm_head as TL
-from selfablate.ops.triton_base import padded, triton
+from selfablate.ops.triton_base import AVAILABLE, padded
+
+if AVAILABLE:
+    import triton
+    import triton.backends.compiler
+
+    from selfablate.ops import triton_jit as J
 
 TYPES = {torch.bfloat16: "*bf16", torch.float32: "*fp32"}
 FLOAT32_POINTERS = {"m_ptr", "z_ptr", "acc_ptr", "lse_ptr", "s_ptr", "gw_ptr", "delta_ptr"}
@@ -42,10 +48,10 @@ def builds(dtype: torch.dtype) -> list[tuple[str, Build]]:
     """Every kernel with the constants and launch shape its module uses for `dtype`."""
     t = TL.tiles(dtype)
     head = {"D": 128, "BM": t.rows, "BV": t.vocab, "PRECISION": "tf32", "UPCAST": False}
-    out = [(k.fn.__name__, Build(k, head, t.warps, t.stages)) for k in (TL._rows_kernel, TL._vocab_kernel)]
+    out = [(k.fn.__name__, Build(k, head, t.warps, t.stages)) for k in (J.rows_kernel, J.vocab_kernel)]
     for rule in (False, True):
         attn = {"D": padded(8), "BLOCK": TA.BLOCK, "SELF": rule, "PRECISION": "tf32", "UPCAST": False}
-        for k in (TA._forward, TA._backward_kv, TA._backward_q):
+        for k in (J.attention_forward, J.attention_backward_kv, J.attention_backward_q):
             out.append((f"{k.fn.__name__}{' (two-stream)' if rule else ''}", Build(k, attn, TA.WARPS, 3)))
     return out
 
@@ -82,16 +88,16 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", default="90,80", help="comma-separated sm versions")
     args = p.parse_args()
-    if triton is None:
+    if not AVAILABLE:
         print("benchmarks/triton_kernels.py: Triton is not installed here; nothing built")
         return
     print(f"triton {triton.__version__}")
-    print("arch   dtype     kernel                          warps  stages  registers  spill stack B  shared KiB")
+    print("arch   dtype     kernel                             warps  stages  registers  spill stack B  shared KiB")
     for arch in (int(a) for a in args.arch.split(",")):
         for dtype in TYPES:
             for name, build in builds(dtype):
                 r = resources(build, dtype, arch)
-                print(f"sm_{arch}  {str(dtype)[6:]:<9} {name:<31} {build.warps:>5}  {build.stages:>6}  "
+                print(f"sm_{arch}  {str(dtype)[6:]:<9} {name:<34} {build.warps:>5}  {build.stages:>6}  "
                       f"{r['registers']:>9}  {r['stack']:>13}  {r['shared'] / 1024:>10.1f}")
 
 

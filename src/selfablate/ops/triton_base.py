@@ -1,5 +1,6 @@
-"""What the Triton kernels (`triton_lm_head`, `triton_attention`) share: Triton where it is
-installed, where its kernels can run, and a dot product that its interpreter computes right.
+"""What the Triton kernels' wrappers (`triton_lm_head`, `triton_attention`) share: whether Triton
+is installed, where its kernels can run, and how they are launched. The kernels themselves are
+in `triton_jit`.
 
 Without a GPU the kernels run in Triton's interpreter on CPU tensors (`TRITON_INTERPRET=1`, set
 before Triton's kernels are defined, as the tests' conftest does): how the tests check them.
@@ -7,16 +8,15 @@ before Triton's kernels are defined, as the tests' conftest does): how the tests
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import torch
 from torch import Tensor
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # the CPU build of PyTorch does not bring Triton; PyTorch's paths serve
-    triton = tl = dot = BASE2 = None
+AVAILABLE = importlib.util.find_spec("triton") is not None
+"""Triton is installed (a CPU build of PyTorch brings none: PyTorch's paths serve). Found, not
+imported: `triton_jit` imports it when a kernel first runs."""
 
 LOG2E = 1.4426950408889634
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -28,13 +28,20 @@ def padded(width: int) -> int:
     return max(16, 1 << (width - 1).bit_length())
 
 
+def kernels():
+    """`triton_jit`, the module of every kernel, imported (with Triton) on the first launch."""
+    from . import triton_jit
+
+    return triton_jit
+
+
 def interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def runs_on(x: Tensor) -> bool:
     """Triton is here and x is on a GPU, or on any device under the interpreter."""
-    return triton is not None and (x.is_cuda or interpreted())
+    return AVAILABLE and (x.is_cuda or interpreted())
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -44,19 +51,6 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 
 def launch_options() -> dict[str, object]:
-    """Every launch's: `dot`'s UPCAST under the interpreter; fused multiply-adds, said outright
+    """Every launch's: `triton_jit.dot`'s UPCAST under the interpreter; fused multiply-adds, said outright
     (Triton warns about its default)."""
     return {"UPCAST": interpreted(), "enable_fp_fusion": True}
-
-
-if triton is not None:
-    BASE2: tl.constexpr = tl.constexpr(LOG2E)
-    """log2(e) inside the kernels, which take their scores in base 2 (exp2 is the GPU's native exp)."""
-
-    @triton.jit
-    def dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-        """a @ b with float32 accumulation. UPCAST (the interpreter, whose dot multiplies bfloat16's
-        raw bits) multiplies float32 copies: bfloat16 products are exact in float32 either way."""
-        if UPCAST:
-            return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-        return tl.dot(a, b, input_precision=PRECISION)

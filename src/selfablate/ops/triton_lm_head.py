@@ -7,12 +7,12 @@ cannot hide that traffic, and torch.compile does not fuse a softmax over the voc
 GEMM that makes it. Here the logits live only in registers, as flash attention keeps its scores
 (the rows are its queries, the vocabulary its keys and values at once):
 
-- `_rows_kernel`, a program per block of rows and split of the vocabulary: an online base-2
-  softmax over its split and sum_v 2^(l_v - m) w_v. The splits are merged in PyTorch
+- `triton_jit.rows_kernel`, a program per block of rows and split of the vocabulary: an online
+  base-2 softmax over its split and sum_v 2^(l_v - m) w_v. The splits are merged in PyTorch
   (flash-decoding's trick: a few thousand rows still fill the GPU). grad_h = s (sum_v p_v w_v -
   w_t); the target's logit is a row's dot product, outside the kernels.
-- `_vocab_kernel`, a program per block of the vocabulary: the logits again, p = 2^(l - lse), and
-  grad_W_v = sum_i s_i p_iv h_i; the targets' -s_i h_i is one index_add_.
+- `triton_jit.vocab_kernel`, a program per block of the vocabulary: the logits again, p = 2^(l -
+  lse), and grad_W_v = sum_i s_i p_iv h_i; the targets' -s_i h_i is one index_add_.
 
 Four GEMMs' arithmetic instead of three, and no (rows, vocab) tensor. Without a GPU the kernels
 run in Triton's interpreter (`triton_base`), which is how the tests check them against float64.
@@ -26,7 +26,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .triton_base import BASE2, KERNEL_DTYPES, LOG2E, dot, dot_precision, launch_options, padded, runs_on, tl, triton
+from .triton_base import KERNEL_DTYPES, LOG2E, dot_precision, kernels, launch_options, padded, runs_on
 
 
 def available(h: Tensor, weight: Tensor) -> bool:
@@ -60,73 +60,13 @@ def tiles(dtype: torch.dtype) -> Tiles:
     return Tiles(64, 64, 8, 3) if dtype != torch.float32 else Tiles(64, 64, 8, 2)
 
 
-if triton is not None:
-
-    @triton.jit
-    def _rows_kernel(h_ptr, w_ptr, m_ptr, z_ptr, acc_ptr, n_rows, vocab, d_model, blocks_per_split,
-                     D: tl.constexpr, BM: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
-                     UPCAST: tl.constexpr):
-        """One block of rows over one split of the vocabulary: running max m, sum z of 2^(l - m),
-        and acc = sum_v 2^(l_v - m) w_v, written at [split, row]."""
-        split = tl.program_id(1)
-        rows = tl.program_id(0) * BM + tl.arange(0, BM)
-        dims = tl.arange(0, D)  # d_model padded to a power of two
-        row_ok, dim_ok = rows < n_rows, dims < d_model
-        h = tl.load(h_ptr + rows[:, None] * d_model + dims[None, :], mask=row_ok[:, None] & dim_ok[None, :],
-                    other=0.0)  # (BM, D)
-        m = tl.full((BM,), float("-inf"), tl.float32)
-        z = tl.zeros((BM,), tl.float32)
-        acc = tl.zeros((BM, D), tl.float32)
-        first = split * blocks_per_split
-        for block in range(first, tl.minimum(first + blocks_per_split, tl.cdiv(vocab, BV))):
-            cols = block * BV + tl.arange(0, BV)
-            col_ok = cols < vocab
-            w = tl.load(w_ptr + cols[:, None] * d_model + dims[None, :], mask=col_ok[:, None] & dim_ok[None, :],
-                        other=0.0)  # (BV, D)
-            logits = dot(h, tl.trans(w), PRECISION, UPCAST) * BASE2  # (BM, BV), base 2
-            logits = tl.where(col_ok[None, :], logits, float("-inf"))
-            m_new = tl.maximum(m, tl.max(logits, axis=1))
-            alpha = tl.exp2(m - m_new)  # rescales what came before (0 on the first block)
-            p = tl.exp2(logits - m_new[:, None])
-            z = z * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + dot(p.to(w.dtype), w, PRECISION, UPCAST)
-            m = m_new
-        out = split * n_rows + rows
-        tl.store(m_ptr + out, m, mask=row_ok)
-        tl.store(z_ptr + out, z, mask=row_ok)
-        tl.store(acc_ptr + out[:, None] * D + dims[None, :], acc, mask=row_ok[:, None])
-
-    @triton.jit
-    def _vocab_kernel(h_ptr, w_ptr, lse_ptr, s_ptr, gw_ptr, n_rows, vocab, d_model, D: tl.constexpr,
-                      BM: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-        """One block of the vocabulary over every row: grad_W_v = sum_i s_i 2^(l_iv - lse_i) h_i."""
-        cols = tl.program_id(0) * BV + tl.arange(0, BV)
-        dims = tl.arange(0, D)
-        col_ok, dim_ok = cols < vocab, dims < d_model
-        w = tl.load(w_ptr + cols[:, None] * d_model + dims[None, :], mask=col_ok[:, None] & dim_ok[None, :],
-                    other=0.0)  # (BV, D)
-        acc = tl.zeros((BV, D), tl.float32)
-        for start in range(0, n_rows, BM):
-            rows = start + tl.arange(0, BM)
-            row_ok = rows < n_rows
-            h = tl.load(h_ptr + rows[:, None] * d_model + dims[None, :], mask=row_ok[:, None] & dim_ok[None, :],
-                        other=0.0)  # (BM, D)
-            lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
-            s = tl.load(s_ptr + rows, mask=row_ok, other=0.0)  # 0 past the last row: no contribution
-            logits = dot(w, tl.trans(h), PRECISION, UPCAST) * BASE2  # (BV, BM)
-            g = tl.exp2(logits - lse[None, :]) * s[None, :]
-            acc += dot(g.to(h.dtype), h, PRECISION, UPCAST)
-        tl.store(gw_ptr + cols[:, None] * d_model + dims[None, :], acc, mask=col_ok[:, None] & dim_ok[None, :])
-
-
-
 PROGRAMS = 264
-"""Programs `_rows_kernel` aims for: two waves of an H100's or H200's 132 multiprocessors (a
+"""Programs `triton_jit.rows_kernel` aims for: two waves of an H100's or H200's 132 multiprocessors (a
 constant, not a query of the device, which the compiler would have to trace)."""
 
 
 def _splits(n_rows: int, vocab_blocks: int, t: Tiles, device: torch.device) -> int:
-    """Vocabulary splits for `_rows_kernel`: at least PROGRAMS programs (at 24 x 256 tokens a stream
+    """Vocabulary splits for `triton_jit.rows_kernel`: at least PROGRAMS programs (at 24 x 256 tokens a stream
     has 96 row blocks: 3 splits), and two under the interpreter, so that the tests merge splits."""
     if device.type != "cuda":
         return min(2, vocab_blocks)
@@ -134,7 +74,7 @@ def _splits(n_rows: int, vocab_blocks: int, t: Tiles, device: torch.device) -> i
 
 
 class RowSums(NamedTuple):
-    """`_rows_kernel`'s results for each split of the vocabulary, (splits, rows[, D]) float32."""
+    """`triton_jit.rows_kernel`'s results for each split of the vocabulary, (splits, rows[, D]) float32."""
 
     m: Tensor
     """The largest base-2 logit the split saw in each row."""
@@ -146,13 +86,13 @@ class RowSums(NamedTuple):
 
 @torch.library.custom_op("selfablate::lm_head_rows", mutates_args=())
 def lm_head_rows(h: Tensor, weight: Tensor, splits: int, precision: str) -> tuple[Tensor, Tensor, Tensor]:
-    """`_rows_kernel` over (rows / BM, splits) programs: h (rows, d_model), weight (vocab, d_model)
+    """`triton_jit.rows_kernel` over (rows / BM, splits) programs: h (rows, d_model), weight (vocab, d_model)
     contiguous, in the GEMMs' dtype. An opaque operator to torch.compile, which calls it as it is."""
     n, d = h.shape
     t = tiles(h.dtype)
     blocks = -(-weight.shape[0] // t.vocab)
     out = _rows_outputs(h, splits)
-    _rows_kernel[(-(-n // t.rows), splits)](h, weight, *out, n, weight.shape[0], d, -(-blocks // splits),
+    kernels().rows_kernel[(-(-n // t.rows), splits)](h, weight, *out, n, weight.shape[0], d, -(-blocks // splits),
                                              D=padded(d), BM=t.rows, BV=t.vocab, PRECISION=precision,
                                              num_warps=t.warps, num_stages=t.stages, **launch_options())
     return tuple(out)
@@ -171,12 +111,12 @@ def _rows_outputs(h: Tensor, splits: int) -> RowSums:
 
 @torch.library.custom_op("selfablate::lm_head_vocab", mutates_args=())
 def lm_head_vocab(h: Tensor, weight: Tensor, lse: Tensor, scale: Tensor, precision: str) -> Tensor:
-    """`_vocab_kernel` over vocab / BV programs: sum_i scale_i 2^(l_iv - lse_i) h_i, (vocab, d_model)
+    """`triton_jit.vocab_kernel` over vocab / BV programs: sum_i scale_i 2^(l_iv - lse_i) h_i, (vocab, d_model)
     float32, from each row's base-2 log-sum-exp and scale (rows,) float32."""
     n, d = h.shape
     t = tiles(h.dtype)
     gw = weight.new_empty(weight.shape, dtype=torch.float32)
-    _vocab_kernel[(-(-weight.shape[0] // t.vocab),)](h, weight, lse, scale, gw, n, weight.shape[0], d,
+    kernels().vocab_kernel[(-(-weight.shape[0] // t.vocab),)](h, weight, lse, scale, gw, n, weight.shape[0], d,
                                                       D=padded(d), BM=t.rows, BV=t.vocab, PRECISION=precision,
                                                       num_warps=t.warps, num_stages=t.stages, **launch_options())
     return gw
